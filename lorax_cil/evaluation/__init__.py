@@ -1,0 +1,1 @@
+"""lorax_cil.evaluation."""

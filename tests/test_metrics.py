@@ -162,6 +162,18 @@ def test_no_parity_decoding():
     np.testing.assert_array_equal(binary_correct(perm[PRED], perm[LABEL], table), BINARY)
 
 
+@pytest.mark.parametrize("seed", range(3))
+def test_strict_implies_multi_real_implies_binary(seed):
+    rng = np.random.default_rng(seed)
+    table = rng.random(10) < 0.5
+    table[:2] = [False, True]
+    pred, label = rng.integers(0, 10, 200), rng.integers(0, 10, 200)
+    s = strict_correct(pred, label, table)
+    m = multi_real_correct(pred, label, table)
+    b = binary_correct(pred, label, table)
+    assert not (s & ~m).any() and not (m & ~b).any()
+
+
 def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="outside"):
         multi_real_correct([6], [0], CLASS_IS_FAKE)
@@ -240,7 +252,8 @@ def test_ap_auc_equal_sklearn(seed):
     scores = rng.random(n) + 0.5 * y
     if seed % 2:  # many ties
         scores = np.round(scores, 1)
-    assert average_precision(scores, y) == pytest.approx(sk.average_precision_score(y, scores), abs=1e-12)
+    expected = sk.average_precision_score(y, scores)
+    assert average_precision(scores, y) == pytest.approx(expected, abs=1e-12)
     assert roc_auc(scores, y) == pytest.approx(sk.roc_auc_score(y, scores), abs=1e-12)
 
 

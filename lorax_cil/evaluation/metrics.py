@@ -87,7 +87,9 @@ def _binary_targets(scores: Any, is_fake: Any) -> tuple[np.ndarray, np.ndarray]:
     s = np.asarray(scores, dtype=np.float64)
     y = np.asarray(is_fake)
     if s.ndim != 1 or y.ndim != 1 or s.shape != y.shape:
-        raise ValueError(f"scores and is_fake must be 1-D of equal length, got {s.shape}, {y.shape}")
+        raise ValueError(
+            f"scores and is_fake must be 1-D of equal length, got {s.shape}, {y.shape}"
+        )
     if not np.isfinite(s).all():
         raise ValueError("scores must be finite (no NaN or inf)")
     if y.dtype != bool:
@@ -156,7 +158,9 @@ def fakeness_score(probs: Any, class_is_fake: Any) -> np.ndarray:
     table = _class_table(class_is_fake)
     p = np.asarray(probs, dtype=np.float64)
     if p.ndim != 2 or p.shape[1] != table.size:
-        raise ValueError(f"probs must have shape (N, {table.size}) to match class_is_fake, got {p.shape}")
+        raise ValueError(
+            f"probs must have shape (N, {table.size}) to match class_is_fake, got {p.shape}"
+        )
     if table.all() or not table.any():
         raise ValueError("fakeness_score needs at least one real and one fake class")
     if p.shape[0] == 0:
@@ -385,7 +389,8 @@ class AccuracyMatrix:
         if int(num_tasks) < 0:
             raise ValueError(f"num_tasks must be >= 0, got {num_tasks}")
         n = int(num_tasks)
-        self._names = _check_names(task_names if task_names is not None else _default_names(0, n), n)
+        names = task_names if task_names is not None else _default_names(0, n)
+        self._names = _check_names(names, n)
         self._R = np.full((n, n), np.nan)
 
     @classmethod
@@ -465,7 +470,7 @@ class AccuracyMatrix:
         return self
 
     def summary(self) -> dict[str, float]:
-        """``{"aa", "step_average_accuracy", "bwt", "forgetting"}`` (see :func:`summarize_matrix`)."""
+        """Matrix summaries at the last completed step; see :func:`summarize_matrix`."""
         return summarize_matrix(self._R)
 
     def to_frame(self):

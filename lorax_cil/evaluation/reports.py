@@ -70,7 +70,9 @@ def aggregate_seeds(df, by: str | Sequence[str], metrics: Sequence[str] | None =
     keys = [by] if isinstance(by, str) else list(by)
     missing = [k for k in keys if k not in df.columns]
     if missing:
-        raise ValueError(f"group columns {missing} not in the table; columns are {list(df.columns)}")
+        raise ValueError(
+            f"group columns {missing} not in the table; columns are {list(df.columns)}"
+        )
     if metrics is None:
         metrics = [
             c for c in df.columns
@@ -125,8 +127,8 @@ def _cell(x: Any, floatfmt: str, nan: str) -> str:
 def to_markdown(df, floatfmt: str = ".4f", *, index: bool = True, nan: str = "n/a") -> str:
     """Render a DataFrame as a GitHub Markdown table (no ``tabulate`` needed).
 
-    Floats use ``floatfmt``, NaN/None show as ``nan`` (default ``n/a``), ``|`` in cells is escaped; numeric columns
-    are right-aligned, others left-aligned; columns are padded to equal width.
+    Floats use ``floatfmt``; NaN/None show as ``nan`` (default ``n/a``); ``|`` in cells is
+    escaped; numeric columns are right-aligned, others left-aligned; columns are padded.
     """
     import pandas as pd
 
@@ -161,7 +163,8 @@ def format_matrix(
 ) -> str:
     """Fixed-width text of an accuracy matrix for a terminal.
 
-    Rows are ``after <name>`` (training step), columns the evaluated tasks; NaN prints as ``nan`` (default ``-``).
+    Rows are ``after <name>`` (training step), columns the evaluated tasks; NaN prints as
+    ``nan`` (default ``-``).
     """
     m = np.asarray(R, dtype=np.float64) * scale
     if m.ndim != 2:
@@ -178,5 +181,6 @@ def format_matrix(
     head = " " * label_w + "  " + "  ".join(n.rjust(w) for n, w in zip(names, col_w))
     lines = [head.rstrip()]
     for label, row in zip(row_labels, body):
-        lines.append(label.ljust(label_w) + "  " + "  ".join(v.rjust(w) for v, w in zip(row, col_w)))
+        cells = "  ".join(v.rjust(w) for v, w in zip(row, col_w))
+        lines.append(label.ljust(label_w) + "  " + cells)
     return "\n".join(lines) + "\n"

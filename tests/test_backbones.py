@@ -1,4 +1,4 @@
-"""Backbone registry: decomposition oracles, weight loading, errors, EfficientNet-Lite0 conversion."""
+"""Backbone registry: decomposition oracles, weight loading, errors, EfficientNet-Lite0."""
 
 from __future__ import annotations
 
@@ -133,17 +133,21 @@ def test_spec_open_clip_and_efficientnet(lite0: BlockBackbone) -> None:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     clip = create_backbone("clip-test")
-    assert clip.spec.mean == tuple(OPENAI_DATASET_MEAN) and clip.spec.std == tuple(OPENAI_DATASET_STD)
+    assert clip.spec.mean == tuple(OPENAI_DATASET_MEAN)
+    assert clip.spec.std == tuple(OPENAI_DATASET_STD)
     assert clip.spec.input_size == 32 and clip.feature_dim == 32
     spec = lite0.spec
     assert (spec.input_size, spec.feature_dim, spec.num_blocks) == (224, 1280, 16)
-    assert spec.mean == pytest.approx((127 / 255,) * 3) and spec.std == pytest.approx((128 / 255,) * 3)
+    assert spec.mean == pytest.approx((127 / 255,) * 3)
+    assert spec.std == pytest.approx((128 / 255,) * 3)
     assert spec.family == "efficientnet-lite"
 
 
 # --- EfficientNet-Lite0 -------------------------------------------------------------------------
 @pytest.mark.parametrize("size", [224, 100])
-def test_lite0_conversion_is_exact(lite0: BlockBackbone, lite0_package_model: nn.Module, size: int) -> None:
+def test_lite0_conversion_is_exact(
+    lite0: BlockBackbone, lite0_package_model: nn.Module, size: int
+) -> None:
     x = _image(size, batch=1)
     with torch.no_grad():
         assert torch.allclose(lite0(x), _lite_reference(lite0_package_model, x), atol=1e-5)
@@ -155,13 +159,15 @@ def test_lite0_has_only_plain_convolutions(lite0: BlockBackbone) -> None:
     from lorax_cil.models.effnet import PaddedConv2d
 
     modules = dict(lite0.model.named_modules())
-    assert not any(isinstance(m, (Conv2dStaticSamePadding, Conv2dDynamicSamePadding)) for m in modules.values())
+    same_padding = (Conv2dStaticSamePadding, Conv2dDynamicSamePadding)
+    assert not any(isinstance(m, same_padding) for m in modules.values())
     convs = [m for m in modules.values() if isinstance(m, nn.Conv2d)]
     assert convs and all(type(m) is nn.Conv2d for m in convs)
     assert isinstance(modules["_conv_stem"], PaddedConv2d)  # stride-2 "SAME" padding is asymmetric
     pointwise = match_lora_targets(lite0, "pointwise")
     assert len(pointwise) == 31  # 15 expand (block 0 has none) + 16 project
-    assert all(type(modules[n]) is nn.Conv2d and modules[n].kernel_size == (1, 1) for n in pointwise)
+    assert all(type(modules[n]) is nn.Conv2d for n in pointwise)
+    assert all(modules[n].kernel_size == (1, 1) for n in pointwise)
     assert match_lora_targets(lite0, "pointwise+head")[-1] == "_conv_head"
 
 
@@ -176,7 +182,8 @@ def test_lite0_pretrained_weights_are_loaded(lite0: BlockBackbone) -> None:
     assert torch.equal(bn.running_var, file_state["_bn0.running_var"])
     assert not torch.allclose(bn.running_var, random.model._bn0.running_var)  # random init: ones
     assert bn.running_mean.abs().mean() > 1e-3
-    w, w0 = lite0.model._blocks[5]._project_conv.weight, random.model._blocks[5]._project_conv.weight
+    w = lite0.model._blocks[5]._project_conv.weight
+    w0 = random.model._blocks[5]._project_conv.weight
     assert torch.equal(w, file_state["_blocks.5._project_conv.weight"])
     assert not torch.allclose(w.std(), w0.std(), rtol=0.05)
 
@@ -313,7 +320,8 @@ def test_lora_presets_per_family() -> None:
     assert paper == ["blocks.0.attn.qk", "blocks.0.attn.v", "blocks.1.attn.qk", "blocks.1.attn.v"]
     assert not any("pos_proj" in n for n in match_lora_targets(convit, "attn"))
     clip = create_backbone("clip-test")
-    assert match_lora_targets(clip, "attn") == [f"transformer.resblocks.{i}.attn.out_proj" for i in range(3)]
+    expected = [f"transformer.resblocks.{i}.attn.out_proj" for i in range(3)]
+    assert match_lora_targets(clip, "attn") == expected
     assert len(match_lora_targets(clip, "mlp")) == 6
     with pytest.raises(ValueError, match="valid"):
         match_lora_targets(clip, "lorax-paper")
@@ -322,7 +330,8 @@ def test_lora_presets_per_family() -> None:
 def test_importing_the_registry_is_cheap() -> None:
     code = (
         "import sys, lorax_cil.models.backbones\n"
-        "heavy = [m for m in ('timm', 'open_clip', 'peft', 'efficientnet_lite_pytorch') if m in sys.modules]\n"
+        "names = ('timm', 'open_clip', 'peft', 'efficientnet_lite_pytorch')\n"
+        "heavy = [m for m in names if m in sys.modules]\n"
         "print(','.join(heavy))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

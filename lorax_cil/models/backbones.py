@@ -103,7 +103,7 @@ def create_backbone(
     """Build a frozen block backbone by registry name.
 
     Args:
-        name: a registered name or a name matching a registered pattern (see :func:`list_backbones`).
+        name: a registered name, or one matching a registered pattern (:func:`list_backbones`).
         pretrained: ``True`` for the family's default pretrained weights, or a tag string
             (timm ``name.tag``, open_clip tag). Downloads happen inside timm / open_clip.
         weights: a local weights file (``.safetensors``, or ``.pth`` / ``.pt`` / ``.bin`` loadable
@@ -121,9 +121,12 @@ def create_backbone(
         if pretrained not in (False, None):
             raise ValueError(f"{name}: pass either pretrained={pretrained!r} or weights=, not both")
         check_weights_path(weights)
-    backbone = factory(name, pretrained=pretrained or False, weights=weights, img_size=img_size, **kwargs)
+    backbone = factory(
+        name, pretrained=pretrained or False, weights=weights, img_size=img_size, **kwargs
+    )
     if not isinstance(backbone, BlockBackbone):
-        raise TypeError(f"factory for {name!r} returned {type(backbone).__name__}, not a BlockBackbone")
+        kind = type(backbone).__name__
+        raise TypeError(f"factory for {name!r} returned {kind}, not a BlockBackbone")
     return backbone
 
 
@@ -144,7 +147,8 @@ def match_lora_targets(backbone: BlockBackbone, preset: str) -> list[str]:
     presets = lora_target_presets(backbone)
     if preset not in presets:
         raise ValueError(
-            f"unknown LoRA target preset {preset!r} for {backbone.spec.name}; valid: {sorted(presets)}"
+            f"unknown LoRA target preset {preset!r} for {backbone.spec.name}; "
+            f"valid: {sorted(presets)}"
         )
     regex = re.compile(presets[preset])
     names = [
@@ -152,14 +156,18 @@ def match_lora_targets(backbone: BlockBackbone, preset: str) -> list[str]:
         if regex.search(n) and isinstance(m, (nn.Linear, nn.Conv2d))
     ]
     if not names:
-        raise ValueError(f"LoRA preset {preset!r} ({regex.pattern}) selects no module of {backbone.spec.name}")
+        raise ValueError(
+            f"LoRA preset {preset!r} ({regex.pattern}) selects no module of {backbone.spec.name}"
+        )
     return names
 
 
 # --- built-in entries ---------------------------------------------------------------------------
 def _no_pretrained(name: str, pretrained: bool | str) -> None:
     if pretrained not in (False, None):
-        raise ValueError(f"{name} is a small random test config without pretrained weights; use weights=PATH")
+        raise ValueError(
+            f"{name} is a small random test config without pretrained weights; use weights=PATH"
+        )
 
 
 @register_backbone("timm:*", pattern=True)
@@ -198,9 +206,15 @@ def _efficientnet_lite(name: str, **kwargs: Any) -> BlockBackbone:
 _TEST_TIMM = {
     # name: (timm architecture, overrides); each builds in a few milliseconds.
     "vit-test": ("vit_tiny_patch16_224", dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)),
-    "deit-test": ("deit_tiny_distilled_patch16_224", dict(patch_size=8, embed_dim=48, depth=4, num_heads=3)),
+    "deit-test": (
+        "deit_tiny_distilled_patch16_224",
+        dict(patch_size=8, embed_dim=48, depth=4, num_heads=3),
+    ),
     # ConViT's embed_dim is per head: 16 x 3 heads = 48; blocks 0-1 are GPSA, 2-3 MHSA.
-    "convit-test": ("convit_tiny", dict(patch_size=8, embed_dim=16, depth=4, num_heads=3, local_up_to_layer=2)),
+    "convit-test": (
+        "convit_tiny",
+        dict(patch_size=8, embed_dim=16, depth=4, num_heads=3, local_up_to_layer=2),
+    ),
 }
 
 

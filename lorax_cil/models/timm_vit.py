@@ -166,7 +166,8 @@ def _resolve_timm_name(model_name: str, pretrained: bool | str) -> tuple[str, bo
     if isinstance(pretrained, str):
         if tag and tag != pretrained:
             raise ValueError(
-                f"timm name {model_name!r} already carries the tag {tag!r}; pretrained={pretrained!r}"
+                f"timm name {model_name!r} already carries the tag {tag!r}; "
+                f"pretrained={pretrained!r}"
             )
         model_name, pretrained = f"{base}.{pretrained}", True
     if not timm.is_model(base):
@@ -189,7 +190,8 @@ def create_timm_vit(
     """Create a timm ViT-family backbone.
 
     Args:
-        model_name: timm model name, optionally with a pretrained tag (``"vit_base_patch16_224.augreg_in21k"``).
+        model_name: timm model name, optionally with a pretrained tag
+            (``"vit_base_patch16_224.augreg_in21k"``).
         name: registry name recorded in the spec (defaults to ``model_name``).
         pretrained: ``True`` for timm's default weights, or a tag string (``name.tag`` form).
         weights: local weights file (safetensors or a weights-only ``.pth``); head keys are dropped.

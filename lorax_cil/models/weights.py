@@ -116,7 +116,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if suffix in TORCH_SUFFIXES:
         try:
             obj = torch.load(str(p), map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError for TorchScript, ...
+        except Exception as exc:  # noqa: BLE001 - UnpicklingError, RuntimeError (TorchScript)
             raise ValueError(
                 f"refusing to load {str(p)!r}: torch.load(weights_only=True) rejected it, so it "
                 "holds pickled Python objects (or is a TorchScript archive such as OpenAI's "

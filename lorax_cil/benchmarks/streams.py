@@ -44,7 +44,8 @@ def make_avalanche_dataset(
 
     The dataset has transform groups ``train`` and ``eval`` (both always defined, so the eval
     group never silently reuses the train augmentation) and data attributes ``targets``,
-    ``targets_task_labels`` (0), ``task_id`` and ``is_fake``.
+    ``targets_task_labels`` (0), ``task_id``, ``is_fake`` and ``sample_index`` (position in
+    ``samples``; with ``task_id`` it identifies the file even inside subsets and concatenations).
     """
     from avalanche.benchmarks.utils import DataAttribute
     from avalanche.benchmarks.utils.classification_dataset import (
@@ -65,6 +66,9 @@ def make_avalanche_dataset(
     )
     ds = ds.update_data_attribute("task_id", DataAttribute([s.task_id for s in samples], "task_id"))
     ds = ds.update_data_attribute("is_fake", DataAttribute([s.is_fake for s in samples], "is_fake"))
+    ds = ds.update_data_attribute(
+        "sample_index", DataAttribute(list(range(len(samples))), "sample_index")
+    )
     return ds
 
 
@@ -107,6 +111,11 @@ class CILBenchmark:
     @property
     def class_task(self) -> list[int]:
         return self.scenario.class_task
+
+    def paths_of(self, dataset: Any, stream: str = "train") -> list[str]:
+        """File paths of the samples of an avalanche dataset view built from ``stream``."""
+        table = self.samples[stream]
+        return [table[int(t)][int(i)].path for t, i in zip(dataset.task_id, dataset.sample_index)]
 
     def counts(self) -> dict[str, dict[str, dict[str, int]]]:
         """Per stream, per task: number of real and fake samples."""

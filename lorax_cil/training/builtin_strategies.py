@@ -1,0 +1,74 @@
+"""The built-in strategies: LoRAX, LoRAX on the last blocks, and the two fine-tuning baselines."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lorax_cil.training.config import RunConfig
+from lorax_cil.training.registry import register_strategy
+
+__all__: list[str] = []
+
+
+def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins: list) -> Any:
+    from lorax_cil.training.strategy import LoRAX
+
+    t = cfg.train
+    scale = 1.0
+    if t.lr_scaling == "linear512":
+        scale = t.batch_size * _world_size() / 512.0
+    elif t.lr_scaling != "none":
+        raise ValueError(f"train.lr_scaling must be 'none' or 'linear512', got {t.lr_scaling!r}")
+    return LoRAX(
+        model=net,
+        lr_first=t.lr_first * scale,
+        lr=t.lr * scale,
+        weight_decay=t.weight_decay,
+        warmup_epochs=t.warmup_epochs,
+        warmup_lr=t.warmup_lr * scale,
+        min_lr=t.min_lr * scale,
+        head_div=t.head_div if cfg.model.divergence_head else 0.0,
+        memory_size=t.memory_size,
+        train_mb_size=t.batch_size,
+        train_epochs=t.epochs,
+        eval_mb_size=t.eval_batch_size,
+        device=device,
+        amp=t.amp if t.amp == "auto" else t.amp in ("true", "1", True),
+        num_workers=t.num_workers,
+        plugins=plugins,
+        evaluator=evaluator,
+    )
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+register_strategy(
+    "lorax",
+    description="LoRAX: a new LoRA extractor per task on every block, memory, divergence head",
+    model={"extractor": "lora"},
+)(_lorax_family)
+
+register_strategy(
+    "lorax-deep",
+    description="LoRAX with LoRA only in the last k blocks; the frozen trunk runs once",
+    model={"extractor": "lora"},
+    defaults={"adapt_blocks": 3},
+)(_lorax_family)
+
+register_strategy(
+    "finetune",
+    description="Fine-tuning of the whole network, no memory (lower bound)",
+    model={"extractor": "finetune", "divergence_head": False},
+    train={"memory_size": 0, "head_div": 0.0},
+)(_lorax_family)
+
+register_strategy(
+    "finetune-replay",
+    description="Fine-tuning of the whole network with the same exemplar memory as LoRAX",
+    model={"extractor": "finetune", "divergence_head": False},
+    train={"head_div": 0.0},
+)(_lorax_family)

@@ -1,0 +1,98 @@
+"""Safe checkpoints: safetensors for tensors, JSON for everything else, nothing pickled.
+
+A checkpoint is a folder with ``tensors.safetensors`` and ``meta.json``. ``meta.json`` records
+the format name and version and the SHA-256 of the tensor file; it is written last, atomically,
+so it acts as the commit marker: an interrupted save leaves the previous checkpoint intact and
+a half-written one is detected (missing or mismatching checksum) with a clear message.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+from lorax_cil.utils import atomic_write_bytes, sha256_file, write_json
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "CHECKPOINT_VERSION",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "read_checkpoint_meta",
+]
+
+CHECKPOINT_FORMAT = "lorax-cil-checkpoint"
+CHECKPOINT_VERSION = 1
+TENSORS = "tensors.safetensors"
+META = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, truncated, tampered with, or from a newer format version."""
+
+
+def save_checkpoint(
+    folder: str | os.PathLike, tensors: Mapping[str, Any], meta: Mapping[str, Any]
+) -> Path:
+    """Write ``tensors`` (name -> torch.Tensor) and JSON-serialisable ``meta`` to ``folder``."""
+    from safetensors.torch import save
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(folder / TENSORS, save(payload))
+    record = dict(meta)
+    record.update(
+        format=CHECKPOINT_FORMAT,
+        format_version=CHECKPOINT_VERSION,
+        tensors_sha256=sha256_file(folder / TENSORS),
+        num_tensors=len(payload),
+    )
+    write_json(folder / META, record)
+    return folder
+
+
+def read_checkpoint_meta(folder: str | os.PathLike) -> dict[str, Any]:
+    """Read and validate ``meta.json`` (format name and version) without loading tensors."""
+    folder = Path(folder)
+    meta_path = folder / META
+    if not meta_path.is_file():
+        raise CheckpointError(f"not a checkpoint (no {META}): {folder}")
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {exc}") from exc
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{meta_path} is not a {CHECKPOINT_FORMAT} file")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"{meta_path} has format version {version!r}; this lorax-cil reads versions up to "
+            f"{CHECKPOINT_VERSION}: upgrade lorax-cil"
+        )
+    return meta
+
+
+def load_checkpoint(folder: str | os.PathLike, *, device: str = "cpu") -> tuple[dict, dict]:
+    """Load ``(tensors, meta)`` after checking the format version and the tensor checksum."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    meta = read_checkpoint_meta(folder)
+    tpath = folder / TENSORS
+    if not tpath.is_file():
+        raise CheckpointError(f"checkpoint {folder} is missing {TENSORS}")
+    digest = sha256_file(tpath)
+    if digest != meta.get("tensors_sha256"):
+        raise CheckpointError(
+            f"checksum mismatch for {tpath}: the file is truncated or was modified after saving"
+        )
+    try:
+        tensors = load_file(str(tpath), device=device)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read {tpath}: {exc}") from exc
+    return tensors, meta

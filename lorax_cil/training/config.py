@@ -1,0 +1,203 @@
+"""Typed run configuration, loaded from YAML with unknown-key errors.
+
+Precedence: command line > config file > strategy presets > dataclass defaults. The resolved
+configuration is saved with every run (``config.yaml``), so a run can always be reproduced.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Mapping
+
+__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "merge_config"]
+
+
+@dataclass
+class DataConfig:
+    """Which data, in which order, and how images are pre-processed.
+
+    Attributes:
+        scenario: named scenario (``cddb-easy``, ``synth-easy``, ``custom``, ...).
+        data_path: folder holding one sub-folder per task.
+        tasks: task names or ``name=path`` pairs for ``custom``.
+        eval_split: split folder of the evaluation stream (``val`` as in the papers).
+        calib_fraction: fraction of each train class held out as a calibration stream.
+        strict_data: raise on unreadable images instead of skipping them.
+        crop: crop size; ``None`` = the backbone's input size.
+        resize: resize the shorter side to this before cropping (``None``: only upsizing of
+            images smaller than the crop).
+        blur_prob: train-time Gaussian blur probability.
+        jpeg_prob: train-time JPEG re-compression probability.
+        hflip: train-time horizontal flips.
+    """
+
+    scenario: str = "synth-easy"
+    data_path: str | None = None
+    tasks: list[str] | None = None
+    eval_split: str = "val"
+    calib_fraction: float = 0.0
+    strict_data: bool = False
+    crop: int | None = None
+    resize: int | None = None
+    blur_prob: float = 0.0
+    jpeg_prob: float = 0.0
+    hflip: bool = False
+
+
+@dataclass
+class ModelConfig:
+    """Backbone and per-task extractors.
+
+    Attributes:
+        backbone: registry name (``convit_base``, ``efficientnet-lite0``, ``ViT-B-16``, ...).
+        pretrained: ``True``, ``False`` or a weights tag.
+        weights: local weights file (``.safetensors`` or ``.pth``, loaded without unpickling).
+        img_size: input resolution override.
+        extractor: ``lora``, ``full``, ``finetune`` or ``frozen``.
+        adapt_blocks: extractors start at block ``L - adapt_blocks`` (``None``: all blocks).
+        lora_r: LoRA rank.
+        lora_alpha: LoRA alpha (scaling = alpha / r).
+        lora_dropout: LoRA dropout.
+        lora_targets: preset name, regex, or ``auto`` (the backbone family's default preset).
+        divergence_head: auxiliary divergence head on the newest extractor.
+    """
+
+    backbone: str = "efficientnet-lite0"
+    pretrained: bool | str = True
+    weights: str | None = None
+    img_size: int | None = None
+    extractor: str = "lora"
+    adapt_blocks: int | None = None
+    lora_r: int = 64
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.1
+    lora_targets: str = "auto"
+    divergence_head: bool = True
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, memory and run-time options (defaults: the official LoRAX ones).
+
+    Attributes:
+        strategy: registry name (``lorax``, ``lorax-deep``, ``finetune``, ``finetune-replay``).
+        epochs: epochs per task.
+        batch_size: training batch size.
+        eval_batch_size: evaluation batch size.
+        lr_first: learning rate of task 0.
+        lr: learning rate of later tasks.
+        lr_scaling: ``none`` (rates used as given) or ``linear512`` (rates x batch x world / 512,
+            the official code's convention).
+        weight_decay: AdamW weight decay.
+        warmup_epochs: warm-up epochs per task.
+        warmup_lr: learning rate at the start of the warm-up.
+        min_lr: end of the cosine schedule.
+        head_div: divergence-loss weight.
+        memory_size: total exemplar budget.
+        seed: seed of everything (data order, initialisation, herding ties).
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        num_workers: data-loader workers.
+        amp: bfloat16 autocast on CUDA (``auto``, ``true`` or ``false``).
+        checkpoint_every_task: write a checkpoint after every task.
+    """
+
+    strategy: str = "lorax"
+    epochs: int = 50
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr_first: float = 1e-4
+    lr: float = 5e-4
+    lr_scaling: str = "none"
+    weight_decay: float = 1e-6
+    warmup_epochs: int = 5
+    warmup_lr: float = 1e-4
+    min_lr: float = 1e-5
+    head_div: float = 0.1
+    memory_size: int = 500
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    amp: str = "auto"
+    checkpoint_every_task: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs. ``out`` is the run directory."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out: str = "runs/run"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], *, source: str = "config") -> "RunConfig":
+        return merge_config(cls(), d, source=source)
+
+
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def _check_type(section: str, key: str, value: Any, current: Any, source: str) -> Any:
+    if value is None or current is None:
+        return value
+    if isinstance(current, bool) and not isinstance(value, bool):
+        if key == "pretrained" and isinstance(value, str):
+            return value
+        raise ValueError(f"{source}: {section}.{key} must be true or false, got {value!r}")
+    if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{source}: {section}.{key} must be a number, got {value!r}")
+        return type(current)(value) if isinstance(current, float) else value
+    return value
+
+
+def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) -> RunConfig:
+    """Return ``base`` updated by a nested mapping; unknown sections or keys raise ValueError."""
+    out = dataclasses.replace(
+        base,
+        data=dataclasses.replace(base.data),
+        model=dataclasses.replace(base.model),
+        train=dataclasses.replace(base.train),
+    )
+    for section, values in updates.items():
+        if section == "out":
+            out.out = str(values)
+            continue
+        if section not in _SECTIONS:
+            raise ValueError(
+                f"{source}: unknown section {section!r}; valid: {', '.join([*_SECTIONS, 'out'])}"
+            )
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
+        obj = getattr(out, section)
+        valid = {f.name for f in fields(obj)}
+        for key, value in values.items():
+            if key not in valid:
+                raise ValueError(
+                    f"{source}: unknown key {section}.{key}; valid keys: {', '.join(sorted(valid))}"
+                )
+            setattr(obj, key, _check_type(section, key, value, getattr(obj, key), source))
+    return out
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a nested dict (validated when merged)."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file not found: {path}")
+    with open(path, encoding="utf-8") as fh:
+        try:
+            data = yaml.safe_load(fh) or {}
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: invalid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: the top level must be a mapping of sections")
+    return data

@@ -1,0 +1,366 @@
+"""Running a class-incremental experiment end to end, with outputs, checkpoints and resume.
+
+Run directory::
+
+    config.yaml              resolved configuration
+    data_manifest.json       the data the run used (counts, listing hash, data issues)
+    steps.jsonl              one JSON record per completed task
+    accuracy_<metric>.csv    accuracy matrices (multi_real, binary, strict) and ap.csv
+    summary.json             AA, step-average accuracy, BWT, forgetting, parameters, time
+    accuracy_matrix.png, accuracy_over_steps.png
+    checkpoints/exp_NNN/     tensors.safetensors + meta.json after every task
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from lorax_cil.training.config import RunConfig
+from lorax_cil.utils import atomic_write_text, seed_everything, write_json
+
+__all__ = ["Run", "resolve_device", "build_network", "build_backbone"]
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("multi_real", "binary", "strict", "ap")
+
+#: Default LoRA target preset per backbone family (``lora_targets: auto``).
+AUTO_TARGETS = {"convit": "lorax-paper", "timm": "attn", "open_clip": "mlp",
+                "efficientnet-lite": "pointwise"}
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+    return dev
+
+
+def build_backbone(cfg: RunConfig):
+    from lorax_cil.models.backbones import create_backbone
+
+    m = cfg.model
+    return create_backbone(m.backbone, pretrained=m.pretrained, weights=m.weights,
+                           img_size=m.img_size)
+
+
+def _lora_targets(backbone: Any, targets: str) -> str:
+    if targets != "auto":
+        return targets
+    family = backbone.spec.family
+    if family == "timm" and "convit" in backbone.spec.name:
+        family = "convit"
+    return AUTO_TARGETS.get(family, "attn")
+
+
+def build_network(cfg: RunConfig, backbone: Any):
+    """The expandable network described by ``cfg.model`` on ``backbone``."""
+    from lorax_cil.models.expandable import ExpandableNet
+    from lorax_cil.models.lora import LoraSpec
+
+    m = cfg.model
+    lora = None
+    if m.extractor == "lora":
+        lora = LoraSpec(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+                        targets=_lora_targets(backbone, m.lora_targets))
+    return ExpandableNet(backbone=backbone, extractor=m.extractor, adapt_blocks=m.adapt_blocks,
+                         lora=lora, divergence_head=m.divergence_head)
+
+
+@torch.no_grad()
+def predict_dataset(net: Any, dataset: Any, *, batch_size: int, device: torch.device,
+                    num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted classes, class probabilities and true labels over an avalanche dataset."""
+    from torch.utils.data import DataLoader
+
+    net.eval()
+    loader = DataLoader(dataset.eval(), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, collate_fn=getattr(dataset, "collate_fn", None))
+    probs, labels = [], []
+    for batch in loader:
+        logits = net(batch[0].to(device)).float()
+        probs.append(torch.softmax(logits, dim=1).cpu())
+        labels.append(torch.as_tensor(batch[1]))
+    p = torch.cat(probs).numpy()
+    return p.argmax(1), p, torch.cat(labels).numpy()
+
+
+@dataclass
+class StepRecord:
+    """What one completed task adds to the run log."""
+
+    step: int
+    task: str
+    train_seconds: float
+    eval_seconds: float
+    per_task: dict[str, dict[str, float]]
+    memory_per_class: dict[int, int]
+    parameters: dict[str, Any]
+
+
+class Run:
+    """One class-incremental run: data, network, strategy, metrics and run directory.
+
+    Args:
+        cfg: the resolved configuration (strategy preset already applied).
+        run_dir: output folder (created).
+        progress: optional callback ``progress(message)`` for the CLI.
+    """
+
+    def __init__(self, cfg: RunConfig, *, run_dir: str | Path,
+                 progress: Callable[[str], None] | None = None) -> None:
+        from lorax_cil.training.registry import apply_preset
+
+        self.cfg = apply_preset(cfg)
+        self.run_dir = Path(run_dir)
+        self.progress = progress or (lambda msg: logger.info("%s", msg))
+        self.device = resolve_device(self.cfg.train.device)
+        self.scenario = None
+        self.bench = None
+        self.net = None
+        self.strategy = None
+        self.matrices: dict[str, Any] = {}
+        self.steps: list[dict[str, Any]] = []
+
+    # --- construction ----------------------------------------------------------------------
+    def setup(self, scenario: Any) -> None:
+        """Build the benchmark, network and strategy for ``scenario``."""
+        from lorax_cil.benchmarks.streams import build_cil_benchmark
+        from lorax_cil.benchmarks.transforms import TransformConfig
+        from lorax_cil.evaluation.metrics import AccuracyMatrix
+        from lorax_cil.training.registry import get_strategy
+
+        cfg = self.cfg
+        seed_everything(cfg.train.seed)
+        backbone = build_backbone(cfg)
+        spec = backbone.spec
+        d = cfg.data
+        tcfg = TransformConfig(size=d.crop or spec.input_size, mean=tuple(spec.mean),
+                               std=tuple(spec.std), resize=d.resize, blur_prob=d.blur_prob,
+                               jpeg_prob=d.jpeg_prob, hflip=d.hflip)
+        self.scenario = scenario
+        self.bench = build_cil_benchmark(scenario, transform_config=tcfg, eval_split=d.eval_split,
+                                         calib_fraction=d.calib_fraction, seed=cfg.train.seed,
+                                         strict=d.strict_data)
+        self.net = build_network(cfg, backbone).to(self.device)
+        builder = get_strategy(cfg.train.strategy).builder
+        self.strategy = builder(cfg, self.net, self.device, None, [])
+        names = scenario.task_names
+        self.matrices = {m: AccuracyMatrix(len(names), task_names=names) for m in METRICS}
+
+    # --- the loop --------------------------------------------------------------------------
+    @property
+    def completed(self) -> int:
+        return len(self.steps)
+
+    def train(self, *, stop_after: int | None = None) -> dict[str, Any]:
+        """Train every remaining task (or up to ``stop_after`` tasks in total); return summary."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._write_static()
+        total = self.scenario.num_tasks if stop_after is None else min(stop_after,
+                                                                        self.scenario.num_tasks)
+        for j in range(self.completed, total):
+            self._train_step(j)
+        return self.finish()
+
+    def _train_step(self, j: int) -> None:
+        exp = self.bench.train_stream[j]
+        name = self.scenario.task_names[j]
+        self.progress(f"task {j + 1}/{self.scenario.num_tasks}: {name} "
+                      f"({len(exp.dataset)} images + memory)")
+        seed_everything(self.cfg.train.seed * 1000 + j)
+        t0 = time.perf_counter()
+        self.strategy.train(exp, num_workers=self.cfg.train.num_workers)
+        train_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        per_task = self.evaluate_step(j)
+        eval_s = time.perf_counter() - t0
+        record = StepRecord(
+            step=j, task=name, train_seconds=round(train_s, 3), eval_seconds=round(eval_s, 3),
+            per_task=per_task, memory_per_class=self.strategy.memory.per_class(),
+            parameters=self.net.parameter_report(),
+        )
+        self.steps.append(json.loads(json.dumps(record.__dict__, default=_jsonable)))
+        self._write_step_outputs()
+        if self.cfg.train.checkpoint_every_task or j == self.scenario.num_tasks - 1:
+            self.save_checkpoint()
+
+    def evaluate_step(self, j: int) -> dict[str, dict[str, float]]:
+        """Evaluate every task seen so far after training task ``j``; fill matrix row ``j``."""
+        from lorax_cil.evaluation.metrics import evaluate_predictions
+
+        out: dict[str, dict[str, float]] = {}
+        table = np.array(self.scenario.class_is_fake[: self.net.num_classes])
+        for i in range(j + 1):
+            ds = self.bench.test_stream[i].dataset
+            pred, probs, labels = predict_dataset(self.net, ds,
+                                                  batch_size=self.cfg.train.eval_batch_size,
+                                                  device=self.device,
+                                                  num_workers=self.cfg.train.num_workers)
+            tasks = np.full(labels.shape, i)
+            res = evaluate_predictions(pred, labels, probs, tasks, table[labels], table)[i]
+            for m in METRICS:
+                self.matrices[m].set(j, i, res[m])
+            out[self.scenario.task_names[i]] = res
+        return out
+
+    # --- outputs ---------------------------------------------------------------------------
+    def _write_static(self) -> None:
+        import yaml
+
+        from lorax_cil.benchmarks.verify import data_manifest
+
+        atomic_write_text(self.run_dir / "config.yaml",
+                          yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        manifest = data_manifest(self.bench.samples, self.scenario)
+        manifest["data_issues"] = self.bench.issues.summary()
+        write_json(self.run_dir / "data_manifest.json", manifest)
+
+    def _write_step_outputs(self) -> None:
+        atomic_write_text(self.run_dir / "steps.jsonl",
+                          "".join(json.dumps(s, sort_keys=True) + "\n" for s in self.steps))
+        for m, mat in self.matrices.items():
+            mat.to_csv(self.run_dir / ("ap.csv" if m == "ap" else f"accuracy_{m}.csv"))
+
+    def summary(self) -> dict[str, Any]:
+        """AA, step-average accuracy, BWT and forgetting for every accuracy type, and costs."""
+        out: dict[str, Any] = {
+            "strategy": self.cfg.train.strategy,
+            "scenario": self.scenario.name,
+            "task_order": self.scenario.task_names,
+            "completed_tasks": self.completed,
+            "backbone": self.cfg.model.backbone,
+            "memory_size": self.cfg.train.memory_size,
+            "eval_split": self.cfg.data.eval_split,
+            "seed": self.cfg.train.seed,
+            "train_seconds": round(sum(s["train_seconds"] for s in self.steps), 3),
+            "eval_seconds": round(sum(s["eval_seconds"] for s in self.steps), 3),
+        }
+        for m in ("multi_real", "binary", "strict"):
+            for k, v in self.matrices[m].summary().items():
+                out[f"{m}_{k}"] = v
+        if self.steps:
+            params = self.steps[-1]["parameters"]
+            out["parameters"] = params
+        return out
+
+    def finish(self) -> dict[str, Any]:
+        """Write summary.json and the plots; return the summary."""
+        from lorax_cil.evaluation.plots import plot_accuracy_matrix, plot_accuracy_over_steps
+
+        summary = self.summary()
+        write_json(self.run_dir / "summary.json", summary)
+        caption = (f"{self.cfg.train.strategy} on {self.scenario.name}, backbone "
+                   f"{self.cfg.model.backbone}, memory {self.cfg.train.memory_size}, "
+                   f"eval split {self.cfg.data.eval_split}, seed {self.cfg.train.seed}")
+        R = self.matrices["multi_real"].matrix
+        names = self.scenario.task_names
+        plot_accuracy_matrix(R, names, self.run_dir / "accuracy_matrix.png",
+                             title="multi-real accuracy", caption=caption)
+        plot_accuracy_over_steps(R, names, self.run_dir / "accuracy_over_steps.png",
+                                 title="per-task multi-real accuracy", caption=caption)
+        return summary
+
+    # --- checkpoints ----------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        from lorax_cil.training.checkpoint import save_checkpoint
+
+        j = self.completed - 1
+        folder = self.run_dir / "checkpoints" / f"exp_{j:03d}"
+        meta = {
+            "completed_tasks": self.completed,
+            "scenario": self.scenario.to_dict(),
+            "architecture": self.net.architecture(),
+            "memory": self.strategy.memory.state(self.bench.paths_of),
+            "steps": self.steps,
+            "matrices": {m: _nan_to_none(mat.matrix) for m, mat in self.matrices.items()},
+            "config": self.cfg.to_dict(),
+        }
+        save_checkpoint(folder, self.net.learned_state_dict(), meta)
+        write_json(self.run_dir / "checkpoints" / "latest.json", {"folder": folder.name})
+        return folder
+
+    def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint written by :meth:`save_checkpoint` into a set-up run."""
+        arch = meta["architecture"]
+        for n in arch.get("task_classes", [2] * meta["completed_tasks"]):
+            self.net.add_task(n)
+        self.net.load_learned_state_dict(tensors)
+        self.net.to(self.device)
+        k = meta["completed_tasks"]
+        self.steps = list(meta["steps"])
+        for m, rows in meta["matrices"].items():
+            arr = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
+            for j in range(k):
+                for i in range(j + 1):
+                    self.matrices[m].set(j, i, arr[j, i])
+        by_class = {}
+        for t in range(k):
+            ds = self.bench.train_stream[t].dataset
+            targets = list(ds.targets)
+            for c in sorted(set(targets)):
+                by_class[c] = ds.subset([i for i, y in enumerate(targets) if y == c])
+        self.strategy.memory.restore(meta["memory"], by_class, self.bench.paths_of)
+
+
+def _nan_to_none(a: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in np.asarray(a)]
+
+
+def _jsonable(o: Any) -> Any:
+    if isinstance(o, (np.floating, np.integer)):
+        return o.item()
+    return str(o)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path:
+    """The newest complete checkpoint folder of a run directory."""
+    from lorax_cil.training.checkpoint import CheckpointError
+
+    ck = Path(run_dir) / "checkpoints"
+    pointer = ck / "latest.json"
+    if pointer.is_file():
+        folder = ck / json.loads(pointer.read_text())["folder"]
+        if (folder / "meta.json").is_file():
+            return folder
+    found = sorted(p for p in ck.glob("exp_*") if (p / "meta.json").is_file()) if ck.is_dir() else []
+    if not found:
+        raise CheckpointError(f"no checkpoint in {ck}: nothing to resume")
+    return found[-1]
+
+
+def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides: dict | None = None,
+               progress: Callable[[str], None] | None = None) -> Run:
+    """Rebuild a run from its latest checkpoint, optionally appending new generator tasks."""
+    from lorax_cil.benchmarks.scenarios import Scenario, parse_task_spec
+    from lorax_cil.training.checkpoint import load_checkpoint
+    from lorax_cil.training.config import merge_config
+
+    folder = latest_checkpoint(run_dir)
+    tensors, meta = load_checkpoint(folder)
+    cfg = RunConfig.from_dict(meta["config"], source=str(folder / "meta.json"))
+    if overrides:
+        cfg = merge_config(cfg, overrides, source="command line")
+    scenario = Scenario.from_dict(meta["scenario"])
+    for spec in add_tasks:
+        task = parse_task_spec(spec, cfg.data.data_path)
+        scenario = scenario.with_task(task.name, task.path)
+    if add_tasks:
+        cfg.data.tasks = [f"{t.name}={t.path}" for t in scenario.tasks]
+        cfg.data.scenario = "custom"
+    run = Run(cfg, run_dir=run_dir, progress=progress)
+    run.setup(scenario)
+    run.restore(meta, tensors)
+    logger.info("resumed %s after %d task(s) from %s", run_dir, run.completed, folder)
+    return run

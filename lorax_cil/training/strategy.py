@@ -1,0 +1,234 @@
+"""The LoRAX strategy: an Avalanche ``SupervisedTemplate`` over the expandable network.
+
+Per experience (one generator task):
+
+1. the model grows in its adaptation step (:class:`ExpandableModel`), *before* the optimiser is
+   built: old extractors are frozen, a new one (LoRA adapter, full copy, ...) is added, the head
+   expands and a new divergence head is created;
+2. the training set is the experience's data plus the exemplar memory;
+3. a fresh AdamW over the trainable parameters, with the task-0 or later-task learning rate and a
+   per-epoch cosine schedule with linear warm-up;
+4. loss = CE(head) + ``head_div`` x CE(divergence head) (DER-style auxiliary loss);
+5. after training, the memory is re-balanced with herding on the current model's features.
+
+The same class runs the fine-tuning baselines: they are configurations of the network
+(``extractor="finetune"``) and of the memory (0 or the LoRAX budget).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Sequence
+
+import torch
+from avalanche.models import DynamicModule
+from avalanche.training.plugins.evaluation import default_evaluator
+from avalanche.training.templates import SupervisedTemplate
+from torch import nn
+
+from lorax_cil.models.expandable import ExpandableNet
+from lorax_cil.training.memory import HerdingMemory
+
+__all__ = ["ExpandableModel", "LoRAX", "cosine_warmup_lr"]
+
+logger = logging.getLogger(__name__)
+
+
+class ExpandableModel(DynamicModule):
+    """Avalanche dynamic-module wrapper: grows the wrapped :class:`ExpandableNet` per experience.
+
+    Growth happens only in training mode and only when the experience brings classes the
+    network does not have yet; they must be the next contiguous class ids.
+    """
+
+    def __init__(self, net: ExpandableNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def adaptation(self, experience: Any) -> None:
+        if not self.training:
+            return
+        classes = sorted(int(c) for c in experience.classes_in_this_experience)
+        known = self.net.num_classes
+        new = [c for c in classes if c >= known]
+        if not new:
+            return
+        if new != list(range(known, known + len(new))):
+            raise ValueError(
+                f"experience {experience.current_experience} brings classes {new}, but the "
+                f"network expects the next contiguous ids starting at {known}"
+            )
+        self.net.add_task(len(new))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def cosine_warmup_lr(
+    epoch: int, *, epochs: int, base_lr: float, warmup_epochs: int, warmup_lr: float,
+    min_lr: float,
+) -> float:
+    """Learning rate of ``epoch`` (0-based): linear warm-up, then cosine decay to ``min_lr``."""
+    if warmup_epochs > 0 and epoch < warmup_epochs:
+        return warmup_lr + (base_lr - warmup_lr) * epoch / warmup_epochs
+    span = max(1, epochs - warmup_epochs)
+    progress = min(1.0, (epoch - warmup_epochs) / span)
+    return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class LoRAX(SupervisedTemplate):
+    """LoRA eXpandable networks for class-incremental synthetic-image attribution.
+
+    Args:
+        model: the expandable network (wrapped in :class:`ExpandableModel` if needed).
+        lr_first: learning rate of task 0.
+        lr: learning rate of later tasks.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warm-up epochs at the start of every task.
+        warmup_lr: learning rate at the start of the warm-up.
+        min_lr: final learning rate of the cosine schedule.
+        head_div: weight of the divergence-head loss (0 disables it).
+        memory_size: total exemplar budget over all classes (0: no memory).
+        train_mb_size: training batch size.
+        train_epochs: epochs per task.
+        eval_mb_size: evaluation batch size.
+        device: torch device.
+        amp: bfloat16 autocast on CUDA (``"auto"``: when the GPU supports it).
+        num_workers: data-loader workers (training and herding).
+        plugins: extra Avalanche plugins.
+        evaluator: Avalanche evaluation plugin.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: ExpandableNet | ExpandableModel,
+        lr_first: float = 1e-4,
+        lr: float = 5e-4,
+        weight_decay: float = 1e-6,
+        warmup_epochs: int = 5,
+        warmup_lr: float = 1e-4,
+        min_lr: float = 1e-5,
+        head_div: float = 0.1,
+        memory_size: int = 500,
+        train_mb_size: int = 32,
+        train_epochs: int = 50,
+        eval_mb_size: int = 64,
+        device: str | torch.device = "cpu",
+        amp: str | bool = "auto",
+        num_workers: int = 0,
+        plugins: Sequence[Any] | None = None,
+        evaluator: Any = default_evaluator,
+    ) -> None:
+        if isinstance(model, ExpandableNet):
+            model = ExpandableModel(model)
+        if not isinstance(model, ExpandableModel):
+            raise TypeError(f"model must be an ExpandableNet, got {type(model).__name__}")
+        for name, value in (("lr_first", lr_first), ("lr", lr), ("train_epochs", train_epochs)):
+            if value <= 0:
+                raise ValueError(f"{name} must be positive, got {value}")
+        if warmup_epochs < 0 or head_div < 0:
+            raise ValueError("warmup_epochs and head_div must be >= 0")
+        placeholder = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=lr)
+        super().__init__(
+            model=model,
+            optimizer=placeholder,
+            criterion=nn.CrossEntropyLoss(),
+            train_mb_size=train_mb_size,
+            train_epochs=train_epochs,
+            eval_mb_size=eval_mb_size,
+            device=device,
+            plugins=list(plugins or []),
+            evaluator=evaluator,
+        )
+        self.lr_first, self.lr = float(lr_first), float(lr)
+        self.weight_decay = float(weight_decay)
+        self.warmup_epochs, self.warmup_lr, self.min_lr = int(warmup_epochs), warmup_lr, min_lr
+        self.head_div = float(head_div)
+        self.num_workers = int(num_workers)
+        self.memory = HerdingMemory(
+            max_size=int(memory_size),
+            feature_fn=lambda m, x: m.net.features_for_herding(x),
+            num_workers=self.num_workers,
+        )
+        self.amp = self._resolve_amp(amp)
+        self.mb_div_logits: torch.Tensor | None = None
+        self._epoch_in_exp = 0
+
+    # --- set-up ----------------------------------------------------------------------------
+    @property
+    def net(self) -> ExpandableNet:
+        return self.model.net
+
+    def _resolve_amp(self, amp: str | bool) -> bool:
+        if self.device.type != "cuda":
+            return False
+        if amp == "auto":
+            return torch.cuda.is_bf16_supported()
+        return bool(amp)
+
+    @property
+    def task_index(self) -> int:
+        return self.net.num_tasks - 1
+
+    def base_lr(self) -> float:
+        return self.lr_first if self.task_index <= 0 else self.lr
+
+    def train_dataset_adaptation(self, **kwargs: Any) -> None:
+        """The experience's data plus every exemplar in memory (train transforms)."""
+        data = self.experience.dataset.train()
+        mem = self.memory.dataset()
+        self.adapted_dataset = data if mem is None else data.concat(mem)
+
+    def make_train_dataloader(self, num_workers: int | None = None, **kwargs: Any) -> None:
+        workers = self.num_workers if num_workers is None else num_workers
+        kwargs.setdefault("persistent_workers", workers > 0)
+        super().make_train_dataloader(num_workers=workers, **kwargs)
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        """A fresh AdamW over the trainable parameters only (newest extractor and heads)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            raise RuntimeError("no trainable parameters: was the model adapted to the experience?")
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.base_lr(), weight_decay=self.weight_decay
+        )
+        self._epoch_in_exp = 0
+
+    # --- per-epoch schedule ------------------------------------------------------------------
+    def _before_training_epoch(self, **kwargs: Any) -> None:
+        lr = cosine_warmup_lr(
+            self._epoch_in_exp,
+            epochs=self.train_epochs,
+            base_lr=self.base_lr(),
+            warmup_epochs=min(self.warmup_epochs, self.train_epochs - 1),
+            warmup_lr=self.warmup_lr,
+            min_lr=min(self.min_lr, self.base_lr()),
+        )
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        super()._before_training_epoch(**kwargs)
+
+    def _after_training_epoch(self, **kwargs: Any) -> None:
+        self._epoch_in_exp += 1
+        super()._after_training_epoch(**kwargs)
+
+    # --- forward and loss ------------------------------------------------------------------
+    def forward(self) -> torch.Tensor:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = self.net.forward_all(self.mb_x)
+        self.mb_div_logits = out.div_logits.float() if out.div_logits is not None else None
+        return out.logits.float()
+
+    def criterion(self) -> torch.Tensor:
+        loss = self._criterion(self.mb_output, self.mb_y)
+        if self.is_training and self.head_div > 0 and self.mb_div_logits is not None:
+            targets = self.net.divergence_targets(self.mb_y)
+            loss = loss + self.head_div * nn.functional.cross_entropy(self.mb_div_logits, targets)
+        return loss
+
+    # --- memory ----------------------------------------------------------------------------
+    def _after_training_exp(self, **kwargs: Any) -> None:
+        self.memory.post_adapt(self, self.experience)
+        super()._after_training_exp(**kwargs)

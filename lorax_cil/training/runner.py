@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -155,7 +156,10 @@ class Run:
                                          strict=d.strict_data)
         self.net = build_network(cfg, backbone).to(self.device)
         builder = get_strategy(cfg.train.strategy).builder
-        self.strategy = builder(cfg, self.net, self.device, None, [])
+        with warnings.catch_warnings():
+            # The run writes its own logs; Avalanche's "no loggers" notice is expected here.
+            warnings.filterwarnings("ignore", message="No loggers specified")
+            self.strategy = builder(cfg, self.net, self.device, None, [])
         names = scenario.task_names
         self.matrices = {m: AccuracyMatrix(len(names), task_names=names) for m in METRICS}
 

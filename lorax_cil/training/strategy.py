@@ -190,7 +190,9 @@ class LoRAX(SupervisedTemplate):
         """A fresh AdamW over the trainable parameters only (newest extractor and heads)."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
-            raise RuntimeError("no trainable parameters: was the model adapted to the experience?")
+            # Avalanche calls this once before the first adaptation; the network has not grown
+            # yet, so there is nothing to optimise until it is called again after adaptation.
+            return
         self.optimizer = torch.optim.AdamW(
             params, lr=self.base_lr(), weight_decay=self.weight_decay
         )

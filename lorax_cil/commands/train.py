@@ -1,0 +1,172 @@
+"""`lorax-cil train` and `lorax-cil eval`.
+
+Configuration precedence: command-line flags > ``--config`` file > strategy preset > defaults.
+The resolved configuration is saved as ``config.yaml`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register", "config_from_args", "parse_set"]
+
+#: flag name -> (section, key, type)
+FLAGS: dict[str, tuple[str, str, Any]] = {
+    "scenario": ("data", "scenario", str),
+    "data_path": ("data", "data_path", str),
+    "eval_split": ("data", "eval_split", str),
+    "crop": ("data", "crop", int),
+    "calib_fraction": ("data", "calib_fraction", float),
+    "backbone": ("model", "backbone", str),
+    "weights": ("model", "weights", str),
+    "adapt_blocks": ("model", "adapt_blocks", int),
+    "lora_r": ("model", "lora_r", int),
+    "lora_alpha": ("model", "lora_alpha", float),
+    "lora_targets": ("model", "lora_targets", str),
+    "strategy": ("train", "strategy", str),
+    "epochs": ("train", "epochs", int),
+    "batch_size": ("train", "batch_size", int),
+    "lr_first": ("train", "lr_first", float),
+    "lr": ("train", "lr", float),
+    "memory_size": ("train", "memory_size", int),
+    "seed": ("train", "seed", int),
+    "device": ("train", "device", str),
+    "num_workers": ("train", "num_workers", int),
+}
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags shared by `train` and `compare` (each maps onto one config key)."""
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    for flag, (section, key, typ) in FLAGS.items():
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None,
+                       help=f"sets {section}.{key}")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="for --scenario custom: task names or name=path pairs")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights")
+    p.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set any config key, e.g. --set train.warmup_epochs=1 (repeatable)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a class-incremental run (LoRAX or a baseline)")
+    add_run_flags(p)
+    p.add_argument("--out", help="run directory (default: runs/<strategy>-<scenario>)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
+    p.add_argument("--add-task", action="append", default=[], metavar="NAME=PATH",
+                   help="with --resume: append a new generator task (repeatable)")
+    p.add_argument("--stop-after", type=int, default=None, help="stop after this many tasks")
+    p.set_defaults(func=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a trained run on a scenario")
+    e.add_argument("--run", required=True, help="run directory")
+    e.add_argument("--scenario", default=None, help="scenario (default: the run's own)")
+    e.add_argument("--data-path", default=None)
+    e.add_argument("--tasks", nargs="+", default=None)
+    e.add_argument("--eval-split", default=None, help="split to evaluate (default: the run's)")
+    e.add_argument("--out", default=None, help="JSON file for the results")
+    e.set_defaults(func=cmd_eval)
+
+
+def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["train.epochs=3", ...]`` -> ``{"train": {"epochs": 3}}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = yaml.safe_load(value)
+    return out
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The config updates named by explicit command-line flags."""
+    out: dict[str, dict[str, Any]] = {}
+    for flag, (section, key, _) in FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out.setdefault(section, {})[key] = value
+    if getattr(args, "tasks", None):
+        out.setdefault("data", {})["tasks"] = list(args.tasks)
+        out["data"].setdefault("scenario", "custom")
+    if getattr(args, "no_pretrained", False):
+        out.setdefault("model", {})["pretrained"] = False
+    if getattr(args, "strict_data", False):
+        out.setdefault("data", {})["strict_data"] = True
+    for section, values in parse_set(getattr(args, "set", [])).items():
+        out.setdefault(section, {}).update(values)
+    return out
+
+
+def config_from_args(args: argparse.Namespace):
+    """Defaults, then the config file, then flags."""
+    from lorax_cil.training.config import RunConfig, load_config, merge_config
+
+    cfg = RunConfig()
+    if getattr(args, "config", None):
+        cfg = merge_config(cfg, load_config(args.config), source=args.config)
+    return merge_config(cfg, flag_overrides(args), source="command line")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from lorax_cil.benchmarks.scenarios import resolve_scenario
+    from lorax_cil.training.runner import Run, resume_run
+
+    if args.resume:
+        run = resume_run(args.resume, add_tasks=args.add_task, overrides=flag_overrides(args),
+                         progress=_progress)
+    else:
+        if args.add_task:
+            raise ValueError("--add-task needs --resume RUN_DIR (a finished or partial run)")
+        cfg = config_from_args(args)
+        out = args.out or f"runs/{cfg.train.strategy}-{cfg.data.scenario}"
+        if (Path(out) / "checkpoints").is_dir():
+            raise ValueError(f"run directory {out} already holds checkpoints: use --resume {out} "
+                             "to continue it, or choose another --out")
+        d = cfg.data
+        scenario = resolve_scenario(d.scenario, data_path=d.data_path, tasks=d.tasks)
+        cfg.out = out
+        run = Run(cfg, run_dir=out, progress=_progress)
+        run.setup(scenario)
+    summary = run.train(stop_after=args.stop_after)
+    print_run_report(run, summary)
+    return 0
+
+
+def _progress(msg: str) -> None:
+    print(f"[train] {msg}", flush=True)
+
+
+def print_run_report(run: Any, summary: dict[str, Any]) -> None:
+    """Accuracy matrix and headline numbers of a run, for the terminal."""
+    from lorax_cil.evaluation.reports import format_matrix
+
+    names = run.scenario.task_names
+    print(f"\n{summary['strategy']} on {summary['scenario']}: multi-real accuracy matrix "
+          "(row = after training task, column = evaluated task)")
+    print(format_matrix(run.matrices["multi_real"].matrix, names, scale=100.0, floatfmt=".1f"))
+    print(f"AA {100 * summary['multi_real_aa']:.2f}  step-average "
+          f"{100 * summary['multi_real_step_average_accuracy']:.2f}  BWT "
+          f"{100 * summary['multi_real_bwt']:.2f}  forgetting "
+          f"{100 * summary['multi_real_forgetting']:.2f}  (multi-real, %)")
+    print(f"outputs: {run.run_dir}", file=sys.stdout)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from lorax_cil.training.evaluate import evaluate_run
+
+    result = evaluate_run(args.run, scenario=args.scenario, data_path=args.data_path,
+                          tasks=args.tasks, eval_split=args.eval_split, out=args.out)
+    for task, r in result["per_task"].items():
+        print(f"{task:<24} multi-real {100 * r['multi_real']:6.2f}  binary "
+              f"{100 * r['binary']:6.2f}  strict {100 * r['strict']:6.2f}  AP {r['ap']:.3f}  "
+              f"n={r['n']}")
+    print(f"mean multi-real accuracy: {100 * result['mean_multi_real']:.2f}")
+    return 0

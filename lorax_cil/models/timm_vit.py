@@ -207,7 +207,11 @@ def create_timm_vit(
         extra["img_size"] = int(img_size)
     model = timm.create_model(model_name, pretrained=use_pretrained, num_classes=0, **extra)
     _backbone_class(model)  # fail early on unsupported classes
-    desc = f"timm:{model_name}" if use_pretrained else "random"
+    desc = "random"
+    if use_pretrained:  # record the resolved tag, e.g. "timm:convit_tiny.fb_in1k"
+        cfg = dict(getattr(model, "pretrained_cfg", None) or {})
+        arch, tag = cfg.get("architecture"), cfg.get("tag")
+        desc = f"timm:{arch}.{tag}" if arch and tag else f"timm:{model_name}"
     if path is not None:
         state = _filter_checkpoint(load_state_dict_file(path), model)
         load_weights_into(model, state, source=str(path))

@@ -49,11 +49,15 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_backbone(cfg: RunConfig):
+    """The configured backbone. Randomly initialised weights are drawn from ``train.seed``
+    (without touching the global RNG), so a checkpoint can rebuild the identical backbone."""
     from lorax_cil.models.backbones import create_backbone
 
     m = cfg.model
-    return create_backbone(m.backbone, pretrained=m.pretrained, weights=m.weights,
-                           img_size=m.img_size)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return create_backbone(m.backbone, pretrained=m.pretrained, weights=m.weights,
+                               img_size=m.img_size)
 
 
 def _lora_targets(backbone: Any, targets: str) -> str:

@@ -18,7 +18,6 @@ and keeps it in eval mode: it is a fixed function (BatchNorm statistics never mo
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -29,7 +28,6 @@ from torch import nn
 from lorax_cil.models.base import BlockBackbone
 from lorax_cil.models.lora import (
     LoraSpec,
-    MultiLoRALayer,
     add_lora_adapter,
     adapter_state_dict,
     count_adapter_parameters,

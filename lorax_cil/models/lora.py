@@ -354,6 +354,15 @@ def _in(name: str, prefixes: Sequence[str]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
+def _refuse_mha(hits: list[str], described: str) -> None:
+    if hits:
+        raise ValueError(
+            f"LoRA targets {described} hit nn.MultiheadAttention ({hits[:3]}): its input projection "
+            "is a parameter (in_proj_weight), not a module, and out_proj is bypassed by its forward; "
+            "use the 'mlp' preset for this backbone"
+        )
+
+
 def inject_lora(
     module: nn.Module,
     spec: LoraSpec,
@@ -390,13 +399,7 @@ def inject_lora(
         prefixes += [n for n in extra_names if n]
     match, described = _matcher(spec, presets)
     found, mha = _candidates(module)
-    in_mha = [n for n in mha if match(n)] + [n for n in found if match(n) and _in(n, mha)]
-    if in_mha:
-        raise ValueError(
-            f"LoRA targets {described} hit nn.MultiheadAttention ({in_mha[:3]}): its input projection "
-            "is a parameter (in_proj_weight), not a module, and out_proj is bypassed by its forward; "
-            "use the 'mlp' preset for this backbone"
-        )
+    _refuse_mha([n for n in mha if match(n)] + [n for n in found if match(n) and _in(n, mha)], described)
     names = [n for n in found if match(n) and (prefixes is None or _in(n, prefixes))]
     names = [n for n in names if "patch_embed" not in n.split(".")]
     if isinstance(spec.targets, tuple):

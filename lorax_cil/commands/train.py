@@ -82,8 +82,18 @@ def parse_set(items: list[str]) -> dict[str, dict[str, Any]]:
             raise ValueError(f"--set expects SECTION.KEY=VALUE, got {item!r}")
         key, value = item.split("=", 1)
         section, name = key.split(".", 1)
-        out.setdefault(section, {})[name] = yaml.safe_load(value)
+        out.setdefault(section, {})[name] = _scalar(yaml.safe_load(value))
     return out
+
+
+def _scalar(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` as a string; accept it as the number a user means."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:

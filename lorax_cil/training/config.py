@@ -151,6 +151,11 @@ def _check_type(section: str, key: str, value: Any, current: Any, source: str) -
             return value
         raise ValueError(f"{source}: {section}.{key} must be true or false, got {value!r}")
     if isinstance(current, (int, float)) and not isinstance(current, bool):
+        if isinstance(value, str) and isinstance(current, float):
+            try:  # YAML 1.1 reads 1e-3 as a string
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"{source}: {section}.{key} must be a number, got {value!r}")
         return type(current)(value) if isinstance(current, float) else value

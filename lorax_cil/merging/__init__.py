@@ -1,1 +1,51 @@
-"""lorax_cil.merging."""
+"""Training-free merging of specialists: task vectors, averaging, Task Arithmetic, TIES, DARE, R2M.
+
+Importing this package is cheap: the names below are loaded from their submodules (which import
+torch) on first access.
+
+    >>> from lorax_cil.merging import r2m, task_vectors_from_lorax_run  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TaskVector": "task_vectors",
+    "task_vector_from_state_dicts": "task_vectors",
+    "task_vector_from_lora_state_dict": "task_vectors",
+    "task_vectors_from_expandable": "task_vectors",
+    "task_vectors_from_lorax_run": "task_vectors",
+    "average_heads": "task_vectors",
+    "apply_task_vector": "task_vectors",
+    "GramCache": "gram",
+    "real_projection": "gram",
+    "MergeResult": "result",
+    "merge": "result",
+    "merge_method_names": "result",
+    "get_merge_method": "result",
+    "register_merge_method": "result",
+    "save_merge_result": "result",
+    "load_merge_result": "result",
+    "weight_average": "methods",
+    "task_arithmetic": "methods",
+    "ties": "methods",
+    "dare": "methods",
+    "r2m": "r2m_merge",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorax_cil.merging' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"lorax_cil.merging.{module}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

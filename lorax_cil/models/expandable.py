@@ -3,7 +3,8 @@
 One architecture, two axes:
 
 * what a task's extractor is (``extractor``): ``"lora"`` (a new LoRA adapter per task),
-  ``"full"`` (a trainable copy of the adapted blocks + neck per task), ``"finetune"`` (one shared
+  ``"mole"`` (a new MoLE adapter per task: shared LoRA + routed LoRA experts, see
+  :mod:`lorax_cil.models.mole`), ``"full"`` (a trainable copy of the adapted blocks + neck per task), ``"finetune"`` (one shared
   trainable copy, never frozen) or ``"frozen"`` (no extractor: the frozen backbone feature);
 * where it starts (``adapt_blocks=k``): extractors cover blocks ``[L-k, L)`` + neck; the trunk
   (stem + blocks ``[0, L-k)``) is frozen and computed once per image, shared by every task.
@@ -18,6 +19,7 @@ and keeps it in eval mode: it is a fixed function (BatchNorm statistics never mo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
@@ -37,12 +39,22 @@ from lorax_cil.models.lora import (
     lora_group,
     lora_layers,
 )
+from lorax_cil.models.mole import (
+    MoleSpec,
+    add_mole_adapter,
+    collect_balance_losses,
+    inject_mole,
+    load_mole_adapter_state_dict,
+    mole_adapter_state_dict,
+)
 
 __all__ = ["EXTRACTORS", "ExpandableOutput", "TailCopy", "ExpandableNet"]
 
 logger = logging.getLogger(__name__)
 
-EXTRACTORS = ("lora", "full", "finetune", "frozen")
+EXTRACTORS = ("lora", "mole", "full", "finetune", "frozen")
+#: Extractors that are adapters inside the shared backbone (activated with ``lora_group``).
+_ADAPTERS = ("lora", "mole")
 ARCH_FORMAT = "lorax-cil/expandable-net"
 ARCH_VERSION = 1
 
@@ -55,11 +67,15 @@ class ExpandableOutput:
         logits: ``(B, num_classes)`` from the expanding head.
         div_logits: ``(B, n_new + 1)`` from the divergence head, or ``None`` when there is none.
         features: ``(B, num_features)`` concatenated extractor features, task order.
+        aux_loss: ``"mole"`` in training mode: the MoLE load-balancing losses of the trainable
+            extractor, summed and already multiplied by ``MoleSpec.balance_weight`` (add it to
+            the training loss); otherwise ``None``.
     """
 
     logits: torch.Tensor
     div_logits: torch.Tensor | None
     features: torch.Tensor
+    aux_loss: torch.Tensor | None = None
 
 
 class TailCopy(nn.Module):
@@ -123,10 +139,13 @@ class ExpandableNet(nn.Module):
     Args:
         backbone: the frozen block-structured backbone (ownership is taken).
         extractor: one of :data:`EXTRACTORS`.
-        adapt_blocks: ``k``: extractors start at block ``L-k``; ``None`` = all blocks.
+        adapt_blocks: ``k``: extractors start at block ``L-k``; ``None`` = all blocks (for
+            ``"mole"``: ``None`` takes ``mole.blocks``, and a given ``k`` replaces it).
         lora: LoRA spec for ``extractor="lora"`` (default :class:`LoraSpec`).
+        mole: MoLE spec for ``extractor="mole"`` (default :class:`MoleSpec`: shared rank 8,
+            experts 4/8/16 on both MLP linears of the last 3 blocks).
         divergence_head: build the auxiliary head on the newest extractor from task 1 on
-            (only for ``"lora"`` and ``"full"``, the extractors that grow).
+            (only for ``"lora"``, ``"mole"`` and ``"full"``, the extractors that grow).
         max_group_size: run at most this many adapters per batched group (memory cap).
     """
 
@@ -137,6 +156,7 @@ class ExpandableNet(nn.Module):
         extractor: str = "lora",
         adapt_blocks: int | None = None,
         lora: LoraSpec | None = None,
+        mole: MoleSpec | None = None,
         divergence_head: bool = True,
         max_group_size: int | None = None,
     ) -> None:
@@ -148,6 +168,13 @@ class ExpandableNet(nn.Module):
             raise ValueError(f"adapt_blocks must be None or an int in [1, {L}], got {adapt_blocks!r}")
         if lora is not None and extractor != "lora":
             raise ValueError(f"lora is only used with extractor='lora', not {extractor!r}")
+        if mole is not None and extractor != "mole":
+            raise ValueError(f"mole is only used with extractor='mole', not {extractor!r}")
+        if extractor == "mole":
+            mole = mole or MoleSpec()
+            if adapt_blocks is None and mole.blocks is not None:
+                adapt_blocks = min(mole.blocks, L)
+            mole = dataclasses.replace(mole, blocks=adapt_blocks)
         if max_group_size is not None and max_group_size < 1:
             raise ValueError(f"max_group_size must be >= 1, got {max_group_size!r}")
         self.backbone = backbone
@@ -155,7 +182,8 @@ class ExpandableNet(nn.Module):
         self.adapt_blocks = adapt_blocks
         self.start = L - (adapt_blocks or L)
         self.lora_spec = (lora or LoraSpec()) if extractor == "lora" else None
-        self.use_divergence = bool(divergence_head) and extractor in ("lora", "full")
+        self.mole_spec = mole
+        self.use_divergence = bool(divergence_head) and extractor in ("lora", "mole", "full")
         self.max_group_size = max_group_size
         self.task_classes: list[int] = []
         self.extractors = nn.ModuleList()  # TailCopy per task ("full") or one ("finetune")
@@ -176,6 +204,9 @@ class ExpandableNet(nn.Module):
                 extra_names=self._neck_modules(),
             )
             self._lora_layers = lora_layers(backbone.model)
+        elif extractor == "mole":
+            self.lora_targets = inject_mole(backbone.model, mole, block_names=backbone.spec.block_names)
+            self._lora_layers = lora_layers(backbone.model)
 
     # --- sizes ------------------------------------------------------------------------------
     @property
@@ -194,7 +225,7 @@ class ExpandableNet(nn.Module):
     @property
     def num_extractors(self) -> int:
         """Feature blocks in the concatenated feature (``"frozen"``: the backbone's, 1)."""
-        if self.extractor in ("lora", "full"):
+        if self.extractor in (*_ADAPTERS, "full"):
             return self.num_tasks
         return 1 if self.num_tasks else 0
 
@@ -219,10 +250,13 @@ class ExpandableNet(nn.Module):
         if not isinstance(num_new_classes, int) or num_new_classes < 1:
             raise ValueError(f"num_new_classes must be a positive int, got {num_new_classes!r}")
         t = self.num_tasks
-        if self.extractor == "lora":
+        if self.extractor in _ADAPTERS:
             if t:
                 freeze_adapter(self.backbone.model, t - 1)
-            index = add_lora_adapter(self.backbone.model, self.lora_spec)
+            if self.extractor == "lora":
+                index = add_lora_adapter(self.backbone.model, self.lora_spec)
+            else:
+                index = add_mole_adapter(self.backbone.model, self.mole_spec)
             assert index == t, (index, t)
         elif self.extractor == "full":
             if t:
@@ -311,7 +345,7 @@ class ExpandableNet(nn.Module):
     def train(self, mode: bool = True) -> "ExpandableNet":
         super().train(mode)
         self.backbone.eval()
-        if self.extractor == "lora" and self.num_tasks:
+        if self.extractor in _ADAPTERS and self.num_tasks:
             for layer in self._lora_layers:
                 layer.adapters[self.num_tasks - 1].train(mode)
         return self
@@ -356,7 +390,7 @@ class ExpandableNet(nn.Module):
             with torch.no_grad():
                 return self._tail(h)
         n, live = self.num_extractors, self.training and self._trainable_extractor() is not None
-        if self.extractor == "lora":
+        if self.extractor in _ADAPTERS:
             if not live:
                 return torch.cat(self._lora_features(h, list(range(n))), dim=1)
             with torch.no_grad():
@@ -369,12 +403,19 @@ class ExpandableNet(nn.Module):
 
     def forward_all(self, x: torch.Tensor) -> ExpandableOutput:
         """Logits, divergence logits (or ``None``) and concatenated features."""
-        feats = self._features(x)
+        aux = None
+        if self.extractor == "mole" and self.training:
+            with collect_balance_losses() as losses:
+                feats = self._features(x)
+            if losses:
+                aux = self.mole_spec.balance_weight * torch.stack(losses).sum()
+        else:
+            feats = self._features(x)
         logits = self.head(feats)
         div = None
         if self.div_head is not None:
             div = self.div_head(feats[:, -self.feature_dim :])
-        return ExpandableOutput(logits=logits, div_logits=div, features=feats)
+        return ExpandableOutput(logits=logits, div_logits=div, features=feats, aux_loss=aux)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_all(x).logits
@@ -406,7 +447,7 @@ class ExpandableNet(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
     def extractor_parameter_count(self, t: int) -> int:
-        if self.extractor == "lora":
+        if self.extractor in _ADAPTERS:
             return count_adapter_parameters(self.backbone.model, t)
         self._check_extractor(t)
         return sum(p.numel() for p in self.extractors[t].parameters())
@@ -415,7 +456,7 @@ class ExpandableNet(nn.Module):
         """Parameter counts: newest trainable extractor, per extractor, heads, total stored."""
         count = 0 if self.extractor == "frozen" else self.num_extractors
         per = [self.extractor_parameter_count(t) for t in range(count)]
-        adapters = sum(per) if self.extractor == "lora" else 0
+        adapters = sum(per) if self.extractor in _ADAPTERS else 0
         backbone = sum(p.numel() for p in self.backbone.parameters()) - adapters
         head = sum(p.numel() for p in self.head.parameters()) if self.head is not None else 0
         div = sum(p.numel() for p in self.div_head.parameters()) if self.div_head is not None else 0
@@ -444,12 +485,17 @@ class ExpandableNet(nn.Module):
         self._check_extractor(t)
         if self.extractor == "lora":
             return adapter_state_dict(self.backbone.model, t)
+        if self.extractor == "mole":
+            return mole_adapter_state_dict(self.backbone.model, t)
         return {n: v.detach().clone() for n, v in self.extractors[t].tensors().items()}
 
     def load_extractor_state_dict(self, t: int, sd: Mapping[str, torch.Tensor]) -> None:
         self._check_extractor(t)
         if self.extractor == "lora":
             load_adapter_state_dict(self.backbone.model, t, sd)
+            return
+        if self.extractor == "mole":
+            load_mole_adapter_state_dict(self.backbone.model, t, sd)
             return
         _copy_into(self.extractors[t].tensors(), sd, f"extractor {t}")
 
@@ -497,6 +543,7 @@ class ExpandableNet(nn.Module):
             "extractor": self.extractor,
             "adapt_blocks": self.adapt_blocks,
             "lora": self.lora_spec.to_dict() if self.lora_spec is not None else None,
+            "mole": self.mole_spec.to_dict() if self.mole_spec is not None else None,
             "lora_targets": list(self.lora_targets),
             "divergence_head": self.use_divergence,
             "task_classes": list(self.task_classes),
@@ -516,10 +563,11 @@ class ExpandableNet(nn.Module):
             extractor=arch["extractor"],
             adapt_blocks=arch["adapt_blocks"],
             lora=LoraSpec.from_dict(arch["lora"]) if arch["lora"] is not None else None,
+            mole=MoleSpec.from_dict(arch["mole"]) if arch.get("mole") is not None else None,
             divergence_head=arch["divergence_head"],
         )
         if list(arch["lora_targets"]) != net.lora_targets:
-            raise ValueError("LoRA targets resolved on this backbone differ from the architecture's")
+            raise ValueError("adapter targets resolved on this backbone differ from the architecture's")
         for n in arch["task_classes"]:
             net.add_task(int(n))
         return net

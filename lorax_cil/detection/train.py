@@ -1,0 +1,384 @@
+"""Training a binary detector on one or more source generators, with threshold calibration.
+
+Loss: BCE on the single logit + ``balance_weight`` x the summed MoLE load-balancing losses;
+AdamW (lr 6e-4 by default) over the adapter and the head only. Train-time Gaussian blur and
+JPEG re-compression each with probability 0.1. A calibration split is carved from the source
+*training* images (stratified per source and class) before training; the decision threshold is
+chosen on it after training and saved with the detector. Evaluation data is never touched.
+
+Output folder (a detector folder, loadable with :func:`~lorax_cil.detection.model.load_detector`)::
+
+    tensors.safetensors, meta.json   the detector (see lorax_cil.detection.model)
+    config.yaml                      the resolved configuration
+    train_log.jsonl                  one record per epoch (loss, BCE, balance loss, seconds)
+    calibration_scores.csv           scores of the calibration images
+
+Configuration precedence: command-line flags > config file > defaults (:func:`merge_detect_config`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+__all__ = [
+    "DetectDataConfig",
+    "DetectModelConfig",
+    "DetectTrainConfig",
+    "DetectConfig",
+    "merge_detect_config",
+    "load_source_samples",
+    "build_detector",
+    "resolve_device",
+    "train_detector",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DetectDataConfig:
+    """Source data and pre-processing.
+
+    Attributes:
+        sources: source generators: ``name=path`` pairs or names under ``data_path``. A source
+            folder either holds ``<train_split>/[<sub>/]{0_real,1_fake}`` (CDDB task) or
+            ``[<sub>/]{0_real,1_fake}`` directly (e.g. CNNDetection's ProGAN training set).
+        data_path: folder holding the named sources.
+        train_split: split folder of a CDDB-style source.
+        calib_fraction: fraction of every (source, class) held out for the threshold.
+        crop: crop size (``None``: the backbone's input size).
+        resize: shorter-side resize before cropping (``None``: only upsizing small images).
+        blur_prob: train-time Gaussian blur probability (sigma uniform in [0, 3]).
+        jpeg_prob: train-time JPEG probability (quality uniform in [30, 100]).
+        hflip: random horizontal flips.
+        strict_data: fail on unreadable images instead of skipping them.
+    """
+
+    sources: list[str] | None = None
+    data_path: str | None = None
+    train_split: str = "train"
+    calib_fraction: float = 0.1
+    crop: int | None = None
+    resize: int | None = None
+    blur_prob: float = 0.1
+    jpeg_prob: float = 0.1
+    hflip: bool = True
+    strict_data: bool = False
+
+
+@dataclass
+class DetectModelConfig:
+    """Backbone and adapter (defaults: the MoLE paper's CLIP ViT-L/14 setting).
+
+    Attributes:
+        backbone: registry name.
+        pretrained: ``True``, ``False`` or a weights tag.
+        weights: local weights file.
+        img_size: input resolution override.
+        adapter: ``mole``, ``lora`` or ``linear-probe``.
+        blocks: adapt the last ``blocks`` blocks (``None``: all).
+        targets: ``mlp``, ``mlp-in``, ``mlp-out``, ``attn`` or ``attn+mlp``.
+        shared_rank: MoLE shared LoRA rank (0 = none).
+        expert_ranks: MoLE expert ranks (empty = none).
+        alpha: LoRA alpha of every branch (``None``: alpha = r, scaling 1).
+        dropout: adapter input dropout.
+        lora_rank: rank of the plain LoRA adapter.
+    """
+
+    backbone: str = "ViT-L-14"
+    pretrained: bool | str = True
+    weights: str | None = None
+    img_size: int | None = None
+    adapter: str = "mole"
+    blocks: int | None = 3
+    targets: str = "mlp"
+    shared_rank: int = 8
+    expert_ranks: list[int] = field(default_factory=lambda: [4, 8, 16])
+    alpha: float | None = None
+    dropout: float = 0.0
+    lora_rank: int = 8
+
+
+@dataclass
+class DetectTrainConfig:
+    """Optimisation.
+
+    Attributes:
+        epochs: passes over the training images.
+        max_steps: stop after this many optimiser steps (``None``: no limit).
+        batch_size: training batch size.
+        eval_batch_size: batch size for calibration scoring.
+        lr: AdamW learning rate (paper: 6e-4).
+        weight_decay: AdamW weight decay.
+        balance_weight: weight of the summed load-balancing losses (paper: 0.01).
+        threshold_rule: ``balanced-accuracy`` or ``accuracy`` on the calibration split.
+        seed: seed of everything, including randomly initialised backbone weights.
+        device: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``.
+        num_workers: data-loader workers.
+        amp: bfloat16 autocast on CUDA: ``auto``, ``true`` or ``false``.
+    """
+
+    epochs: int = 5
+    max_steps: int | None = None
+    batch_size: int = 32
+    eval_batch_size: int = 64
+    lr: float = 6e-4
+    weight_decay: float = 0.0
+    balance_weight: float = 0.01
+    threshold_rule: str = "balanced-accuracy"
+    seed: int = 0
+    device: str = "auto"
+    num_workers: int = 0
+    amp: str = "auto"
+
+
+@dataclass
+class DetectConfig:
+    """Everything ``detect train`` needs; ``out`` is the detector folder."""
+
+    data: DetectDataConfig = field(default_factory=DetectDataConfig)
+    model: DetectModelConfig = field(default_factory=DetectModelConfig)
+    train: DetectTrainConfig = field(default_factory=DetectTrainConfig)
+    out: str = "detectors/detector"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = ("data", "model", "train")
+
+
+def _coerce(where: str, value: Any, current: Any) -> Any:
+    if isinstance(current, list) and value is not None and not isinstance(value, (list, tuple)):
+        raise ValueError(f"{where} must be a list, got {value!r}")
+    if value is None or current is None or isinstance(current, (list, str)):
+        return list(value) if isinstance(current, list) and value is not None else value
+    if isinstance(current, bool):
+        if not isinstance(value, bool) and not isinstance(value, str):
+            raise ValueError(f"{where} must be true or false, got {value!r}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    return float(value) if isinstance(current, float) else value
+
+
+def merge_detect_config(base: DetectConfig, updates: Mapping[str, Any], *, source: str) -> DetectConfig:
+    """``base`` updated by a nested mapping (a new object); unknown sections or keys raise."""
+    out = DetectConfig(data=dataclasses.replace(base.data), model=dataclasses.replace(base.model),
+                       train=dataclasses.replace(base.train), out=base.out)
+    for section, values in updates.items():
+        if section == "out":
+            out.out = str(values)
+            continue
+        if section not in _SECTIONS:
+            raise ValueError(f"{source}: unknown section {section!r}; valid: {', '.join([*_SECTIONS, 'out'])}")
+        if not isinstance(values, Mapping):
+            raise ValueError(f"{source}: section {section!r} must be a mapping")
+        obj = getattr(out, section)
+        valid = {f.name for f in fields(obj)}
+        for key, value in values.items():
+            if key not in valid:
+                raise ValueError(f"{source}: unknown key {section}.{key}; valid keys: {', '.join(sorted(valid))}")
+            setattr(obj, key, _coerce(f"{source}: {section}.{key}", value, getattr(obj, key)))
+    return out
+
+
+# --------------------------------------------------------------------------- data
+def load_source_samples(cfg: DetectDataConfig) -> tuple[Any, list[list[Any]]]:
+    """The sources as a scenario and one sorted :class:`Sample` list per source.
+
+    ``Sample.label`` is ``2 * source + is_fake`` (so calibration is stratified per source and
+    class); the detector's target is ``is_fake``.
+    """
+    from lorax_cil.benchmarks.datasets import Sample
+    from lorax_cil.benchmarks.folders import DataLayoutError, scan_class_folders
+    from lorax_cil.benchmarks.scenarios import Scenario, parse_task_spec
+
+    if not cfg.sources:
+        raise ValueError("detect train needs at least one source: --source NAME=PATH (or NAME with --data-path)")
+    tasks = tuple(parse_task_spec(s, cfg.data_path) for s in cfg.sources)
+    scenario = Scenario("detect-sources", tasks)
+    out: list[list[Sample]] = []
+    for t, task in enumerate(tasks):
+        folder = Path(task.path)
+        if not folder.is_dir():
+            raise DataLayoutError(f"source {task.name!r}: folder does not exist: {folder}")
+        split = folder / cfg.train_split
+        recs = scan_class_folders(split if split.is_dir() else folder)
+        out.append([Sample(r.path, Scenario.label(t, r.is_fake), t, r.is_fake, task.name, r.subclass)
+                    for r in recs])
+    return scenario, out
+
+
+# --------------------------------------------------------------------------- model
+def build_detector(cfg: DetectConfig):
+    """The untrained detector described by ``cfg.model`` (backbone seeded by ``train.seed``)."""
+    from lorax_cil.detection.model import AdapterConfig, BackboneRecipe, Detector
+    from lorax_cil.models.mole import MoleSpec
+
+    m = cfg.model
+    recipe = BackboneRecipe(name=m.backbone, pretrained=m.pretrained, weights=m.weights,
+                            img_size=m.img_size, seed=cfg.train.seed)
+    mole = MoleSpec(shared_rank=int(m.shared_rank), expert_ranks=tuple(int(r) for r in m.expert_ranks),
+                    alpha=m.alpha, dropout=float(m.dropout), targets=m.targets, blocks=m.blocks,
+                    balance_weight=float(cfg.train.balance_weight))
+    adapter = AdapterConfig(kind=m.adapter, mole=mole, lora_rank=int(m.lora_rank))
+    return Detector.from_recipe(recipe, adapter)
+
+
+def _transform_config(cfg: DetectConfig, spec: Any):
+    from lorax_cil.benchmarks.transforms import TransformConfig
+
+    d = cfg.data
+    return TransformConfig(size=d.crop or spec.input_size, mean=tuple(spec.mean), std=tuple(spec.std),
+                           resize=d.resize, blur_prob=d.blur_prob, jpeg_prob=d.jpeg_prob, hflip=d.hflip)
+
+
+def resolve_device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+    return dev
+
+
+def _use_amp(amp: str, device: Any) -> bool:
+    import torch
+
+    if device.type != "cuda" or str(amp).lower() in ("false", "0", "no"):
+        return False
+    return torch.cuda.is_bf16_supported() if str(amp) == "auto" else True
+
+
+def _epoch(det, loader, opt, device, amp: bool, state: dict, max_steps: int | None) -> dict[str, float]:
+    import torch
+    from torch.nn import functional as F
+
+    det.train()
+    tot = {"loss": 0.0, "bce": 0.0, "balance": 0.0, "n": 0}
+    for x, label in loader:
+        if max_steps is not None and state["step"] >= max_steps:
+            break
+        x, y = x.to(device), (label % 2).float().to(device)  # label = 2 * source + is_fake
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=amp):
+            logits, aux = det.forward_with_aux(x)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), y)
+        loss = bce + aux.float()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        state["step"] += 1
+        n = x.shape[0]
+        tot["loss"] += float(loss.detach()) * n
+        tot["bce"] += float(bce.detach()) * n
+        tot["balance"] += float(aux.detach()) * n
+        tot["n"] += n
+    n = max(tot.pop("n"), 1)
+    return {k: v / n for k, v in tot.items()}
+
+
+def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None = None):
+    """Train, calibrate and save a detector; returns ``(detector, summary)``.
+
+    The summary holds the calibration threshold and metrics, the parameter report and the
+    per-epoch history. Everything is written to ``cfg.out``.
+    """
+    import torch
+    import yaml
+    from torch.utils.data import DataLoader
+
+    from lorax_cil.benchmarks.datasets import ImageSampleDataset, carve_calibration, probe_samples
+    from lorax_cil.benchmarks.images import DataIssues
+    from lorax_cil.benchmarks.transforms import build_transform
+    from lorax_cil.benchmarks.verify import data_manifest
+    from lorax_cil.detection.model import save_detector
+    from lorax_cil.utils import atomic_write_text, seed_everything
+
+    say = progress or (lambda msg: logger.info("%s", msg))
+    t = cfg.train
+    if t.epochs < 1 or t.batch_size < 1 or not t.lr > 0:
+        raise ValueError("train.epochs and train.batch_size must be >= 1 and train.lr > 0")
+    out = Path(cfg.out)
+    seed_everything(t.seed)
+    device = resolve_device(t.device)
+    scenario, per_source = load_source_samples(cfg.data)
+    det = build_detector(cfg).to(device)
+    issues = DataIssues()
+    tcfg = _transform_config(cfg, det.backbone.spec)
+    train_s, calib_s = [], []
+    for samples in per_source:
+        samples = probe_samples(samples, min_size=tcfg.size, issues=issues, strict=cfg.data.strict_data)
+        tr, ca = carve_calibration(samples, cfg.data.calib_fraction, seed=t.seed)
+        train_s.append(tr)
+        calib_s.append(ca)
+    flat_train = [s for ss in train_s for s in ss]
+    flat_calib = [s for ss in calib_s for s in ss]
+    if not flat_calib or len({s.is_fake for s in flat_calib}) < 2:
+        raise ValueError("the calibration split needs real and fake images: raise data.calib_fraction "
+                         "(it is carved from the source training images)")
+    report = det.parameter_report()
+    say(f"{det.adapter.kind} detector on {det.backbone.spec.name}: {report['trainable']:,} trainable of "
+        f"{report['total']:,} parameters ({100 * report['fraction_with_head']:.4f} % incl. head); "
+        f"{len(flat_train)} training and {len(flat_calib)} calibration images from {scenario.task_names}")
+    gen = torch.Generator().manual_seed(t.seed)
+    loader = DataLoader(ImageSampleDataset(flat_train, transform=build_transform(tcfg, train=True),
+                                           strict=cfg.data.strict_data, issues=issues),
+                        batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
+                        generator=gen, drop_last=len(flat_train) > t.batch_size)
+    opt = torch.optim.AdamW(det.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    amp, state, history = _use_amp(t.amp, device), {"step": 0}, []
+    for epoch in range(t.epochs):
+        t0 = time.perf_counter()
+        rec = _epoch(det, loader, opt, device, amp, state, t.max_steps)
+        rec.update(epoch=epoch, steps=state["step"], seconds=round(time.perf_counter() - t0, 3))
+        history.append(rec)
+        say(f"epoch {epoch + 1}/{t.epochs}: loss {rec['loss']:.4f} (BCE {rec['bce']:.4f}, "
+            f"balance {rec['balance']:.4f}), {rec['seconds']:.1f} s")
+        if t.max_steps is not None and state["step"] >= t.max_steps:
+            break
+    calib = _calibrate(det, flat_calib, cfg, tcfg, device, issues)
+    say(f"threshold {det.threshold:.4f} ({t.threshold_rule} on {len(flat_calib)} calibration images): "
+        f"calibration AP {calib['metrics']['ap']:.4f}, acc@thr {calib['metrics']['acc@thr']:.4f}")
+    manifest = data_manifest({"train": train_s, "calibration": calib_s}, scenario)
+    manifest["data_issues"] = issues.summary()
+    training = {"config": cfg.to_dict(), "sources": scenario.to_dict()["tasks"], "history": history,
+                "steps": state["step"], "transform": dataclasses.asdict(tcfg), "amp": amp,
+                "device": str(device)}
+    out.mkdir(parents=True, exist_ok=True)
+    save_detector(det, out, training=training, data_manifest=manifest)
+    atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_text(out / "calibration_scores.csv", "path,is_fake,score\n" + "".join(
+        f"{s.path},{s.is_fake},{v:.6f}\n" for s, v in zip(flat_calib, calib.pop("scores"))))
+    return det, {"threshold": det.threshold, "calibration": calib, "parameters": report,
+                 "history": history, "out": str(out)}
+
+
+def _calibrate(det, samples, cfg: DetectConfig, tcfg, device, issues) -> dict[str, Any]:
+    """Score the calibration split and set ``det.threshold`` / ``det.calibration``."""
+    from lorax_cil.benchmarks.folders import ImageRecord
+    from lorax_cil.benchmarks.transforms import build_transform
+    from lorax_cil.detection.protocol import choose_threshold, detection_metrics, score_records
+
+    recs = [ImageRecord(s.path, s.is_fake, s.subclass) for s in samples]
+    scores = score_records(det, recs, transform=build_transform(tcfg, train=False),
+                           batch_size=cfg.train.eval_batch_size, device=device,
+                           num_workers=cfg.train.num_workers, issues=issues)
+    y = np.array([s.is_fake for s in samples], dtype=bool)
+    det.threshold = choose_threshold(scores, y, rule=cfg.train.threshold_rule)
+    metrics = detection_metrics(scores, y, det.threshold)
+    det.calibration = {"rule": cfg.train.threshold_rule, "split": "carved from source training data",
+                       "fraction": cfg.data.calib_fraction, "n_real": int((~y).sum()),
+                       "n_fake": int(y.sum()), "metrics": metrics}
+    return {**det.calibration, "scores": scores}

@@ -299,7 +299,8 @@ def test_plain_mean_keys_and_bias_option():
             "encoder.LayerNorm.weight", "bn1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
             "attn.in_proj_bias", "linear.weight"]
     assert plain_mean_keys(keys) == keys[:6]
-    assert plain_mean_keys(keys, exclude_biases=True) == keys[:6] + ["blocks.0.attn.qkv.bias", "attn.in_proj_bias"]
+    biases = ["blocks.0.attn.qkv.bias", "attn.in_proj_bias"]
+    assert plain_mean_keys(keys, exclude_biases=True) == keys[:6] + biases
     tvs = make_tvs(3)
     res = r2m(tvs, exclude_biases=True)
     torch.testing.assert_close(res.task_vector["blocks.0.attn.qkv.bias"],
@@ -320,7 +321,8 @@ def test_gram_cache_extension_equals_recomputation(tmp_path):
         assert torch.equal(grown.blocks[k][:3, :3], cache.blocks[k])  # old entries reused as they were
     grown.save(tmp_path / "gram")
     loaded = GramCache.load(tmp_path / "gram")
-    assert loaded.sources == grown.sources and all(torch.equal(loaded.blocks[k], grown.blocks[k]) for k in full.keys())
+    assert loaded.sources == grown.sources
+    assert all(torch.equal(loaded.blocks[k], grown.blocks[k]) for k in full.keys())
     # re-merging with the cache gives the same result as from scratch, in any order
     a, b = r2m(tvs, gram=loaded), r2m(tvs[::-1])
     assert a.info["gram_reused"] and not b.info["gram_reused"]
@@ -376,7 +378,8 @@ def test_lora_state_dict_and_refusals():
     a, b = torch.randn(4, 6, generator=g), torch.randn(5, 4, generator=g)
     sd = {"base_model.model.blocks.0.attn.qkv.lora_A.default.weight": a,
           "base_model.model.blocks.0.attn.qkv.lora_B.default.weight": b}
-    tv = task_vector_from_lora_state_dict(sd, {"r": 4, "lora_alpha": 8}, strip_prefix="base_model.model.", name="p")
+    tv = task_vector_from_lora_state_dict(sd, {"r": 4, "lora_alpha": 8}, strip_prefix="base_model.model.",
+                                          name="p")
     torch.testing.assert_close(tv["blocks.0.attn.qkv.weight"], 2.0 * b @ a)
     rs = task_vector_from_lora_state_dict(sd, {"r": 4, "alpha": 8, "use_rslora": True}, name="p")
     torch.testing.assert_close(rs["base_model.model.blocks.0.attn.qkv.weight"], 4.0 * b @ a)
@@ -385,7 +388,8 @@ def test_lora_state_dict_and_refusals():
                                          {"r": 4, "alpha": 8})
     with pytest.raises(ValueError, match="DoRA"):
         task_vector_from_lora_state_dict(sd, {"r": 4, "alpha": 8, "use_dora": True})
-    with pytest.raises(ValueError, match="use_rslora"):  # recorded scaling is alpha/sqrt(r), flag says alpha/r
+    # the recorded scaling is alpha/sqrt(r) but the flag says alpha/r
+    with pytest.raises(ValueError, match="use_rslora"):
         task_vector_from_lora_state_dict(sd, {"r": 4, "alpha": 8, "scaling": 4.0})
     with pytest.raises(ValueError, match="rank 4 .* r=8"):
         task_vector_from_lora_state_dict(sd, {"r": 8, "alpha": 8})
@@ -399,7 +403,8 @@ def _lora_net(tasks: int = 2):
     torch.manual_seed(0)
     bb = create_backbone("vit-test")
     plain = copy.deepcopy(bb)
-    net = ExpandableNet(backbone=bb, extractor="lora", lora=LoraSpec(r=4, alpha=8.0, dropout=0.0, targets="attn"))
+    spec = LoraSpec(r=4, alpha=8.0, dropout=0.0, targets="attn")
+    net = ExpandableNet(backbone=bb, extractor="lora", lora=spec)
     for t in range(tasks):
         net.add_task(2)
     with torch.no_grad():  # trained-looking adapters: B is zero at init
@@ -419,7 +424,8 @@ def test_task_vectors_from_expandable_equal_hand_made_deltas_and_reproduce_the_a
     d = net.feature_dim
     for t, tv in enumerate(tvs):
         sd = adapter_state_dict(net.backbone.model, t)
-        assert sorted(tv.keys()) == sorted(k.replace(".lora_A.weight", ".weight") for k in sd if "lora_A" in k)
+        want = sorted(k.replace(".lora_A.weight", ".weight") for k in sd if "lora_A" in k)
+        assert sorted(tv.keys()) == want
         for key in tv.keys():
             layer = key[: -len(".weight")]
             hand = 2.0 * sd[f"{layer}.lora_B.weight"] @ sd[f"{layer}.lora_A.weight"]
@@ -434,6 +440,34 @@ def test_task_vectors_from_expandable_equal_hand_made_deltas_and_reproduce_the_a
         with torch.no_grad(), lora_group(net.backbone.model, [t]):
             want = net.backbone(x)
         torch.testing.assert_close(merged(x), want, atol=1e-5, rtol=1e-5)
+
+
+def test_task_vectors_from_full_copies_reproduce_each_extractor():
+    from lorax_cil.models.backbones import create_backbone
+    from lorax_cil.models.expandable import ExpandableNet
+
+    torch.manual_seed(0)
+    bb = create_backbone("vit-test")
+    plain = copy.deepcopy(bb)
+    net = ExpandableNet(backbone=bb, extractor="full", adapt_blocks=1)
+    for _ in range(2):
+        net.add_task(2)
+        with torch.no_grad():
+            for p in net.extractors[-1].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    net.eval()
+    tvs = task_vectors_from_expandable(net)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        feats = net.forward_all(x).features
+    d = net.feature_dim
+    for t, tv in enumerate(tvs):
+        assert tv.meta["kind"] == "lorax-full-copy"
+        assert all(k.startswith(("blocks.3.", "norm.", "fc_norm.")) for k in tv)
+        merged = copy.deepcopy(plain)
+        merged.model.load_state_dict(apply_task_vector(plain.model.state_dict(), tv))
+        with torch.no_grad():
+            torch.testing.assert_close(merged(x), feats[:, t * d:(t + 1) * d], atol=1e-5, rtol=1e-5)
 
 
 def test_dora_like_adapter_is_refused():
@@ -465,13 +499,17 @@ def test_task_vectors_from_a_tiny_lorax_run(tmp_path):
 
     data = make_cddb_tree(tmp_path / "data", tasks=("a", "b"), n=2, size=(36, 36), subclass_tasks=())
     cfg = merge_config(RunConfig(), {
-        "model": {"backbone": "vit-test", "pretrained": False, "lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+        "model": {"backbone": "vit-test", "pretrained": False, "lora_r": 4, "lora_alpha": 8,
+                  "lora_dropout": 0.0},
         "data": {"scenario": "custom"},
         "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "memory_size": 2, "eval_batch_size": 8},
     }, source="test")
     run = Run(cfg, run_dir=tmp_path / "run")
     run.setup(resolve_scenario("custom", data_path=data, tasks=["a", "b"]))
-    run.train()
+    run.run_dir.mkdir(parents=True)
+    run._write_static()
+    for j in range(2):  # Run.train() without the final plots; the last step writes the checkpoint
+        run._train_step(j)
     tvs = task_vectors_from_lorax_run(tmp_path / "run")
     assert [tv.name for tv in tvs] == ["a", "b"]
     tensors, meta = load_checkpoint(latest_checkpoint(tmp_path / "run"))

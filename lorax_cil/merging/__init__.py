@@ -14,9 +14,9 @@ from typing import Any
 _EXPORTS = {
     "TaskVector": "task_vectors",
     "task_vector_from_state_dicts": "task_vectors",
-    "task_vector_from_lora_state_dict": "task_vectors",
-    "task_vectors_from_expandable": "task_vectors",
-    "task_vectors_from_lorax_run": "task_vectors",
+    "task_vector_from_lora_state_dict": "lora_vectors",
+    "task_vectors_from_expandable": "lora_vectors",
+    "task_vectors_from_lorax_run": "lora_vectors",
     "average_heads": "task_vectors",
     "apply_task_vector": "task_vectors",
     "GramCache": "gram",

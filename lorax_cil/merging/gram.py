@@ -85,7 +85,8 @@ class GramCache:
         keys = self.keys() if keys is None else list(keys)
         missing = [k for k in keys if k not in self.blocks]
         if missing:
-            raise ValueError(f"GramCache has no entries for {missing[:5]} (cached keys, sample: {self.keys()[:5]})")
+            raise ValueError(f"GramCache has no entries for {missing[:5]} "
+                             f"(cached keys, sample: {self.keys()[:5]})")
         g = torch.zeros(self.num_sources, self.num_sources, dtype=torch.float64)
         for k in keys:
             g += self.blocks[k]
@@ -129,8 +130,9 @@ class GramCache:
                 x = tv[k].detach().reshape(-1).to("cpu", torch.float64)
                 sq = float(x @ x)
                 if not math.isclose(sq, float(g[j, j]), rel_tol=rtol, abs_tol=1e-12):
-                    raise ValueError(f"GramCache.extend: cached |tau|^2 of {tv.name!r} at {k!r} is {float(g[j, j])} "
-                                     f"but the given task vector has {sq}: the cache is stale")
+                    raise ValueError(f"GramCache.extend: cached |tau|^2 of {tv.name!r} at {k!r} is "
+                                     f"{float(g[j, j])} but the given task vector has {sq}: "
+                                     "the cache is stale")
                 row[j] = x_new @ x
             row[n] = x_new @ x_new
             big = torch.zeros(n + 1, n + 1, dtype=torch.float64)
@@ -154,7 +156,8 @@ class GramCache:
         tensors, meta = load_checkpoint(folder)
         if meta.get("kind") != GRAM_FORMAT:
             raise ValueError(f"{folder} is not a Gram cache (kind={meta.get('kind')!r})")
-        return cls(sources=meta["sources"], blocks={k: tensors[f"gram.{i}"] for i, k in enumerate(meta["keys"])})
+        blocks = {k: tensors[f"gram.{i}"] for i, k in enumerate(meta["keys"])}
+        return cls(sources=meta["sources"], blocks=blocks)
 
 
 def _check_same_keys(task_vectors: Sequence[TaskVector]) -> None:
@@ -184,7 +187,9 @@ class RealProjection:
         return {"eigenvalues": [float(v) for v in self.eigenvalues], "rank_used": self.rank}
 
 
-def real_projection(gram: torch.Tensor, *, k: int = 1, center: bool = False, rtol: float = 1e-9) -> RealProjection:
+def real_projection(
+    gram: torch.Tensor, *, k: int = 1, center: bool = False, rtol: float = 1e-9
+) -> RealProjection:
     """Eigendecompose the (centred) Gram matrix and express ``Pi`` through task-vector coefficients.
 
     Args:

@@ -45,7 +45,9 @@ def stack_deltas(task_vectors: Sequence[TaskVector], key: str) -> torch.Tensor:
     return torch.stack([tv[key].to(first.device, _work_dtype(first)) for tv in task_vectors])
 
 
-def _result(method: str, options: dict, tvs: list[TaskVector], deltas: dict, info: dict | None = None) -> MergeResult:
+def _result(
+    method: str, options: dict, tvs: list[TaskVector], deltas: dict, info: dict | None = None
+) -> MergeResult:
     return MergeResult(method=method, options=options, sources=[tv.name for tv in tvs],
                        task_vector=merged_vector(tvs, deltas, method), info=info or {})
 

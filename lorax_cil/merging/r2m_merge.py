@@ -74,7 +74,8 @@ def truncate_matrix(x: torch.Tensor, rho: float) -> tuple[torch.Tensor, torch.Te
 def plain_mean_keys(keys: Sequence[str], *, pattern: str | None = NORM_PATTERN,
                     exclude_biases: bool = False) -> list[str]:
     """The keys left out of the Real estimate (they take the plain mean)."""
-    pats = [re.compile(p) for p in ([pattern] if pattern else []) + ([BIAS_PATTERN] if exclude_biases else [])]
+    sources = ([pattern] if pattern else []) + ([BIAS_PATTERN] if exclude_biases else [])
+    pats = [re.compile(p) for p in sources]
     return [k for k in keys if any(p.search(k) for p in pats)]
 
 
@@ -94,7 +95,9 @@ def _check_options(k: int, residual: str, rho: float | None, eta_mode: str, alph
 def _combine(coef: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``sum_j coef[j] x[j]`` (coef: (N,)) or, for coef (N, N), row ``i`` = ``sum_j coef[j, i] x[j]``."""
     c = coef.to(x.device, x.dtype)
-    return torch.tensordot(c, x, dims=([0], [0])) if c.dim() == 1 else torch.tensordot(c.T, x, dims=([1], [0]))
+    if c.dim() == 1:
+        return torch.tensordot(c, x, dims=([0], [0]))
+    return torch.tensordot(c.T, x, dims=([1], [0]))
 
 
 def _check_cache_diag(cache: GramCache, key: str, x: torch.Tensor, names: Sequence[str]) -> None:
@@ -103,8 +106,8 @@ def _check_cache_diag(cache: GramCache, key: str, x: torch.Tensor, names: Sequen
     bad = ~torch.isclose(sq, cached, rtol=1e-5, atol=1e-12)
     if bool(bad.any()):
         i = int(bad.nonzero()[0])
-        raise ValueError(f"R2M: the Gram cache is stale: |tau|^2 of {names[i]!r} at {key!r} is {float(sq[i])}, "
-                         f"cached {float(cached[i])}")
+        raise ValueError(f"R2M: the Gram cache is stale: |tau|^2 of {names[i]!r} at {key!r} is "
+                         f"{float(sq[i])}, cached {float(cached[i])}")
 
 
 class _Residuals:
@@ -176,64 +179,79 @@ def r2m(
     """
     tvs = check_task_vectors(task_vectors)
     _check_options(k, residual, rho, eta_mode, alpha)
-    names = [tv.name for tv in tvs]
-    n, keys = len(tvs), tvs[0].keys()
+    names, keys = [tv.name for tv in tvs], tvs[0].keys()
     plain = set(plain_mean_keys(keys, pattern=plain_mean_pattern, exclude_biases=exclude_biases))
     real = [key for key in keys if key not in plain]
     if not real:
-        raise ValueError("R2M: every parameter matches the plain-mean patterns; nothing is left for the Real estimate")
-    given = gram is not None
-    cache = gram.select(names) if given else GramCache.build(tvs)
-    proj = real_projection(cache.gram(real), k=k, center=center, rtol=eig_rtol)
-    eye = torch.eye(n, dtype=torch.float64)
+        raise ValueError("R2M: every parameter matches the plain-mean patterns; nothing is left for "
+                         "the Real estimate")
+    cache = gram.select(names) if gram is not None else GramCache.build(tvs)
+    g = cache.gram(real)
+    proj = real_projection(g, k=k, center=center, rtol=eig_rtol)
+    eye = torch.eye(len(tvs), dtype=torch.float64)
     res_coef = eye - proj.core[:, None] if residual == "subtract" else eye - proj.q
-    mrx = re.compile(matrix_pattern)
-    deltas: dict[str, torch.Tensor] = {}
-    residuals = _Residuals(n)
-    core_sq = 0.0
-    for key in real:
-        x = stack_deltas(tvs, key)
-        if given:
-            _check_cache_diag(cache, key, x, names)
-        core = _combine(proj.core, x)
-        core_sq += float(core.double().pow(2).sum())
-        deltas[key] = core
-        residuals.add(key, _combine(res_coef, x), rho, x.dim() == 3 and bool(mrx.search(key)))
+    deltas, residuals, core_norm = _core_and_residuals(tvs, real, proj.core, res_coef, rho, matrix_pattern,
+                                                       cache if gram is not None else None)
     norms = residuals.sq.sqrt()
-    # a residual below _NOISE * |tau_i| is rounding noise (one specialist, identical specialists):
-    # it is dropped instead of being blown up by norm matching or the norm-ratio eta
-    alive = norms > _NOISE * cache.gram(real).diagonal().clamp_min(0).sqrt()
-    m_bar = float(norms[alive].mean()) if bool(alive.any()) else 0.0
-    if norm_match:
-        scales = torch.where(alive, m_bar / norms.clamp_min(1e-300), torch.zeros_like(norms))
-    else:
-        scales = alive.to(torch.float64)
+    alive = norms > _NOISE * g.diagonal().clamp_min(0).sqrt()
+    scales, m_bar = _scales(norms, alive, norm_match)
     rbar = {key: residuals.mean(key, scales) for key in real}
     rbar_norm = math.sqrt(sum(float(v.double().pow(2).sum()) for v in rbar.values()))
-    core_norm = math.sqrt(core_sq)
     if eta_mode == "fixed":
         eta = float(alpha)
     else:
         eta = float(alpha) * core_norm / rbar_norm if rbar_norm > 0 else 0.0
-    for key in real:
-        deltas[key] = deltas[key] + eta * rbar[key]
     for key in keys:
-        if key in plain:
-            deltas[key] = stack_deltas(tvs, key).mean(0)
-    options = {"k": k, "center": bool(center), "residual": residual, "rho": rho, "norm_match": bool(norm_match),
-               "eta_mode": eta_mode, "alpha": float(alpha), "exclude_biases": bool(exclude_biases),
-               "plain_mean_pattern": plain_mean_pattern, "matrix_pattern": matrix_pattern}
+        deltas[key] = deltas[key] + eta * rbar[key] if key in rbar else stack_deltas(tvs, key).mean(0)
+    options = {"k": k, "center": bool(center), "residual": residual, "rho": rho,
+               "norm_match": bool(norm_match), "eta_mode": eta_mode, "alpha": float(alpha),
+               "exclude_biases": bool(exclude_biases), "plain_mean_pattern": plain_mean_pattern,
+               "matrix_pattern": matrix_pattern}
     info: dict[str, Any] = {
-        **proj.info(),
-        "core_coefficients": [float(v) for v in proj.core],
+        **proj.info(), "core_coefficients": [float(v) for v in proj.core],
         "eta": eta, "core_norm": core_norm, "residual_bar_norm": rbar_norm,
         "residual_norms": {nm: float(v) for nm, v in zip(names, norms)}, "mean_residual_norm": m_bar,
         "dropped_residuals": [nm for nm, a in zip(names, alive) if not a],
         "truncated": dict(residuals.ranks), "plain_mean_keys": sorted(plain), "real_keys": len(real),
-        "gram_reused": given,
+        "gram_reused": gram is not None,
     }
     logger.info("R2M: N=%d, rank %d, eta=%.4g, |core|=%.4g, |r_bar|=%.4g, %d matrices truncated",
-                n, proj.rank, eta, core_norm, rbar_norm, len(residuals.ranks))
-    result = MergeResult(method="r2m", options=options, sources=names,
-                         task_vector=merged_vector(tvs, deltas, "r2m"), info=info, gram=cache)
-    return result
+                len(tvs), proj.rank, eta, core_norm, rbar_norm, len(residuals.ranks))
+    return MergeResult(method="r2m", options=options, sources=names,
+                       task_vector=merged_vector(tvs, deltas, "r2m"), info=info, gram=cache)
+
+
+def _core_and_residuals(
+    tvs: list[TaskVector], real: list[str], core_coef: torch.Tensor, res_coef: torch.Tensor,
+    rho: float | None, matrix_pattern: str, cache: GramCache | None,
+) -> tuple[dict[str, torch.Tensor], _Residuals, float]:
+    """One pass over the Real keys: ``tau_core`` per key, the (truncated) residuals, ``||tau_core||``.
+
+    With a reused ``cache``, its diagonal is checked against the task vectors on the way.
+    """
+    mrx = re.compile(matrix_pattern)
+    names = [tv.name for tv in tvs]
+    deltas: dict[str, torch.Tensor] = {}
+    residuals = _Residuals(len(tvs))
+    core_sq = 0.0
+    for key in real:
+        x = stack_deltas(tvs, key)
+        if cache is not None:
+            _check_cache_diag(cache, key, x, names)
+        core = _combine(core_coef, x)
+        core_sq += float(core.double().pow(2).sum())
+        deltas[key] = core
+        residuals.add(key, _combine(res_coef, x), rho, x.dim() == 3 and bool(mrx.search(key)))
+    return deltas, residuals, math.sqrt(core_sq)
+
+
+def _scales(norms: torch.Tensor, alive: torch.Tensor, norm_match: bool) -> tuple[torch.Tensor, float]:
+    """Per-residual weights before the uniform mean, and ``m_bar``.
+
+    A residual below ``_NOISE * |tau_i|`` is rounding noise (one specialist, identical
+    specialists): it gets weight 0 instead of being blown up by norm matching or the norm-ratio eta.
+    """
+    m_bar = float(norms[alive].mean()) if bool(alive.any()) else 0.0
+    if not norm_match:
+        return alive.to(torch.float64), m_bar
+    return torch.where(alive, m_bar / norms.clamp_min(1e-300), torch.zeros_like(norms)), m_bar

@@ -107,23 +107,30 @@ def check_task_vectors(task_vectors: Sequence[TaskVector]) -> list[TaskVector]:
         raise TypeError(f"merging needs TaskVector objects, got {bad}")
     names = [tv.name for tv in tvs]
     if any(not n for n in names) or len(set(names)) != len(names):
-        raise ValueError(f"task vectors need distinct non-empty names (the result records its sources), got {names}")
+        raise ValueError(f"task vectors need distinct non-empty names (the result records its sources), "
+                         f"got {names}")
     for tv in tvs[1:]:
         tvs[0].check_compatible(tv)
     return tvs
 
 
-def merged_vector(task_vectors: Sequence[TaskVector], deltas: Mapping[str, torch.Tensor], method: str) -> TaskVector:
+def merged_vector(
+    task_vectors: Sequence[TaskVector], deltas: Mapping[str, torch.Tensor], method: str
+) -> TaskVector:
     """The merged :class:`TaskVector`: ``deltas`` in the inputs' dtype, the averaged head."""
     from lorax_cil.merging.task_vectors import average_heads
 
     first = task_vectors[0]
     out = {k: deltas[k].to(first[k].dtype) for k in first.keys()}
-    return TaskVector(deltas=out, head=average_heads(task_vectors), name=f"{method}({','.join(tv.name for tv in task_vectors)})",
-                      meta={"kind": "merged", "method": method, "sources": [dict(tv.meta, name=tv.name) for tv in task_vectors]})
+    names = ",".join(tv.name for tv in task_vectors)
+    sources = [dict(tv.meta, name=tv.name) for tv in task_vectors]
+    return TaskVector(deltas=out, head=average_heads(task_vectors), name=f"{method}({names})",
+                      meta={"kind": "merged", "method": method, "sources": sources})
 
 
-def save_merge_result(folder: str | Path, result: MergeResult, *, meta: Mapping[str, Any] | None = None) -> Path:
+def save_merge_result(
+    folder: str | Path, result: MergeResult, *, meta: Mapping[str, Any] | None = None
+) -> Path:
     """Write ``delta.<key>`` and ``head.<key>`` tensors plus a JSON record (and ``gram/`` if any)."""
     from lorax_cil.training.checkpoint import save_checkpoint
 

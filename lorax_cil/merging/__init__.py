@@ -32,6 +32,8 @@ _EXPORTS = {
     "task_arithmetic": "methods",
     "ties": "methods",
     "dare": "methods",
+    "dare_drop": "methods",
+    "ties_trim": "methods",
     "r2m": "r2m_merge",
 }
 

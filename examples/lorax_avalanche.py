@@ -40,8 +40,10 @@ def main() -> None:
     scenario = resolve_scenario("synth-hard", data_path=args.data)
     backbone = create_backbone(args.backbone, pretrained=args.backbone == "efficientnet-lite0")
     spec = backbone.spec
+    # CNNs take any input size; ViTs expect their configured one.
+    crop = 48 if spec.family == "efficientnet-lite" else spec.input_size
     bench = build_cil_benchmark(
-        scenario, transform_config=TransformConfig(size=48, mean=spec.mean, std=spec.std)
+        scenario, transform_config=TransformConfig(size=crop, mean=spec.mean, std=spec.std)
     )
 
     # 2. Model: frozen backbone, one LoRA extractor per task, expanding head.

@@ -1,0 +1,38 @@
+"""Every example script runs on tiny synthetic data (each in its own process)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+#: script -> extra arguments that keep it small; every file in examples/ must be listed.
+EXAMPLES = {
+    "lorax_avalanche.py": ["--backbone", "vit-test", "--epochs", "1", "--quiet"],
+}
+
+
+def test_every_example_is_covered():
+    found = {p.name for p in (ROOT / "examples").glob("*.py")}
+    assert found <= set(EXAMPLES) | set(os.environ.get("LORAX_EXTRA_EXAMPLES", "").split()), (
+        f"examples without a test entry: {sorted(found - set(EXAMPLES))}")
+
+
+@pytest.mark.parametrize("script", sorted(EXAMPLES))
+def test_example_runs(script, tmp_path):
+    if not (ROOT / "examples" / script).is_file():
+        pytest.fail(f"examples/{script} is listed but missing")
+    args = list(EXAMPLES[script])
+    if script == "lorax_avalanche.py":
+        args += ["--data", str(tmp_path / "data")]
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    if script == "lorax_avalanche.py":
+        assert "summary:" in proc.stdout and "exemplars per class:" in proc.stdout

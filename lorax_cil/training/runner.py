@@ -70,10 +70,15 @@ def _lora_targets(backbone: Any, targets: str) -> str:
 
 
 def build_network(cfg: RunConfig, backbone: Any):
-    """The expandable network described by ``cfg.model`` on ``backbone``."""
+    """The expandable network described by ``cfg.model`` on ``backbone``, or the strategy's own
+    network when its preset names one (see :class:`~lorax_cil.training.run_protocol.RunModel`)."""
     from lorax_cil.models.expandable import ExpandableNet
     from lorax_cil.models.lora import LoraSpec
+    from lorax_cil.training.registry import get_strategy
 
+    network = get_strategy(cfg.train.strategy).network
+    if network is not None:
+        return network(cfg, backbone)
     m = cfg.model
     lora = None
     if m.extractor == "lora":
@@ -187,7 +192,7 @@ class Run:
         name = self.scenario.task_names[j]
         self.progress(f"task {j + 1}/{self.scenario.num_tasks}: {name} "
                       f"({len(exp.dataset)} images + memory)")
-        seed_everything(self.cfg.train.seed * 1000 + j)
+        seed_everything(self._task_seed(j))
         t0 = time.perf_counter()
         self.strategy.train(exp, num_workers=self.cfg.train.num_workers)
         train_s = time.perf_counter() - t0
@@ -204,11 +209,17 @@ class Run:
         if self.cfg.train.checkpoint_every_task or j == self.scenario.num_tasks - 1:
             self.save_checkpoint()
 
+    def _task_seed(self, j: int) -> int:
+        return self.cfg.train.seed * 1000 + j
+
     def evaluate_step(self, j: int) -> dict[str, dict[str, float]]:
         """Evaluate every task seen so far after training task ``j``; fill matrix row ``j``."""
         from lorax_cil.evaluation.metrics import evaluate_predictions
 
         out: dict[str, dict[str, float]] = {}
+        should = getattr(self.strategy, "evaluate_after_step", None)
+        if should is not None and not should(j, self.scenario.num_tasks):
+            return out  # e.g. joint training: only the final row is defined
         table = np.array(self.scenario.class_is_fake[: self.net.num_classes])
         for i in range(j + 1):
             ds = self.bench.test_stream[i].dataset
@@ -294,6 +305,11 @@ class Run:
             "steps": self.steps,
             "matrices": {m: _nan_to_none(mat.matrix) for m, mat in self.matrices.items()},
             "config": self.cfg.to_dict(),
+            # Randomness is re-seeded at the start of every task from (seed, task index), so
+            # the next task's RNG state is fully determined by these two numbers.
+            "rng": {"policy": "reseed-per-task", "seed": self.cfg.train.seed,
+                    "next_task_seed": self._task_seed(self.completed)},
+            "class_order": self.scenario.class_names[: self.net.num_classes],
         }
         save_checkpoint(folder, self.net.learned_state_dict(), meta)
         write_json(self.run_dir / "checkpoints" / "latest.json", {"folder": folder.name})

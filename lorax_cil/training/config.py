@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "RunConfig", "load_config", "merge_config"]
+__all__ = ["DataConfig", "ModelConfig", "TrainConfig", "BaselineConfig", "RunConfig", "load_config",
+           "merge_config"]
 
 
 @dataclass
@@ -124,12 +125,42 @@ class TrainConfig:
 
 
 @dataclass
+class BaselineConfig:
+    """Hyperparameters that only one baseline strategy reads (see docs/baselines.md).
+
+    Attributes:
+        ewc_lambda: ``ewc``: weight of the EWC penalty (Avalanche ``EWC(ewc_lambda=...)``).
+        ewc_mode: ``ewc``: ``separate`` (one penalty per past task) or ``online``.
+        ewc_decay: ``ewc`` with ``online`` mode: importance decay factor.
+        lwf_alpha: ``lwf``: weight of the distillation loss.
+        lwf_temperature: ``lwf``: distillation temperature.
+        l2p_pool_size: ``l2p``: prompts in the pool (paper: 10).
+        l2p_prompt_length: ``l2p``: tokens per prompt (paper: 5).
+        l2p_top_k: ``l2p``: prompts chosen per image (paper: 5).
+        l2p_sim_coefficient: ``l2p``: weight of the key-query matching loss (paper: 0.1).
+        simplecil_scale: ``simplecil``: scale of the cosine logits (no effect on predictions).
+    """
+
+    ewc_lambda: float = 1000.0
+    ewc_mode: str = "separate"
+    ewc_decay: float | None = None
+    lwf_alpha: float = 1.0
+    lwf_temperature: float = 2.0
+    l2p_pool_size: int = 10
+    l2p_prompt_length: int = 5
+    l2p_top_k: int = 5
+    l2p_sim_coefficient: float = 0.1
+    simplecil_scale: float = 1.0
+
+
+@dataclass
 class RunConfig:
     """Everything a run needs. ``out`` is the run directory."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
     out: str = "runs/run"
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,7 +171,8 @@ class RunConfig:
         return merge_config(cls(), d, source=source)
 
 
-_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
+             "baselines": BaselineConfig}
 
 
 def _check_type(section: str, key: str, value: Any, current: Any, source: str) -> Any:
@@ -169,6 +201,7 @@ def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) ->
         data=dataclasses.replace(base.data),
         model=dataclasses.replace(base.model),
         train=dataclasses.replace(base.train),
+        baselines=dataclasses.replace(base.baselines),
     )
     for section, values in updates.items():
         if section == "out":

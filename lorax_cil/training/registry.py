@@ -1,8 +1,13 @@
 """Strategy registry: names usable from the CLI and from Python.
 
 A registered strategy is a *preset* (values it forces on the model and training configuration)
-plus a builder that turns the expandable network into an Avalanche strategy. LoRAX and the
-fine-tuning baselines share one strategy class and differ only in their presets.
+plus a builder that turns the run's network into an Avalanche strategy. LoRAX and the
+fine-tuning baselines share one strategy class and differ only in their presets. A strategy whose
+model is not the expandable network names a ``network`` factory; what the run needs from that
+network and from the strategy is written down in :mod:`lorax_cil.training.run_protocol`.
+
+Built-in strategies live in :mod:`~lorax_cil.training.builtin_strategies` (LoRAX family) and
+:mod:`~lorax_cil.training.baselines` (the baseline zoo); both register on first use.
 """
 
 from __future__ import annotations
@@ -27,6 +32,10 @@ class StrategyPreset:
         train: TrainConfig fields this strategy forces.
         defaults: ModelConfig fields set only when the user left them at ``None``.
         builder: ``builder(cfg, net, device, evaluator, plugins) -> strategy``.
+        network: ``network(cfg, backbone) -> model`` when the strategy does not train the
+            expandable network (``None``: :func:`~lorax_cil.training.runner.build_network`).
+        resumable: a run can continue from its checkpoints (``False``: the strategy keeps state
+            the checkpoint does not hold, and resuming raises a clear error).
     """
 
     name: str
@@ -35,9 +44,13 @@ class StrategyPreset:
     train: dict[str, Any] = field(default_factory=dict)
     defaults: dict[str, Any] = field(default_factory=dict)
     builder: Callable[..., Any] | None = None
+    network: Callable[..., Any] | None = None
+    resumable: bool = True
 
 
 _REGISTRY: dict[str, StrategyPreset] = {}
+_BUILTIN_MODULES = ("lorax_cil.training.builtin_strategies", "lorax_cil.training.baselines")
+_builtins_loaded = False
 
 
 def register_strategy(
@@ -47,14 +60,20 @@ def register_strategy(
     model: dict[str, Any] | None = None,
     train: dict[str, Any] | None = None,
     defaults: dict[str, Any] | None = None,
+    network: Callable[..., Any] | None = None,
+    resumable: bool = True,
 ):
-    """Decorator registering ``builder(cfg, net, device, evaluator, plugins)`` under ``name``."""
+    """Decorator registering ``builder(cfg, net, device, evaluator, plugins)`` under ``name``.
+
+    ``network(cfg, backbone)`` (optional) builds the model the builder receives as ``net``.
+    """
 
     def deco(builder: Callable[..., Any]) -> Callable[..., Any]:
         if name in _REGISTRY:
             raise ValueError(f"strategy {name!r} is already registered")
         _REGISTRY[name] = StrategyPreset(
-            name, description, dict(model or {}), dict(train or {}), dict(defaults or {}), builder
+            name, description, dict(model or {}), dict(train or {}), dict(defaults or {}), builder,
+            network, bool(resumable),
         )
         return builder
 
@@ -86,5 +105,16 @@ def apply_preset(cfg: RunConfig) -> RunConfig:
 
 
 def _ensure_builtin() -> None:
-    if not _REGISTRY:
-        import lorax_cil.training.builtin_strategies  # noqa: F401  (registers on import)
+    """Import the built-in strategy modules once (they register on import).
+
+    A flag, not ``if not _REGISTRY``: a user strategy registered first must not hide the
+    built-in ones.
+    """
+    global _builtins_loaded
+    if _builtins_loaded:
+        return
+    import importlib
+
+    _builtins_loaded = True
+    for module in _BUILTIN_MODULES:
+        importlib.import_module(module)

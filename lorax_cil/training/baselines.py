@@ -31,7 +31,7 @@ from typing import Any
 from lorax_cil.training.builtin_strategies import _lorax_family
 from lorax_cil.training.registry import register_strategy
 
-__all__ = ["FINE_TUNED", "EXEMPLAR_FREE", "check_backbone"]
+__all__ = ["FINE_TUNED", "EXEMPLAR_FREE", "check_compatible"]
 
 #: Model settings of the baselines that fine-tune the backbone with a growing head.
 FINE_TUNED = {"extractor": "finetune", "divergence_head": False}
@@ -49,10 +49,21 @@ def _lazy(module: str, name: str):
     return call
 
 
-def check_backbone(strategy: str, backbone: Any) -> None:
-    """Raise ``ValueError`` when ``strategy`` cannot run on ``backbone`` (before training)."""
+def check_compatible(cfg: Any, backbone: Any) -> None:
+    """Raise ``ValueError`` when ``cfg``'s strategy cannot run with ``backbone`` and settings.
+
+    ``cfg`` has its strategy preset applied. Checked before anything trains (``compare``).
+    """
+    from lorax_cil.training.run_protocol import scenario_num_tasks
+
+    strategy, memory = cfg.train.strategy, cfg.train.memory_size
     if strategy == "l2p":
         _lazy("l2p", "check_l2p_backbone")(backbone)
+    if strategy == "replay" and memory <= 0:
+        raise ValueError("strategy 'replay' needs an exemplar memory: train.memory_size > 0")
+    if strategy == "icarl" and memory < 2 * scenario_num_tasks(cfg):
+        raise ValueError(f"strategy 'icarl' needs at least one exemplar per class: "
+                         f"train.memory_size={memory} < {2 * scenario_num_tasks(cfg)} classes")
 
 
 register_strategy(

@@ -1,0 +1,85 @@
+"""`lorax-cil compare`: several strategies x seeds under one protocol, one table, two figures.
+
+Every run goes to ``<out>/<strategy>/seed<k>/`` (finished runs are reused, partial ones
+resumed); the table (CSV + Markdown), the per-run rows and the figures go to ``<out>/``.
+Configuration precedence as in `train`: flags > ``--config`` > strategy presets > defaults.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["register", "parse_seeds"]
+
+#: `train` flags that `compare` replaces with --strategies / --seeds.
+_REPLACED = ("strategy", "seed")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from lorax_cil.commands.train import FLAGS
+
+    p = sub.add_parser(
+        "compare", help="run several strategies and seeds under one protocol; one table",
+        description="Run each strategy for each seed (same data, order, backbone, memory "
+                    "budget, transforms), reuse finished runs, and write a mean ± std table "
+                    "(CSV, Markdown) and figures. Strategies: see docs/baselines.md.")
+    p.add_argument("--strategies", required=True,
+                   help="comma-separated registry names, e.g. lorax,finetune,replay,joint")
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
+    p.add_argument("--out", default=None,
+                   help="output folder (default: runs/compare-<scenario>)")
+    p.add_argument("--timing-images", type=int, default=256,
+                   help="evaluation images timed per final model (default: 256)")
+    p.add_argument("--config", help="YAML config file (flags override it)")
+    for flag, (section, key, typ) in FLAGS.items():
+        if flag not in _REPLACED:
+            p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None,
+                           help=f"sets {section}.{key}")
+    p.add_argument("--tasks", nargs="+", default=None,
+                   help="for --scenario custom: task names or name=path pairs")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights")
+    p.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="set any config key, e.g. --set baselines.ewc_lambda=100 (repeatable)")
+    p.set_defaults(func=cmd_compare)
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; a clear error for anything else."""
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--seeds expects comma-separated integers, got {text!r}") from exc
+    if not seeds:
+        raise ValueError("--seeds needs at least one seed")
+    return seeds
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from lorax_cil.commands.train import config_from_args
+    from lorax_cil.training.compare import run_comparison
+
+    cfg = config_from_args(args)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    seeds = parse_seeds(args.seeds)
+    out = args.out or f"runs/compare-{cfg.data.scenario}"
+    print(f"[compare] {len(strategies)} strategies x {len(seeds)} seeds -> {out}", flush=True)
+    result = run_comparison(cfg, strategies=strategies, seeds=seeds, out=out,
+                            progress=_progress, timing_images=args.timing_images)
+    _print_result(result)
+    return 0
+
+
+def _progress(msg: str) -> None:
+    print(f"[compare] {msg}", flush=True)
+
+
+def _print_result(result: Any) -> None:
+    statuses = ", ".join(f"{r.strategy}/seed{r.seed}: {r.status}"
+                         for r in result.rows.itertuples())
+    print(f"\n{result.caption}\n")
+    print(result.table_markdown)
+    print(f"runs: {statuses}")
+    for name, path in result.paths.items():
+        print(f"{name}: {path}")

@@ -56,6 +56,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        help=f"sets {section}.{key}")
     t.add_argument("--expert-ranks", type=int, nargs="*", default=None, metavar="R",
                    help="MoLE expert ranks (sets model.expert_ranks; none = shared only)")
+    t.add_argument("--backbone-option", action="append", default=None, metavar="KEY=VALUE",
+                   help="backbone factory option, e.g. global_pool=avg (repeatable; sets "
+                        "model.backbone_options)")
     t.add_argument("--no-pretrained", action="store_true", help="random backbone weights")
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config key, e.g. --set data.hflip=false (repeatable)")
@@ -111,6 +114,8 @@ def detect_config_from_args(args: argparse.Namespace):
         upd.setdefault("model", {})["expert_ranks"] = list(args.expert_ranks)
     if args.no_pretrained:
         upd.setdefault("model", {})["pretrained"] = False
+    if args.backbone_option:
+        upd.setdefault("model", {})["backbone_options"] = _parse_options(args.backbone_option)
     for section, values in parse_set(args.set).items():
         upd.setdefault(section, {}).update(values)
     if args.out:
@@ -120,6 +125,18 @@ def detect_config_from_args(args: argparse.Namespace):
         names = "+".join(s.split("=", 1)[0] for s in (cfg.data.sources or [])) or "none"
         cfg.out = f"detectors/{cfg.model.adapter}-{names}"
     return cfg
+
+
+def _parse_options(items: list[str]) -> dict[str, Any]:
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--backbone-option expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def _say(msg: str) -> None:

@@ -67,6 +67,8 @@ class BackboneRecipe:
         weights: local weights file, or ``None``.
         img_size: input resolution override.
         seed: randomly initialised weights are drawn from this seed (the global RNG is untouched).
+        options: further keyword options of the backbone factory (e.g. ``{"global_pool": "avg"}``
+            for timm, ``{"pool_type": "avg"}`` for ``clip-test``); JSON-serialisable values.
     """
 
     name: str
@@ -74,6 +76,7 @@ class BackboneRecipe:
     weights: str | None = None
     img_size: int | None = None
     seed: int = 0
+    options: Mapping[str, Any] = field(default_factory=dict)
 
     def build(self) -> BlockBackbone:
         """Create the backbone (downloads, if any, happen inside timm / open_clip)."""
@@ -82,10 +85,12 @@ class BackboneRecipe:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             return create_backbone(self.name, pretrained=self.pretrained, weights=self.weights,
-                                   img_size=self.img_size)
+                                   img_size=self.img_size, **dict(self.options))
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["options"] = dict(self.options)
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BackboneRecipe":

@@ -83,6 +83,8 @@ class DetectModelConfig:
         pretrained: ``True``, ``False`` or a weights tag.
         weights: local weights file.
         img_size: input resolution override.
+        backbone_options: further keyword options of the backbone factory, e.g.
+            ``{global_pool: avg}`` for timm ViTs or ``{pool_type: avg}`` for open_clip towers.
         adapter: ``mole``, ``lora`` or ``linear-probe``.
         blocks: adapt the last ``blocks`` blocks (``None``: all).
         targets: ``mlp``, ``mlp-in``, ``mlp-out``, ``attn`` or ``attn+mlp``.
@@ -97,6 +99,7 @@ class DetectModelConfig:
     pretrained: bool | str = True
     weights: str | None = None
     img_size: int | None = None
+    backbone_options: dict[str, Any] = field(default_factory=dict)
     adapter: str = "mole"
     blocks: int | None = 3
     targets: str = "mlp"
@@ -157,6 +160,10 @@ _SECTIONS = ("data", "model", "train")
 
 
 def _coerce(where: str, value: Any, current: Any) -> Any:
+    if isinstance(current, dict):
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} must be a mapping, got {value!r}")
+        return dict(value)
     if isinstance(current, list) and value is not None and not isinstance(value, (list, tuple)):
         raise ValueError(f"{where} must be a list, got {value!r}")
     if value is None or current is None or isinstance(current, (list, str)):
@@ -226,7 +233,7 @@ def build_detector(cfg: DetectConfig):
 
     m = cfg.model
     recipe = BackboneRecipe(name=m.backbone, pretrained=m.pretrained, weights=m.weights,
-                            img_size=m.img_size, seed=cfg.train.seed)
+                            img_size=m.img_size, seed=cfg.train.seed, options=dict(m.backbone_options))
     mole = MoleSpec(shared_rank=int(m.shared_rank), expert_ranks=tuple(int(r) for r in m.expert_ranks),
                     alpha=m.alpha, dropout=float(m.dropout), targets=m.targets, blocks=m.blocks,
                     balance_weight=float(cfg.train.balance_weight))

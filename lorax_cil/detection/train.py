@@ -81,7 +81,7 @@ class DetectModelConfig:
     Attributes:
         backbone: registry name.
         pretrained: ``True``, ``False`` or a weights tag.
-        weights: local weights file.
+        weights: local weights file (when set, ``pretrained`` is ignored).
         img_size: input resolution override.
         backbone_options: further keyword options of the backbone factory, e.g.
             ``{global_pool: avg}`` for timm ViTs or ``{pool_type: avg}`` for open_clip towers.
@@ -232,7 +232,8 @@ def build_detector(cfg: DetectConfig):
     from lorax_cil.models.mole import MoleSpec
 
     m = cfg.model
-    recipe = BackboneRecipe(name=m.backbone, pretrained=m.pretrained, weights=m.weights,
+    pretrained = False if m.weights else m.pretrained  # a local weights file replaces downloads
+    recipe = BackboneRecipe(name=m.backbone, pretrained=pretrained, weights=m.weights,
                             img_size=m.img_size, seed=cfg.train.seed, options=dict(m.backbone_options))
     mole = MoleSpec(shared_rank=int(m.shared_rank), expert_ranks=tuple(int(r) for r in m.expert_ranks),
                     alpha=m.alpha, dropout=float(m.dropout), targets=m.targets, blocks=m.blocks,

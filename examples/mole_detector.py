@@ -8,12 +8,13 @@ detector, and evaluates it per family with a small blur/JPEG robustness sweep.
 The numbers are near chance after 3 epochs on a random backbone; this script shows the API. The
 paper's setting (CLIP ViT-L/14 weights, ProGAN training data, GPU) is described in docs/mole.md.
 
-    python examples/mole_detector.py [OUT_DIR]
+    python examples/mole_detector.py [--out OUT_DIR]
 """
 
 from __future__ import annotations
 
-import sys
+import argparse
+import tempfile
 from pathlib import Path
 
 from lorax_cil.benchmarks.synth import synthesize
@@ -22,8 +23,8 @@ from lorax_cil.detection.protocol import evaluate_detector
 from lorax_cil.detection.train import DetectConfig, merge_detect_config, train_detector
 
 
-def main(out: str = "/tmp/lorax-cil-mole-example") -> None:
-    out_dir = Path(out)
+def main(out: str | None = None) -> None:
+    out_dir = Path(out or Path(tempfile.gettempdir()) / "lorax-cil-mole-example")
     data = synthesize(out_dir / "data", scenario="synth-hard", per_class=48, val_per_class=24,
                       size=64, seed=0, workers=1)
     cfg = merge_detect_config(DetectConfig(), {
@@ -48,4 +49,6 @@ def main(out: str = "/tmp/lorax-cil-mole-example") -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:2])
+    parser = argparse.ArgumentParser(description="MoLE detector on tiny synthetic data")
+    parser.add_argument("--out", default=None, help="output folder (default: a folder in the temp dir)")
+    main(parser.parse_args().out)

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: script -> extra arguments that keep it small; every file in examples/ must be listed.
 EXAMPLES = {
     "lorax_avalanche.py": ["--backbone", "vit-test", "--epochs", "1", "--quiet"],
+    "compare_baselines.py": ["--strategies", "finetune,simplecil"],
 }
 
 
@@ -28,7 +29,7 @@ def test_example_runs(script, tmp_path):
     if not (ROOT / "examples" / script).is_file():
         pytest.fail(f"examples/{script} is listed but missing")
     args = list(EXAMPLES[script])
-    if script == "lorax_avalanche.py":
+    if script in ("lorax_avalanche.py", "compare_baselines.py"):
         args += ["--data", str(tmp_path / "data")]
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
@@ -36,3 +37,6 @@ def test_example_runs(script, tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     if script == "lorax_avalanche.py":
         assert "summary:" in proc.stdout and "exemplars per class:" in proc.stdout
+    if script == "compare_baselines.py":
+        assert "| simplecil" in proc.stdout and (tmp_path / "runs/compare-example/comparison.md"
+                                                  ).is_file()

@@ -29,8 +29,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated seeds (default: 0)")
     p.add_argument("--out", default=None,
                    help="output folder (default: runs/compare-<scenario>)")
-    p.add_argument("--timing-images", type=int, default=256,
-                   help="evaluation images timed per final model (default: 256)")
+    p.add_argument("--timing-images", type=int, default=128,
+                   help="evaluation images timed per final model (default: 128)")
     p.add_argument("--config", help="YAML config file (flags override it)")
     for flag, (section, key, typ) in FLAGS.items():
         if flag not in _REPLACED:

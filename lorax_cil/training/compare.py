@@ -18,7 +18,8 @@ Outputs in ``<out>/``::
     average_accuracy.png, matrices.png   seed-mean multi-real curves and final matrices
 
 Inference milliseconds per image are measured in this process, on the final checkpoint of each
-run, on the same evaluation images for every strategy, after one warm-up batch.
+run, on the same evaluation images for every strategy, after one warm-up batch (fastest of three
+timed passes).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Comparison:
 def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence[int],
                    out: str | Path, scenario: Any = None,
                    progress: Callable[[str], None] | None = None,
-                   timing_images: int = 256) -> Comparison:
+                   timing_images: int = 128) -> Comparison:
     """Run (or reuse) every strategy for every seed and write the comparison.
 
     Args:
@@ -406,5 +407,5 @@ after the last one; trainable params/task = parameters updated while training th
 (extractor + heads); total stored params = everything the final model keeps (frozen backbone
 included, exemplar images excluded); exemplars = images in memory at the end; train s = training
 wall time summed over tasks; inference ms/img = final model, this process, same evaluation images
-for every strategy, after a warm-up batch.
+for every strategy, after a warm-up batch, fastest of three passes.
 """

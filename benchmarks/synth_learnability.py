@@ -109,6 +109,18 @@ def fit_cnn(xtr, ytr, xva, *, epochs: int, seed: int, device: str, batch: int = 
                           for i in range(0, len(xva_t), 256)]).numpy()
 
 
+def print_per_task(root: Path, pred: np.ndarray, y: np.ndarray) -> None:
+    """Per-task val accuracy of one model: strict, and real/fake among that task's images."""
+    tasks = json.loads((root / "synth.json").read_text())["tasks"]
+    print("\nsmall CNN per task (val):\n")
+    print("| task | strict acc. | real/fake acc. |")
+    print("|---|---|---|")
+    for t, task in enumerate(tasks):
+        m = y // 2 == t
+        print(f"| {task} | {100 * np.mean(pred[m] == y[m]):.1f} % "
+              f"| {100 * np.mean(pred[m] % 2 == y[m] % 2):.1f} % |")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--scenario", default="synth-easy")
@@ -152,6 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         binary = float(np.mean(pred % 2 == yva % 2))
         print(f"| {name} | {100 * strict:.1f} % | {100 * binary:.1f} % | {secs:.0f} s |")
     print(f"| chance | {100 / n_cls:.1f} % | 50.0 % | |")
+    print_per_task(out, cnn_pred, yva)
     if tmp is not None:
         tmp.cleanup()
 

@@ -283,8 +283,9 @@ def _marble(rng, n, category):
     th = rng.uniform(0, np.pi)
     freq = rng.uniform(2.0, 6.0)
     turb = fractal_noise(rng, n, 2.8) * rng.uniform(3.0, 8.0)
-    v = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (xx * np.cos(th) + yy * np.sin(th)) + turb)
-    return _colormap(v ** rng.uniform(0.5, 2.0), palette(rng, 3))
+    v = np.sin(2 * np.pi * freq * (xx * np.cos(th) + yy * np.sin(th)) + turb)
+    v = 0.5 + 0.5 * np.tanh(rng.uniform(1.0, 6.0) * v)  # crisper veins
+    return _colormap(v, palette(rng, 3))
 
 
 @register_domain("fibres", "oriented streaks like hair, grass or brushed metal")

@@ -265,7 +265,7 @@ def _residual_pattern(h: int, w: int) -> np.ndarray:
 
 
 @register_family("colour-shift", domain="marble", imitates="StarGAN (attribute editing)",
-                 description="subtle hue rotation and saturation gain plus 1 px chroma misregistration")
+                 description="subtle hue rotation and saturation gain plus 1-2 px chroma misregistration")
 def _colour_shift(img, rng):
     ycc = _to_ycc(img)
     th = np.deg2rad(rng.uniform(4.0, 8.0))
@@ -274,35 +274,32 @@ def _colour_shift(img, rng):
     ycc[..., 1] = gain * (np.cos(th) * cb - np.sin(th) * cr)
     ycc[..., 2] = gain * (np.sin(th) * cb + np.cos(th) * cr)
     out = _to_rgb(ycc)
-    out[..., 0] = np.concatenate([out[:, :1, 0], out[:, :-1, 0]], 1)  # red one pixel right
+    out[..., 0] = np.concatenate([out[:, :2, 0], out[:, :-2, 0]], 1)  # red two pixels right
     out[..., 2] = np.concatenate([out[1:, :, 2], out[-1:, :, 2]], 0)  # blue one pixel up
     return _finish(out)
 
 
 @register_family("aliasing", domain="fibres", imitates="StyleGAN (aliasing, texture sticking)",
-                 description="non-integer nearest-neighbour rescale (duplicated rows/columns) + folded detail")
+                 description="non-integer nearest-neighbour rescale: duplicated rows/columns, jaggies")
 def _aliasing(img, rng):
     h, w = img.shape[:2]
-    s = rng.uniform(0.8, 0.9)
+    s = rng.uniform(0.7, 0.85, 2)
     oy, ox = rng.uniform(0, 1, 2)
-    ys = np.minimum((np.arange(h) * s + oy).astype(np.int64), h - 1)
-    xs = np.minimum((np.arange(w) * s + ox).astype(np.int64), w - 1)
-    out = img[ys][:, xs]
-    detail = out - _blur(out, 1.0)
-    sign = np.where(np.arange(w) % 2 == 0, 1.0, -1.0).astype(np.float32)[None, :, None]
-    return _finish(out + rng.uniform(0.3, 0.5) * detail * sign)
+    ys = np.minimum((np.arange(h) * s[0] + oy).astype(np.int64), h - 1)
+    xs = np.minimum((np.arange(w) * s[1] + ox).astype(np.int64), w - 1)
+    return _finish(img[ys][:, xs])
 
 
-@register_family("chroma-subsample", domain="petals", imitates="WhichFaceIsReal (JPEG 4:2:0 delivery)",
-                 description="4:2:0 chroma subsampling: half-resolution Cb/Cr, colour bleeding")
+@register_family("chroma-subsample", domain="spots", imitates="WhichFaceIsReal (JPEG 4:2:0 delivery)",
+                 description="4:2:0 chroma subsampling: point-sampled half-resolution Cb/Cr, colour bleeding")
 def _chroma_subsample(img, rng):
     h, w = img.shape[:2]
     ycc = _to_ycc(img)
-    ycc[..., 1:] = _up2_nearest(_down2(ycc[..., 1:]), h, w)
+    ycc[..., 1:] = _up2_nearest(ycc[0::2, 0::2, 1:], h, w)  # point-sampled, no filter
     return _finish(_to_rgb(ycc))
 
 
-@register_family("sr-ringing", domain="spots", imitates="SAN (super-resolution)",
+@register_family("sr-ringing", domain="petals", imitates="SAN (super-resolution)",
                  description="Gibbs ringing and overshoot halos from sharp cut-off + over-sharpening")
 def _sr_ringing(img, rng):
     band = _lowpass(img, rng.uniform(0.3, 0.36), 8.0)

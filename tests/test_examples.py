@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = {
     "lorax_avalanche.py": ["--backbone", "vit-test", "--epochs", "1", "--quiet"],
     "compare_baselines.py": ["--strategies", "finetune,simplecil"],
+    "custom_strategy.py": [],
 }
 
 
@@ -29,7 +30,7 @@ def test_example_runs(script, tmp_path):
     if not (ROOT / "examples" / script).is_file():
         pytest.fail(f"examples/{script} is listed but missing")
     args = list(EXAMPLES[script])
-    if script in ("lorax_avalanche.py", "compare_baselines.py"):
+    if script in ("lorax_avalanche.py", "compare_baselines.py", "custom_strategy.py"):
         args += ["--data", str(tmp_path / "data")]
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / script), *args],
@@ -40,3 +41,5 @@ def test_example_runs(script, tmp_path):
     if script == "compare_baselines.py":
         assert "| simplecil" in proc.stdout and (tmp_path / "runs/compare-example/comparison.md"
                                                   ).is_file()
+    if script == "custom_strategy.py":
+        assert "| mas " in proc.stdout

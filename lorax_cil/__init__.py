@@ -2,8 +2,31 @@
 
 Importing the package is cheap: torch, timm, open_clip, peft and avalanche are imported only
 inside the functions and submodules that need them.
+
+``lorax_cil.load(path)`` (a lazy attribute: :func:`lorax_cil.inference.loading.load`) loads a
+trained run or detector for prediction::
+
+    import lorax_cil
+    predictor = lorax_cil.load("runs/lorax-synth")
+    rows = predictor.predict(["a.png", "b.jpg"])    # or as_frame=True for a DataFrame
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__"]
+__all__ = ["__version__", "load"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "load":
+        from lorax_cil.inference.loading import load
+
+        return load
+    raise AttributeError(f"module 'lorax_cil' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,13 +1,16 @@
 """Safe checkpoints: safetensors for tensors, JSON for everything else, nothing pickled.
 
 A checkpoint is a folder with ``tensors.safetensors`` and ``meta.json``. ``meta.json`` records
-the format name and version and the SHA-256 of the tensor file; it is written last, atomically,
-so it acts as the commit marker: an interrupted save leaves the previous checkpoint intact and
-a half-written one is detected (missing or mismatching checksum) with a clear message.
+the format name and version, the SHA-256 of the tensor file and the SHA-256 of its own canonical
+JSON (``meta_sha256``, so an edited threshold or configuration is refused too; files written
+before it existed load without that check); it is written last, atomically, so it acts as the
+commit marker: an interrupted save leaves the previous checkpoint intact and a half-written one
+is detected (missing or mismatching checksum) with a clear message.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -37,11 +40,16 @@ class CheckpointError(ValueError):
 def save_checkpoint(
     folder: str | os.PathLike, tensors: Mapping[str, Any], meta: Mapping[str, Any]
 ) -> Path:
-    """Write ``tensors`` (name -> torch.Tensor) and JSON-serialisable ``meta`` to ``folder``."""
+    """Write ``tensors`` (name -> torch.Tensor) and JSON-serialisable ``meta`` to ``folder``.
+
+    Temporary files left in ``folder`` by an earlier save that was killed are removed first.
+    """
     from safetensors.torch import save
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    for stale in [*folder.glob(f".{TENSORS}.*.tmp"), *folder.glob(f".{META}.*.tmp")]:
+        stale.unlink(missing_ok=True)  # left by a save that was killed
     payload = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     atomic_write_bytes(folder / TENSORS, save(payload))
     record = dict(meta)
@@ -51,8 +59,17 @@ def save_checkpoint(
         tensors_sha256=sha256_file(folder / TENSORS),
         num_tensors=len(payload),
     )
+    record["meta_sha256"] = _meta_digest(record)
     write_json(folder / META, record)
     return folder
+
+
+def _meta_digest(record: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``record`` without its ``meta_sha256`` key."""
+    body = json.loads(json.dumps({k: v for k, v in record.items() if k != "meta_sha256"},
+                                 default=str))
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def read_checkpoint_meta(folder: str | os.PathLike) -> dict[str, Any]:
@@ -73,6 +90,10 @@ def read_checkpoint_meta(folder: str | os.PathLike) -> dict[str, Any]:
             f"{meta_path} has format version {version!r}; this lorax-cil reads versions up to "
             f"{CHECKPOINT_VERSION}: upgrade lorax-cil"
         )
+    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+        raise CheckpointError(
+            f"checksum mismatch for {meta_path}: the metadata was modified after saving"
+        )
     return meta
 
 
@@ -89,7 +110,8 @@ def load_checkpoint(folder: str | os.PathLike, *, device: str = "cpu") -> tuple[
     digest = sha256_file(tpath)
     if digest != meta.get("tensors_sha256"):
         raise CheckpointError(
-            f"checksum mismatch for {tpath}: the file is truncated or was modified after saving"
+            f"checksum mismatch for {tpath}: the file is truncated or was modified after saving "
+            "(or its save was interrupted)"
         )
     try:
         tensors = load_file(str(tpath), device=device)

@@ -275,8 +275,9 @@ class Run:
         return out
 
     def finish(self) -> dict[str, Any]:
-        """Write summary.json and the plots; return the summary."""
+        """Write summary.json, the plots and MODEL_CARD.md; return the summary."""
         from lorax_cil.evaluation.plots import plot_accuracy_matrix, plot_accuracy_over_steps
+        from lorax_cil.training.model_card import write_model_card
 
         summary = self.summary()
         write_json(self.run_dir / "summary.json", summary)
@@ -289,6 +290,7 @@ class Run:
                              title="multi-real accuracy", caption=caption)
         plot_accuracy_over_steps(R, names, self.run_dir / "accuracy_over_steps.png",
                                  title="per-task multi-real accuracy", caption=caption)
+        write_model_card(self.run_dir, weights_tag=self.net.backbone.spec.weights)
         return summary
 
     # --- checkpoints ----------------------------------------------------------------------

@@ -16,6 +16,7 @@ EXAMPLES = {
     "lorax_avalanche.py": ["--backbone", "vit-test", "--epochs", "1", "--quiet"],
     "compare_baselines.py": ["--strategies", "finetune,simplecil"],
     "custom_strategy.py": [],
+    "predict_folder.py": ["--make-demo-run", "--model", "demo-run"],
 }
 
 
@@ -43,3 +44,5 @@ def test_example_runs(script, tmp_path):
                                                   ).is_file()
     if script == "custom_strategy.py":
         assert "| mas " in proc.stdout
+    if script == "predict_folder.py":
+        assert "predicted 8 image(s)" in proc.stdout and (tmp_path / "predictions.csv").is_file()

@@ -278,3 +278,20 @@ def test_import_and_predict_help_stay_cheap():
             "if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_trained_detector_writes_its_model_card(tmp_path):
+    from lorax_cil.detection.train import DetectConfig, merge_detect_config, train_detector
+
+    data = make_cddb_tree(tmp_path / "data", tasks=("alpha",), n=5, size=(34, 34))
+    cfg = merge_detect_config(DetectConfig(), {
+        "data": {"sources": ["alpha"], "data_path": str(data), "calib_fraction": 0.4},
+        "model": {"backbone": "vit-test", "pretrained": False, "adapter": "linear-probe"},
+        "train": {"epochs": 1, "batch_size": 4, "device": "cpu"},
+        "out": str(tmp_path / "det")}, source="test")
+    det, _ = train_detector(cfg)
+    card = (tmp_path / "det" / "MODEL_CARD.md").read_text()
+    meta = json.loads((tmp_path / "det" / "meta.json").read_text())
+    for fact in ("## Metrics", "acc@thr", "balanced-accuracy", "`alpha`", "3 / 3", "2 / 2",
+                 meta["data_manifest"]["listing_sha256"], f"{det.threshold:.4f}"):
+        assert fact in card, fact

@@ -12,6 +12,7 @@ Output folder (a detector folder, loadable with :func:`~lorax_cil.detection.mode
     config.yaml                      the resolved configuration
     train_log.jsonl                  one record per epoch (loss, BCE, balance loss, seconds)
     calibration_scores.csv           scores of the calibration images
+    MODEL_CARD.md                    what the detector is, its data, protocol, metrics, limits
 
 Configuration precedence: command-line flags > config file > defaults (:func:`merge_detect_config`).
 """
@@ -311,6 +312,7 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
     from lorax_cil.benchmarks.transforms import build_transform
     from lorax_cil.benchmarks.verify import data_manifest
     from lorax_cil.detection.model import save_detector
+    from lorax_cil.training.model_card import write_model_card
     from lorax_cil.utils import atomic_write_text, seed_everything
 
     say = progress or (lambda msg: logger.info("%s", msg))
@@ -369,6 +371,7 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
     atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     atomic_write_text(out / "calibration_scores.csv", "path,is_fake,score\n" + "".join(
         f"{s.path},{s.is_fake},{v:.6f}\n" for s, v in zip(flat_calib, calib.pop("scores"))))
+    write_model_card(out)
     return det, {"threshold": det.threshold, "calibration": calib, "parameters": report,
                  "history": history, "out": str(out)}
 

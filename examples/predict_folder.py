@@ -80,7 +80,8 @@ def main() -> None:
         row = predictor.predict(img.convert("RGB"))[0]
     print(f"{first}: {row['prediction']} ({predictor.score_name} "
           f"{row[predictor.score_name]:.3f}, top class {row['top1']})")
-    print(f"predicted {sum(counts.values())} image(s) -> {args.out}: {dict(sorted(counts.items()))}")
+    total = sum(counts.values())
+    print(f"predicted {total} image(s) -> {args.out}: {dict(sorted(counts.items()))}")
 
 
 if __name__ == "__main__":

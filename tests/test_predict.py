@@ -69,7 +69,8 @@ def test_folder_with_good_corrupt_and_non_image_files_csv(run_dir, images, capsy
     assert code == 0, err
     rows = _rows(out)
     names = [r["path"].rsplit("/", 1)[-1] for r in rows]
-    assert names == ["a.png", "corrupt.png", "b.jpg", "c.png"]  # sorted walk; txt and hidden skipped
+    # sorted walk; the text file and the hidden file are skipped
+    assert names == ["a.png", "corrupt.png", "b.jpg", "c.png"]
     bad = rows[1]
     assert "cannot read image" in bad["error"] and "corrupt.png" in bad["error"]
     assert bad["prediction"] == "" and bad["fakeness_cddb"] == ""
@@ -94,7 +95,8 @@ def test_json_output_and_header(run_dir, images, tmp_path, capsys):
     doc = json.loads(out_file.read_text())
     assert doc["model"]["threshold"] == 0.6 and doc["model"]["threshold_source"] == "--threshold"
     assert doc["model"]["classes"] == ["a/real", "a/fake", "b/real", "b/fake"]
-    assert doc["model"]["score"] == "fakeness_cddb" and "max_fake" in doc["model"]["score_definition"]
+    assert doc["model"]["score"] == "fakeness_cddb"
+    assert "max_fake" in doc["model"]["score_definition"]
     preds = doc["predictions"]
     assert len(preds) == 4 and doc["columns"][-1] == "error" and "top4" in doc["columns"]
     assert "top5" not in doc["columns"]  # top-k is capped at the number of classes

@@ -3,10 +3,12 @@
 Dispatch is on the ``kind`` recorded in the checkpoint's ``meta.json`` (after its format name and
 version are checked; tensors are checksum-verified by the loader):
 
-| kind | folder |
-|---|---|
-| `lorax-cil/run` | a run directory (its latest checkpoint) or one `checkpoints/exp_NNN` folder; run checkpoints carry no `kind` and are recognised by their `scenario` and `architecture` keys |
-| `lorax-cil/detector` | a detector folder written by `lorax-cil detect train` |
+- `lorax-cil/run`: a run directory (its latest checkpoint) or one `checkpoints/exp_NNN`
+  folder; run checkpoints carry no `kind` and are recognised by their `scenario` and
+  `architecture` keys.
+- `lorax-cil/detector`: a detector folder written by `lorax-cil detect train`.
+- `lorax-cil/merge-result` (a saved merge: task vector and head, no backbone) is refused with a
+  message saying so.
 
 A new model kind (e.g. the merged detector that ``lorax-cil merge`` will write) plugs in by
 registering a loader, ``fn(folder, meta, *, device) -> Predictor``, for the ``kind`` its

@@ -141,7 +141,8 @@ def _run_protocol_section(cfg: Mapping, order: list[str]) -> str:
         ("epochs per task", t.get("epochs")),
         ("batch size", t.get("batch_size")),
         ("learning rate", f"{t.get('lr_first')} (task 0), {t.get('lr')} (later tasks), "
-                          f"{t.get('warmup_epochs')} warm-up epochs, scaling {t.get('lr_scaling')}"),
+                          f"{t.get('warmup_epochs')} warm-up epochs, "
+                          f"scaling {t.get('lr_scaling')}"),
         ("pre-processing", f"crop {d.get('crop') or 'backbone input size'}, resize "
                            f"{d.get('resize')}; train-time blur p={d.get('blur_prob')}, JPEG "
                            f"p={d.get('jpeg_prob')}, flips {d.get('hflip')}"),
@@ -168,6 +169,37 @@ def _run_metrics_section(summary: Mapping, steps: list[Mapping]) -> str:
     return out + METRIC_DEFINITIONS + "\n"
 
 
+def _run_data_section(manifest: Mapping) -> str:
+    counts, paths = manifest.get("counts", {}), manifest.get("task_paths", {})
+    unreadable = (manifest.get("data_issues") or {}).get("unreadable", 0)
+    return (f"## Data\n\nScenario `{manifest.get('scenario')}`; data manifest "
+            f"(`data_manifest.json`) listing SHA-256 `{manifest.get('listing_sha256')}` (paths "
+            "and byte sizes of every image used). Images per task and stream:\n\n"
+            + _counts_table(counts, paths) + "\n"
+            f"Data issues: {unreadable} unreadable file(s) skipped.\n\n")
+
+
+def _run_limits(cfg: Mapping, manifest: Mapping, weights_tag: str | None) -> list[str]:
+    counts, paths = manifest.get("counts", {}), manifest.get("task_paths", {})
+    m = cfg.get("model", {})
+    random_bb = (weights_tag == "random") if weights_tag else (not m.get("pretrained")
+                                                               and not m.get("weights"))
+    mins = [c.get(k, 0) for c in counts.get("train", {}).values() for k in ("real", "fake")]
+    limits = _common_limits(synthetic=_is_synthetic(paths, manifest.get("scenario") or ""),
+                            random_backbone=random_bb, min_count=min(mins) if mins else None)
+    return limits + [
+        "Closed set: it attributes images only to the generators it was trained on. An image "
+        "from an **unseen generator** is attributed to a known generator or called real; its "
+        "fake score may still be informative, but that is not measured here (measure it with "
+        "`lorax-cil eval --run RUN --scenario custom --tasks NAME=FOLDER`).",
+        "The metrics come from the evaluation split of the **same sources** as training "
+        "(in-distribution); robustness to resizing, blur and JPEG was not measured.",
+        "`predict` decides real/fake at fake score 0.5 by default (the argmax class); this "
+        "threshold was not calibrated.",
+        "Exemplars are stored as file paths: continuing training needs the original data.",
+    ]
+
+
 def run_model_card(run_dir: str | os.PathLike, *, weights_tag: str | None = None) -> str:
     """The Markdown card of a run directory (see the module doc)."""
     import yaml
@@ -187,33 +219,11 @@ def run_model_card(run_dir: str | os.PathLike, *, weights_tag: str | None = None
     steps_file = run_dir / "steps.jsonl"
     steps = ([json.loads(x) for x in steps_file.read_text().splitlines() if x.strip()]
              if steps_file.is_file() else list(ck.get("steps") or []))
-    counts = manifest.get("counts", {})
-    paths = manifest.get("task_paths", {})
-    data = (f"## Data\n\nScenario `{manifest.get('scenario')}`; data manifest "
-            f"(`data_manifest.json`) listing SHA-256 `{manifest.get('listing_sha256')}` (paths "
-            "and byte sizes of every image used). Images per task and stream:\n\n"
-            + _counts_table(counts, paths) + "\n"
-            f"Data issues: {json.dumps((manifest.get('data_issues') or {}).get('unreadable', 0))} "
-            "unreadable file(s) skipped.\n\n")
-    m = cfg.get("model", {})
-    random_bb = (weights_tag == "random") if weights_tag else (not m.get("pretrained")
-                                                               and not m.get("weights"))
-    mins = [c.get(k, 0) for s in ("train",) for c in counts.get(s, {}).values()
-            for k in ("real", "fake")]
-    limits = _common_limits(synthetic=_is_synthetic(paths, manifest.get("scenario") or ""),
-                            random_backbone=random_bb, min_count=min(mins) if mins else None)
-    limits += [
-        "Closed set: it attributes images only to the generators it was trained on. An image "
-        "from an **unseen generator** is attributed to a known generator or called real; its "
-        "fake score may still be informative, but that is not measured here .",
-        "The metrics come from the evaluation split of the **same sources** as training "
-        "(in-distribution); robustness to resizing, blur and JPEG was not measured.",
-        "`predict` decides real/fake at fake score 0.5 by default (the argmax class); this "
-        "threshold was not calibrated.",
-        "Exemplars are stored as file paths: continuing training needs the original data.",
-    ]
+    limits = _run_limits(cfg, manifest, weights_tag)
     return (_header(run_dir.resolve().name, run_dir)
-            + _run_model_section(cfg, ck, summary, weights_tag) + data + _run_protocol_section(cfg, summary.get("task_order") or []) + _run_metrics_section(summary, steps)
+            + _run_model_section(cfg, ck, summary, weights_tag) + _run_data_section(manifest)
+            + _run_protocol_section(cfg, summary.get("task_order") or [])
+            + _run_metrics_section(summary, steps)
             + "## Known limits\n\n" + "".join(f"- {x}\n" for x in limits))
 
 
@@ -288,8 +298,9 @@ def detector_model_card(folder: str | os.PathLike) -> str:
                    + DETECTOR_METRIC_DEFINITIONS + "\n")
     recipe = meta.get("backbone", {}).get("recipe", {})
     mins = [c.get(k, 0) for c in counts.get("train", {}).values() for k in ("real", "fake")]
+    random_bb = not recipe.get("pretrained") and not recipe.get("weights")
     limits = _common_limits(synthetic=_is_synthetic(paths, manifest.get("scenario") or ""),
-                            random_backbone=not recipe.get("pretrained") and not recipe.get("weights"),
+                            random_backbone=random_bb,
                             min_count=min(mins) if mins else None)
     limits += [
         "The metrics above are **in-distribution** (source generators, calibration split). "

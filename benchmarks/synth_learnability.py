@@ -79,7 +79,9 @@ def fit_cnn(xtr, ytr, xva, *, epochs: int, seed: int, device: str, batch: int = 
     import torch
 
     torch.manual_seed(seed)
-    to_t = lambda x: torch.from_numpy(x).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)  # noqa: E731
+    def to_t(x: np.ndarray):
+        return torch.from_numpy(x).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
     xtr_t, xva_t = to_t(xtr), to_t(xva)
     ytr_t = torch.from_numpy(ytr).long()
     model = small_cnn(int(ytr.max()) + 1).to(device)
@@ -132,7 +134,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", default=None, help="dataset folder (default: a temporary folder)")
     args = p.parse_args(argv)
-    print("command: python benchmarks/synth_learnability.py " + shlex.join(sys.argv[1:] if argv is None else argv))
+    shown = sys.argv[1:] if argv is None else argv
+    print("command: python benchmarks/synth_learnability.py " + shlex.join(shown))
 
     tmp = None if args.out else tempfile.TemporaryDirectory(prefix="synth-learnability-")
     out = Path(args.out or tmp.name)
@@ -158,8 +161,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"generation time: {gen_note}\n")
     print(f"| model | strict {n_cls}-way acc. (val) | binary real/fake acc. (val) | fit time |")
     print("|---|---|---|---|")
-    for name, pred, secs in (("logistic regression on colour histograms (3x16 bins)", lr_pred, lr_s),
-                             (f"small CNN (4 conv, from scratch, {args.epochs} epochs)", cnn_pred, cnn_s)):
+    rows = (("logistic regression on colour histograms (3x16 bins)", lr_pred, lr_s),
+            (f"small CNN (4 conv, from scratch, {args.epochs} epochs)", cnn_pred, cnn_s))
+    for name, pred, secs in rows:
         strict = float(np.mean(pred == yva))
         binary = float(np.mean(pred % 2 == yva % 2))
         print(f"| {name} | {100 * strict:.1f} % | {100 * binary:.1f} % | {secs:.0f} s |")

@@ -82,13 +82,15 @@ def test_layout_and_metadata(tiny_easy):
         for split, n in (("train", 4), ("val", 2)):
             for cls in CLASS_DIRS:
                 if subs:
-                    files = [p for s in subs for p in (tiny_easy / task / split / s / cls).glob("*.png")]
-                    assert all((tiny_easy / task / split / s / cls).is_dir() for s in subs)
+                    dirs = [tiny_easy / task / split / s / cls for s in subs]
+                    assert all(d.is_dir() for d in dirs)
+                    files = [p for d in dirs for p in d.glob("*.png")]
                 else:
                     files = list((tiny_easy / task / split / cls).glob("*.png"))
                 assert sorted(p.name for p in files) == [f"{i:05d}.png" for i in range(n)]
     assert task_subclasses("tconv-checker") == ("discs", "stripes")
-    assert len(list((tiny_easy / "tconv-checker" / "train" / "discs" / "1_fake").glob("*.png"))) == 2
+    discs = tiny_easy / "tconv-checker" / "train" / "discs" / "1_fake"
+    assert len(list(discs.glob("*.png"))) == 2
     with Image.open(tiny_easy / "nn-upsample" / "val" / "0_real" / "00000.png") as im:
         assert im.size == (40, 40) and im.mode == "RGB"
 

@@ -8,7 +8,7 @@ upsampling traces, spectral peaks, seams, JPEG blocks, ...). Tasks are named aft
 
 :func:`synthesize` writes ``<out>/<task>/{train,val}/{0_real,1_fake}/<index:05d>.png`` and a
 ``synth.json`` describing the run; tasks whose domain has object categories (``tconv-checker``
-and ``chroma-subsample``, like CDDB's cyclegan) write ``<task>/<split>/<subclass>/{0_real,1_fake}``.
+and ``sr-ringing``, like CDDB's cyclegan) write ``<task>/<split>/<subclass>/{0_real,1_fake}``.
 The scenarios mirror CDDB's task orders (see ``/docs/synthetic-data.md``):
 
 * ``synth-long`` (12 tasks) follows CDDB long: gaugan, biggan, cyclegan, imle, deepfake, crn,
@@ -64,8 +64,8 @@ _LONG = (
     "noise-residual",     # glow
     "colour-shift",       # stargan_gf
     "aliasing",           # stylegan
-    "chroma-subsample",   # whichfaceisreal (subclass folders)
-    "sr-ringing",         # san
+    "chroma-subsample",   # whichfaceisreal
+    "sr-ringing",         # san (subclass folders, so synth-hard has one subclass task too)
 )
 
 SYNTH_SCENARIOS: dict[str, tuple[str, ...]] = {
@@ -247,7 +247,7 @@ def _clear_previous(out: Path, config: dict, overwrite: bool) -> None:
 
 
 def _jobs(out: Path, config: dict) -> list[tuple]:
-    """One job per (task, split, class), heaviest scenarios split evenly across workers."""
+    """One job per (task, split, class): 4 per task, spread over the worker processes."""
     counts = {"train": config["per_class"], "val": config["val_per_class"]}
     return [(str(out), task, split, label, counts[split], config["size"], config["seed"])
             for task in config["tasks"] for split in SPLITS for label in (0, 1)]

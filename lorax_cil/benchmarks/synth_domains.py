@@ -14,6 +14,7 @@ Only NumPy is used; every random draw comes from the ``numpy.random.Generator`` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Callable
 
 import numpy as np
@@ -95,17 +96,31 @@ def _normalise(x: np.ndarray) -> np.ndarray:
     return ((x - lo) / (hi - lo + 1e-8)).astype(np.float32)
 
 
+@lru_cache(maxsize=8)
 def _radial_freq(n: int) -> np.ndarray:
-    f = np.fft.fftfreq(n).astype(np.float32)
-    return np.sqrt(f[:, None] ** 2 + f[None, :] ** 2)
+    """Radial frequency (cycles/pixel) of the ``rfft2`` grid of an ``n x n`` image."""
+    fy = np.fft.fftfreq(n).astype(np.float32)
+    fx = np.fft.rfftfreq(n).astype(np.float32)
+    return np.sqrt(fy[:, None] ** 2 + fx[None, :] ** 2)
 
 
-def fractal_noise(rng: np.random.Generator, n: int, beta: float, lowcut: float = 0.0) -> np.ndarray:
-    """1/f^beta noise (power spectrum), normalised to [0, 1]; ``lowcut`` removes DC-ish terms."""
+def _filtered_noise(rng: np.random.Generator, n: int, gain: np.ndarray) -> np.ndarray:
+    """White noise shaped by an ``rfft2``-grid gain, normalised to [0, 1]."""
+    white = rng.standard_normal((n, n), dtype=np.float32)
+    return _normalise(np.fft.irfft2(np.fft.rfft2(white) * gain, s=(n, n)))
+
+
+def fractal_noise(rng: np.random.Generator, n: int, beta: float) -> np.ndarray:
+    """1/f^beta noise (power spectrum), normalised to [0, 1]."""
     r = _radial_freq(n)
-    amp = np.where(r > max(lowcut, 1e-6), np.maximum(r, 1e-6) ** (-beta / 2.0), 0.0)
-    white = rng.standard_normal((n, n)).astype(np.float32)
-    return _normalise(np.fft.ifft2(np.fft.fft2(white) * amp).real)
+    return _filtered_noise(rng, n, np.where(r > 0, np.maximum(r, 1e-6) ** (-beta / 2.0), 0.0))
+
+
+def _window(cy: float, cx: float, r: float, n: int, margin: int = 3):
+    """Slices of the pixels within ``r`` (unit coordinates) of a centre, plus a margin."""
+    y0, y1 = max(0, int((cy - r) * n) - margin), min(n, int(np.ceil((cy + r) * n)) + margin)
+    x0, x1 = max(0, int((cx - r) * n) - margin), min(n, int(np.ceil((cx + r) * n)) + margin)
+    return (slice(y0, y1), slice(x0, x1)) if y1 > y0 and x1 > x0 else None
 
 
 def _soft(d: np.ndarray, width: float) -> np.ndarray:
@@ -160,12 +175,13 @@ def _gradient_blobs(rng, n, category):
     pal = palette(rng, 2 + 6)
     img = _gradient(rng, n, pal[:2])
     yy, xx = _grid(n)
+    tex = 0.75 + 0.5 * fractal_noise(rng, n, 1.4)
     for col in pal[2: 2 + rng.integers(3, 7)]:
         cy, cx = rng.random(2)
         sy, sx = rng.uniform(0.06, 0.2, 2)
         g = np.exp(-0.5 * (((yy - cy) / sy) ** 2 + ((xx - cx) / sx) ** 2))
-        tex = 0.75 + 0.5 * fractal_noise(rng, n, 1.4)
-        _paint(img, (g * rng.uniform(0.5, 0.95)).astype(np.float32), col * tex[..., None])
+        shifted = np.roll(tex, tuple(rng.integers(0, n, 2)), axis=(0, 1))
+        _paint(img, (g * rng.uniform(0.5, 0.95)).astype(np.float32), col * shifted[..., None])
     return img
 
 
@@ -178,16 +194,19 @@ def _shapes(rng, n, category):
         cy, cx = rng.uniform(0.2, 0.8, 2)
         ry, rx = rng.uniform(0.08, 0.28, 2)
         th = rng.uniform(0, np.pi)
-        alpha = _soft(_ellipse_sd(yy, xx, cy, cx, ry, rx, th, n), 1.2)
-        shade = (1.1 - 0.4 * np.hypot(yy - cy + 0.3 * ry, xx - cx + 0.3 * rx) / max(rx, ry))
+        freq = rng.uniform(8, 16)
+        win = _window(cy, cx, max(ry, rx), n)
+        y, x = yy[win], xx[win]
+        alpha = _soft(_ellipse_sd(y, x, cy, cx, ry, rx, th, n), 1.2)
+        shade = (1.1 - 0.4 * np.hypot(y - cy + 0.3 * ry, x - cx + 0.3 * rx) / max(rx, ry))
         col = pal[2 + 2 * i: 4 + 2 * i]
         if category == 1:  # stripes
-            freq = rng.uniform(8, 16)
-            s = 0.5 + 0.5 * np.tanh(4 * np.sin(2 * np.pi * freq * (xx * np.cos(th) + yy * np.sin(th))))
+            phase = 2 * np.pi * freq * (x * np.cos(th) + y * np.sin(th))
+            s = 0.5 + 0.5 * np.tanh(4 * np.sin(phase))
             fill = col[0] * (1 - s[..., None]) + col[1] * s[..., None]
         else:
-            fill = np.broadcast_to(col[0], img.shape)
-        _paint(img, alpha, fill * np.clip(shade, 0.5, 1.2)[..., None])
+            fill = col[0]
+        _paint(img[win], alpha, fill * np.clip(shade, 0.5, 1.2)[..., None])
     return img
 
 
@@ -226,10 +245,14 @@ def _portrait(rng, n, category):
     _paint(img, face, pal[3] * shade[..., None])
     for side in (-1, 1):
         ey, ex = cy - 0.02, cx + side * rx * 0.42
-        _paint(img, _soft(_ellipse_sd(yy, xx, ey, ex, 0.03, 0.055, th, n), 1.0), pal[4])
-        _paint(img, _soft(_ellipse_sd(yy, xx, ey, ex, 0.018, 0.018, 0, n), 1.0), pal[5] * 0.3)
-    mouth = _soft(_ellipse_sd(yy, xx, cy + ry * 0.55, cx, 0.025, rx * 0.4, th, n), 1.0)
-    _paint(img, mouth, pal[4] * 0.6)
+        win = _window(ey, ex, 0.06, n)
+        y, x = yy[win], xx[win]
+        _paint(img[win], _soft(_ellipse_sd(y, x, ey, ex, 0.03, 0.055, th, n), 1.0), pal[4])
+        _paint(img[win], _soft(_ellipse_sd(y, x, ey, ex, 0.018, 0.018, 0, n), 1.0), pal[5] * 0.3)
+    my = cy + ry * 0.55
+    win = _window(my, cx, rx * 0.4, n)
+    mouth = _soft(_ellipse_sd(yy[win], xx[win], my, cx, 0.025, rx * 0.4, th, n), 1.0)
+    _paint(img[win], mouth, pal[4] * 0.6)
     return img
 
 
@@ -240,7 +263,8 @@ def _horizon(rng, n, category):
     img = _colormap(yy, pal[:2])
     prof = fractal_noise(rng, n, 2.5)[0]  # 1-D profile from one row
     line = rng.uniform(0.4, 0.7) + (prof - 0.5) * rng.uniform(0.15, 0.4)
-    sun = _soft(_ellipse_sd(yy, xx, rng.uniform(0.1, 0.35), rng.uniform(0.1, 0.9), 0.06, 0.06, 0, n), 2.0)
+    sy, sx = rng.uniform(0.1, 0.35), rng.uniform(0.1, 0.9)
+    sun = _soft(_ellipse_sd(yy, xx, sy, sx, 0.06, 0.06, 0, n), 2.0)
     _paint(img, sun, pal[2])
     ground = _soft((line[None, :] - yy) * n, 1.2)
     _paint(img, ground, _colormap(fractal_noise(rng, n, 1.8), pal[3:5]))
@@ -255,11 +279,17 @@ def _clutter(rng, n, category):
     for _ in range(rng.integers(10, 24)):
         cy, cx = rng.random(2)
         hy, hx = rng.uniform(0.03, 0.15, 2)
-        if rng.random() < 0.5:
-            d = np.maximum(np.abs(yy - cy) - hy, np.abs(xx - cx) - hx) * n
+        rect = rng.random() < 0.5
+        colour = _colormap(np.float32(rng.random()), pal)
+        win = _window(cy, cx, max(hy, hx), n)
+        if win is None:
+            continue
+        y, x = yy[win], xx[win]
+        if rect:
+            d = np.maximum(np.abs(y - cy) - hy, np.abs(x - cx) - hx) * n
         else:
-            d = _ellipse_sd(yy, xx, cy, cx, hy, hx, 0.0, n)
-        _paint(img, _soft(d, 1.0), _colormap(np.float32(rng.random()), pal))
+            d = _ellipse_sd(y, x, cy, cx, hy, hx, 0.0, n)
+        _paint(img[win], _soft(d, 1.0), colour)
     return img
 
 
@@ -271,9 +301,13 @@ def _bokeh(rng, n, category):
     for _ in range(rng.integers(8, 20)):
         cy, cx = rng.random(2)
         r = rng.uniform(0.04, 0.14)
-        d = _ellipse_sd(yy, xx, cy, cx, r, r, 0.0, n)
-        _paint(img, _soft(d, rng.uniform(2.0, 6.0)) * rng.uniform(0.25, 0.6),
-               pal[2 + rng.integers(0, 3)])
+        width, opacity = rng.uniform(2.0, 6.0), rng.uniform(0.25, 0.6)
+        colour = pal[2 + rng.integers(0, 3)]
+        win = _window(cy, cx, r, n, margin=4)
+        if win is None:
+            continue
+        d = _ellipse_sd(yy[win], xx[win], cy, cx, r, r, 0.0, n)
+        _paint(img[win], _soft(d, width) * opacity, colour)
     return img
 
 
@@ -291,15 +325,14 @@ def _marble(rng, n, category):
 @register_domain("fibres", "oriented streaks like hair, grass or brushed metal")
 def _fibres(rng, n, category):
     fy = np.fft.fftfreq(n).astype(np.float32)[:, None]
-    fx = np.fft.fftfreq(n).astype(np.float32)[None, :]
+    fx = np.fft.rfftfreq(n).astype(np.float32)[None, :]
     img = _gradient(rng, n, palette(rng, 2))
     for _ in range(2):
         th = rng.uniform(0, np.pi)
         along = fx * np.cos(th) + fy * np.sin(th)
         across = -fx * np.sin(th) + fy * np.cos(th)
         filt = np.exp(-(along / 0.012) ** 2) * np.exp(-(np.abs(across) - 0.12) ** 2 / 0.006)
-        white = rng.standard_normal((n, n)).astype(np.float32)
-        s = _normalise(np.fft.ifft2(np.fft.fft2(white) * filt).real)
+        s = _filtered_noise(rng, n, filt)
         s = 0.5 + 0.5 * np.tanh(6 * (s - 0.5))
         _paint(img, s * rng.uniform(0.4, 0.8), palette(rng, 1)[0])
     return img
@@ -331,9 +364,7 @@ def _petals(rng, n, category):
 def _spots(rng, n, category):
     r = _radial_freq(n)
     f0 = rng.uniform(0.05, 0.1)
-    filt = np.exp(-((r - f0) / (0.35 * f0)) ** 2)
-    white = rng.standard_normal((n, n)).astype(np.float32)
-    s = _normalise(np.fft.ifft2(np.fft.fft2(white) * filt).real)
+    s = _filtered_noise(rng, n, np.exp(-((r - f0) / (0.35 * f0)) ** 2))
     pal = palette(rng, 3)
     t1, t2 = rng.uniform(0.55, 0.65), rng.uniform(0.7, 0.8)
     lvl = 0.5 * np.clip((s - t1) * 30, 0, 1) + 0.5 * np.clip((s - t2) * 30, 0, 1)

@@ -169,7 +169,7 @@ def _nn_upsample(img, rng):
 
 
 @register_family("spectral-peaks", domain="gradient-blobs", imitates="BigGAN",
-                 description="fixed-phase periodic grid (4 and 8 px) = peaks in the Fourier spectrum")
+                 description="fixed-phase periodic grid (4, 8 px): peaks in the Fourier spectrum")
 def _spectral_peaks(img, rng):
     h, w = img.shape[:2]
     pat = _peak_pattern(h, w)
@@ -265,7 +265,7 @@ def _residual_pattern(h: int, w: int) -> np.ndarray:
 
 
 @register_family("colour-shift", domain="marble", imitates="StarGAN (attribute editing)",
-                 description="subtle hue rotation and saturation gain plus 1-2 px chroma misregistration")
+                 description="subtle hue rotation, saturation gain, 1-2 px chroma misregistration")
 def _colour_shift(img, rng):
     ycc = _to_ycc(img)
     th = np.deg2rad(rng.uniform(4.0, 8.0))
@@ -280,7 +280,7 @@ def _colour_shift(img, rng):
 
 
 @register_family("aliasing", domain="fibres", imitates="StyleGAN (aliasing, texture sticking)",
-                 description="non-integer nearest-neighbour rescale: duplicated rows/columns, jaggies")
+                 description="non-integer nearest-neighbour rescale: duplicated rows/columns")
 def _aliasing(img, rng):
     h, w = img.shape[:2]
     s = rng.uniform(0.7, 0.85, 2)
@@ -290,8 +290,9 @@ def _aliasing(img, rng):
     return _finish(img[ys][:, xs])
 
 
-@register_family("chroma-subsample", domain="spots", imitates="WhichFaceIsReal (JPEG 4:2:0 delivery)",
-                 description="4:2:0 chroma subsampling: point-sampled half-resolution Cb/Cr, colour bleeding")
+@register_family("chroma-subsample", domain="spots",
+                 imitates="WhichFaceIsReal (JPEG 4:2:0 delivery)",
+                 description="4:2:0 chroma subsampling: point-sampled half-resolution Cb/Cr")
 def _chroma_subsample(img, rng):
     h, w = img.shape[:2]
     ycc = _to_ycc(img)
@@ -300,7 +301,7 @@ def _chroma_subsample(img, rng):
 
 
 @register_family("sr-ringing", domain="petals", imitates="SAN (super-resolution)",
-                 description="Gibbs ringing and overshoot halos from sharp cut-off + over-sharpening")
+                 description="Gibbs ringing and overshoot halos (sharp cut-off, over-sharpening)")
 def _sr_ringing(img, rng):
     band = _lowpass(img, rng.uniform(0.3, 0.36), 8.0)
     amount = rng.uniform(0.5, 0.8)

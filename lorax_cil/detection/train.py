@@ -304,16 +304,12 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
     per-epoch history. Everything is written to ``cfg.out``.
     """
     import torch
-    import yaml
     from torch.utils.data import DataLoader
 
-    from lorax_cil.benchmarks.datasets import ImageSampleDataset, carve_calibration, probe_samples
+    from lorax_cil.benchmarks.datasets import ImageSampleDataset
     from lorax_cil.benchmarks.images import DataIssues
     from lorax_cil.benchmarks.transforms import build_transform
-    from lorax_cil.benchmarks.verify import data_manifest
-    from lorax_cil.detection.model import save_detector
-    from lorax_cil.training.model_card import write_model_card
-    from lorax_cil.utils import atomic_write_text, seed_everything
+    from lorax_cil.utils import seed_everything
 
     say = progress or (lambda msg: logger.info("%s", msg))
     t = cfg.train
@@ -326,17 +322,9 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
     det = build_detector(cfg).to(device)
     issues = DataIssues()
     tcfg = _transform_config(cfg, det.backbone.spec)
-    train_s, calib_s = [], []
-    for samples in per_source:
-        samples = probe_samples(samples, min_size=tcfg.size, issues=issues, strict=cfg.data.strict_data)
-        tr, ca = carve_calibration(samples, cfg.data.calib_fraction, seed=t.seed)
-        train_s.append(tr)
-        calib_s.append(ca)
+    train_s, calib_s = _split_sources(per_source, cfg, tcfg.size, issues)
     flat_train = [s for ss in train_s for s in ss]
     flat_calib = [s for ss in calib_s for s in ss]
-    if not flat_calib or len({s.is_fake for s in flat_calib}) < 2:
-        raise ValueError("the calibration split needs real and fake images: raise data.calib_fraction "
-                         "(it is carved from the source training images)")
     report = det.parameter_report()
     say(f"{det.adapter.kind} detector on {det.backbone.spec.name}: {report['trainable']:,} trainable of "
         f"{report['total']:,} parameters ({100 * report['fraction_with_head']:.4f} % incl. head); "
@@ -360,20 +348,51 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
     calib = _calibrate(det, flat_calib, cfg, tcfg, device, issues)
     say(f"threshold {det.threshold:.4f} ({t.threshold_rule} on {len(flat_calib)} calibration images): "
         f"calibration AP {calib['metrics']['ap']:.4f}, acc@thr {calib['metrics']['acc@thr']:.4f}")
-    manifest = data_manifest({"train": train_s, "calibration": calib_s}, scenario)
-    manifest["data_issues"] = issues.summary()
     training = {"config": cfg.to_dict(), "sources": scenario.to_dict()["tasks"], "history": history,
                 "steps": state["step"], "transform": dataclasses.asdict(tcfg), "amp": amp,
                 "device": str(device)}
+    _save(det, out, cfg, scenario, (train_s, calib_s), training, calib.pop("scores"), issues)
+    return det, {"threshold": det.threshold, "calibration": calib, "parameters": report,
+                 "history": history, "out": str(out)}
+
+
+def _split_sources(per_source, cfg: DetectConfig, min_size: int, issues) -> tuple[list, list]:
+    """Drop unreadable files, then carve the calibration part of every source (stratified)."""
+    from lorax_cil.benchmarks.datasets import carve_calibration, probe_samples
+
+    train_s, calib_s = [], []
+    for samples in per_source:
+        samples = probe_samples(samples, min_size=min_size, issues=issues, strict=cfg.data.strict_data)
+        tr, ca = carve_calibration(samples, cfg.data.calib_fraction, seed=cfg.train.seed)
+        train_s.append(tr)
+        calib_s.append(ca)
+    flat = [s for ss in calib_s for s in ss]
+    if not flat or len({s.is_fake for s in flat}) < 2:
+        raise ValueError("the calibration split needs real and fake images: raise data.calib_fraction "
+                         "(it is carved from the source training images)")
+    return train_s, calib_s
+
+
+def _save(det, out: Path, cfg: DetectConfig, scenario, parts, training, calib_scores, issues) -> None:
+    """The detector folder: tensors + meta, config, log, calibration scores, model card."""
+    import yaml
+
+    from lorax_cil.benchmarks.verify import data_manifest
+    from lorax_cil.detection.model import save_detector
+    from lorax_cil.training.model_card import write_model_card
+    from lorax_cil.utils import atomic_write_text
+
+    train_s, calib_s = parts
+    manifest = data_manifest({"train": train_s, "calibration": calib_s}, scenario)
+    manifest["data_issues"] = issues.summary()
     out.mkdir(parents=True, exist_ok=True)
     save_detector(det, out, training=training, data_manifest=manifest)
     atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    atomic_write_text(out / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in training["history"]))
+    flat = [s for ss in calib_s for s in ss]
     atomic_write_text(out / "calibration_scores.csv", "path,is_fake,score\n" + "".join(
-        f"{s.path},{s.is_fake},{v:.6f}\n" for s, v in zip(flat_calib, calib.pop("scores"))))
+        f"{s.path},{s.is_fake},{v:.6f}\n" for s, v in zip(flat, calib_scores)))
     write_model_card(out)
-    return det, {"threshold": det.threshold, "calibration": calib, "parameters": report,
-                 "history": history, "out": str(out)}
 
 
 def _calibrate(det, samples, cfg: DetectConfig, tcfg, device, issues) -> dict[str, Any]:

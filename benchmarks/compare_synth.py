@@ -15,6 +15,7 @@ interrupted benchmark continues where it stopped.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import shlex
 import sys
@@ -99,8 +100,13 @@ def write_page(path: Path, args: argparse.Namespace, result, minutes: float, out
 
     from lorax_cil.utils import atomic_write_text
 
-    command = "python benchmarks/compare_synth.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = " ".join([f"OMP_NUM_THREADS={threads}"] if threads else [])
+    command += " python benchmarks/compare_synth.py "
+    command += " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cpu = f"{platform.machine()} CPU ({os.cpu_count()} cores, shared with other work)"
     statuses = sorted(set(result.rows["status"]))
+    train_min = float(result.rows["train_s"].sum()) / 60
     page = f"""# Baseline results on synthetic data
 
 Produced by `benchmarks/compare_synth.py` (nothing on this page is typed by hand):
@@ -114,8 +120,10 @@ Sizes: {args.per_class} training and {args.val_per_class} validation images per 
 {args.memory_size} exemplars. This is smaller than the demo's data (200 images per class at
 96 px) so that every strategy and seed fits a 2-core CPU; the numbers show the protocol at work,
 not the methods' paper-scale accuracy. Environment: Python {platform.python_version()}, torch
-{torch.__version__}, {platform.machine()} CPU, {minutes:.1f} min wall time for the runs done in
-the last call (run statuses: {", ".join(statuses)}).
+{torch.__version__}, {cpu}, {torch.get_num_threads()} torch thread(s). Training time summed
+over all {len(result.rows)} runs: {train_min:.1f} min; the last call took {minutes:.1f} min
+(run statuses: {", ".join(statuses)}; `reused` runs were trained by an earlier call with the
+same command).
 
 {result.caption}; cells: mean ± std over seeds.
 

@@ -181,6 +181,20 @@ def test_icarl_refuses_a_memory_smaller_than_the_class_count(data_root, tmp_path
         make_run(data_root, tmp_path / "i", tiny_config("icarl", memory_size=3))
 
 
+def test_icarl_features_survive_avalanches_unguarded_normalisation():
+    """A CNN's pooled ReLU feature can be all zeros; Avalanche divides by its norm (NaN)."""
+    from types import SimpleNamespace
+
+    from lorax_cil.training.icarl import _Features
+
+    class Zero(torch.nn.Module):
+        def forward_all(self, x):
+            return SimpleNamespace(features=torch.zeros(len(x), 5))
+
+    D = _Features(Zero())(torch.zeros(2, 3)).T
+    assert torch.isfinite(D / torch.norm(D, dim=0)).all()
+
+
 def test_non_resumable_strategy_refuses_to_resume(data_root, tmp_path):
     run = make_run(data_root, tmp_path / "ewc", tiny_config("ewc"))
     run.train(stop_after=1)

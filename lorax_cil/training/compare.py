@@ -399,9 +399,9 @@ def _write_outputs(cfg: RunConfig, scenario: Any, strategies: Sequence[str],
                       caption=caption, matrices=mean_R, paths=paths)
 
 
-_NOTES = """Columns (docs/metrics.md, docs/baselines.md): AA = mean multi-real accuracy over every task
-after the last one; step-avg = mean over steps of the average accuracy on the tasks seen so far;
-BWT (Lopez-Paz) and forgetting (Chaudhry) from the multi-real matrix (n/a for `joint`, which is
+_NOTES = """Columns (docs/metrics.md, docs/baselines.md): AA = mean multi-real accuracy over every
+task after the last one; step-avg = mean over steps of the average accuracy on the tasks seen so
+far; BWT (Lopez-Paz) and forgetting (Chaudhry) from the multi-real matrix (n/a for `joint`, which is
 evaluated after the last task only); final binary acc = real-vs-fake accuracy averaged over tasks
 after the last one; trainable params/task = parameters updated while training the last task
 (extractor + heads); total stored params = everything the final model keeps (frozen backbone

@@ -42,14 +42,20 @@ ARCH_FORMAT = "lorax-cil/icarl-net"
 
 
 class _Features(nn.Module):
-    """The concatenated extractor features of an expandable network (ICaRL's feature extractor)."""
+    """The concatenated extractor features of an expandable network (ICaRL's feature extractor).
+
+    A constant ``eps`` is added: a CNN's pooled ReLU features can be exactly zero, and
+    Avalanche's herding and class means L2-normalise without a guard (0 / 0 = NaN).
+    """
+
+    eps = 1e-6
 
     def __init__(self, net: ExpandableNet) -> None:
         super().__init__()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.forward_all(x).features
+        return self.net.forward_all(x).features + self.eps
 
 
 class ICaRLNet(nn.Module):

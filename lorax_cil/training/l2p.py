@@ -194,10 +194,13 @@ class L2PNet(nn.Module):
                              f"{unexpected[:5]}")
         with torch.no_grad():
             for n, p in target.items():
-                if sd[n].shape != p.shape:
-                    raise ValueError(f"l2p state {n!r}: shape {tuple(sd[n].shape)} != "
+                value = sd[n]
+                grown = n.startswith("head.") and value.shape[1:] == p.shape[1:] and (
+                    value.shape[0] <= p.shape[0])  # a run resumed with added tasks
+                if value.shape != p.shape and not grown:
+                    raise ValueError(f"l2p state {n!r}: shape {tuple(value.shape)} != "
                                      f"{tuple(p.shape)}")
-                p.copy_(sd[n])
+                p[: value.shape[0]].copy_(value)
 
     def architecture(self) -> dict[str, Any]:
         return {"format": ARCH_FORMAT, "version": 1, "backbone": self.backbone.spec.name,

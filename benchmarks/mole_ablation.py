@@ -74,6 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu")
     p.add_argument("--work", default="/tmp/mole-ablation", help="detectors and evaluation outputs")
     p.add_argument("--report", default="docs/mole-ablation.md")
+    p.add_argument("--note", action="append", default=[], help="a paragraph added to the report")
     p.add_argument("--from-rows", action="store_true",
                    help="only rewrite the report from <work>/rows.json of an earlier run")
     return p.parse_args(argv)
@@ -163,7 +164,9 @@ def write_report(args, rows: list[dict], argv: list[str], seconds: float) -> Pat
         + (f"{seconds / 60:.1f} min" if seconds == seconds else "not recorded") + " on CPU (2 shared cores).",
         "",
         "These numbers check the implementation and the relative behaviour of the variants on a "
-        "tiny random-weight ViT; they are not the paper's CLIP ViT-L/14 results.", "",
+        "tiny random-weight ViT; they are not the paper's CLIP ViT-L/14 results. `shared-only` and "
+        "`lora` are the same function with the same initialisation (a rank-8 LoRA, scaling 1), so "
+        "their rows agree.", "", *[n for note in args.note for n in (note, "")],
         "| variant | what | trainable params | source AP | unseen mean AP | unseen group-mean AP | "
         "unseen acc@0.5 | unseen acc@thr |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -204,6 +207,19 @@ def write_report(args, rows: list[dict], argv: list[str], seconds: float) -> Pat
     return report
 
 
+def _strip_report_only(argv: list[str]) -> list[str]:
+    """The command line without the report-only options (``--from-rows``, ``--note TEXT``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--note":
+            skip = True
+        elif a != "--from-rows" and not a.startswith("--note="):
+            out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -213,7 +229,7 @@ def main(argv=None) -> int:
     if args.from_rows:
         saved = json.loads((Path(args.work) / "rows.json").read_text())
         rows, seconds = (saved["rows"], saved["seconds"]) if isinstance(saved, dict) else (saved, float("nan"))
-        argv = [a for a in argv if a != "--from-rows"]
+        argv = _strip_report_only(argv)
         print(f"report: {write_report(args, rows, argv, seconds)}")
         return 0
     t0 = time.perf_counter()

@@ -307,28 +307,33 @@ def _plot_curves(rows: Sequence[Mapping[str, Any]], kind: str, path: Path, capti
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(9, 3.6), layout="constrained")
+    from matplotlib import colormaps
+
+    plt_cmap = colormaps["turbo"]
+    fig = Figure(figsize=(10.5, 3.8), layout="constrained")
     FigureCanvasAgg(fig)
     clean = [r for r in rows if r["condition"] == "clean"]
     sweep = [r for r in rows if r["condition"] == kind]
     levels = sorted({r["level"] for r in sweep}, reverse=(kind == "jpeg"))
     x_clean = 0.0 if kind == "blur" else 100.0
     gens = sorted({r["generator"] for r in sweep if not r["generator"].startswith("mean")})
+    colours = [plt_cmap(i / max(1, len(gens) - 1)) for i in range(len(gens))] + ["black"]
     for ax, metric in zip(fig.subplots(1, 2), ("ap", "acc@thr")):
-        for g in gens + ["mean (generators)"]:
+        for g, colour in zip(gens + ["mean (generators)"], colours):
             pick = {r["level"]: r[metric] for r in sweep if r["generator"] == g}
             c0 = [r[metric] for r in clean if r["generator"] == g]
             xs, ys = [x_clean] + levels, c0 + [pick.get(v, NAN) for v in levels]
             is_mean = g.startswith("mean")
             ax.plot(xs, ys, marker="o", lw=2.5 if is_mean else 1.0, alpha=1.0 if is_mean else 0.6,
-                    color="black" if is_mean else None, label=g)
+                    color=colour, label=g)
         ax.set_xlabel("Gaussian blur sigma (0 = clean)" if kind == "blur" else "JPEG quality (100 = clean)")
         ax.set_ylabel({"ap": "AP", "acc@thr": "accuracy at calibrated threshold"}[metric])
         ax.set_ylim(-0.02, 1.02)
         if kind == "jpeg":
             ax.invert_xaxis()
         ax.grid(alpha=0.3)
-    fig.axes[-1].legend(fontsize=7, loc="lower left")
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=7, loc="outside right center")
     fig.suptitle(caption, fontsize=9)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)

@@ -175,10 +175,18 @@ def plot_average_accuracy_curves(
     labels = _names(names, t)
     fig = _figure(max(5.0, 0.5 * t + 3.5), 3.8)
     ax = fig.add_subplot(1, 1, 1)
-    for label, m in mats.items():
+    import matplotlib
+
+    # More than 10 lines: tab20 colours and alternating dashes keep every line distinct.
+    cmap = matplotlib.colormaps["tab10" if len(mats) <= 10 else "tab20"]
+    for k, (label, m) in enumerate(mats.items()):
         avg = average_accuracy_per_step(m)
         last = f" (AA {avg[-1]:.3f})" if avg.size and math.isfinite(avg[-1]) else ""
-        ax.plot(np.arange(avg.size), avg, marker="o", markersize=3, label=f"{label}{last}")
+        single = int(np.isfinite(avg).sum()) == 1  # e.g. joint training: one final point
+        ax.plot(np.arange(avg.size), avg, marker="D" if single else "o",
+                markersize=7 if single else 3, color=cmap(k % cmap.N),
+                linestyle="-" if len(mats) <= 10 or k % 2 == 0 else "--",
+                label=f"{label}{last}")
     ax.set_xticks(np.arange(t), [f"after {n}" for n in labels], rotation=45, ha="right")
     ax.set_ylabel("average accuracy over seen tasks")
     ax.set_ylim(*_padded_range(list(mats.values())))

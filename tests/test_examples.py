@@ -17,6 +17,7 @@ EXAMPLES = {
     "compare_baselines.py": ["--strategies", "finetune,simplecil"],
     "custom_strategy.py": [],
     "predict_folder.py": ["--make-demo-run", "--model", "demo-run"],
+    "mole_detector.py": ["--out", "mole-out"],
 }
 
 
@@ -46,3 +47,6 @@ def test_example_runs(script, tmp_path):
         assert "| mas " in proc.stdout
     if script == "predict_folder.py":
         assert "predicted 8 image(s)" in proc.stdout and (tmp_path / "predictions.csv").is_file()
+    if script == "mole_detector.py":
+        assert "trained:" in proc.stdout and "AP " in proc.stdout
+        assert (tmp_path / "mole-out/detector/MODEL_CARD.md").is_file()

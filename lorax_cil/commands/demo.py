@@ -33,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="efficientnet-lite0 (pretrained, offline) or e.g. vit-test (random)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per task")
     p.add_argument("--memory-size", type=int, default=500, help="exemplar budget")
+    p.add_argument("--adapt-blocks", type=int, default=8,
+                   help="extractors cover the last k backbone blocks; the frozen trunk before "
+                        "them runs once per image (0: all blocks)")
     p.add_argument("--strategies", default=",".join(DEMO_STRATEGIES),
                    help="comma-separated strategies to run")
     p.add_argument("--seed", type=int, default=0)
@@ -63,6 +66,7 @@ def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
     return merge_config(RunConfig(), {
         "data": {"scenario": args.scenario, "data_path": str(data_dir), "crop": args.size},
         "model": {"backbone": args.backbone, "pretrained": pretrained, "lora_r": 16,
+                  "adapt_blocks": args.adapt_blocks or None,
                   "lora_alpha": 16.0, "lora_dropout": 0.0},
         "train": {"strategy": strategy, "epochs": args.epochs, "batch_size": 32,
                   "eval_batch_size": 128, "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0,

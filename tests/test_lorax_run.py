@@ -127,3 +127,21 @@ def test_run_directory_outputs(data_root, tmp_path):
     assert summary["memory_size"] == 0  # the finetune preset forces no memory
     assert 0.0 <= summary["multi_real_aa"] <= 1.0
     assert summary["parameters"]["extractor"] == "finetune"
+
+
+def test_lorax_mole_preset_trains_with_the_router_balance_loss(data_root, tmp_path):
+    """`lorax-mole`: MoLE extractors on the last 3 blocks; the balance loss reaches the criterion."""
+    cfg = tiny_config(strategy="lorax-mole", epochs=1)
+    run = make_run(data_root, tmp_path / "r", cfg, tasks=("a", "b"))
+    run.train(stop_after=1)
+    assert run.net.extractor == "mole" and run.net.adapt_blocks == 3
+    strategy = run.strategy
+    strategy.model.train()
+    size = run.net.backbone.spec.input_size
+    strategy.mbatch = [torch.randn(4, 3, size, size), torch.tensor([0, 1, 0, 1]),
+                       torch.zeros(4, dtype=torch.long)]
+    strategy.mb_output = strategy.forward()
+    assert strategy.mb_aux_loss is not None and float(strategy.mb_aux_loss.detach()) > 0
+    with_aux = float(strategy.criterion().detach())
+    strategy.mb_aux_loss = None
+    assert with_aux > float(strategy.criterion().detach())

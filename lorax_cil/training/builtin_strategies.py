@@ -1,4 +1,5 @@
-"""The built-in strategies: LoRAX, LoRAX on the last blocks, and the two fine-tuning baselines."""
+"""The built-in strategies: LoRAX, LoRAX on the last blocks, LoRAX with MoLE extractors, and the
+two fine-tuning baselines."""
 
 from __future__ import annotations
 
@@ -56,6 +57,13 @@ register_strategy(
     "lorax-deep",
     description="LoRAX with LoRA only in the last k blocks; the frozen trunk runs once",
     model={"extractor": "lora"},
+    defaults={"adapt_blocks": 3},
+)(_lorax_family)
+
+register_strategy(
+    "lorax-mole",
+    description="LoRAX with a mixture of LoRA experts (shared + routed) per task on the last k blocks",
+    model={"extractor": "mole"},
     defaults={"adapt_blocks": 3},
 )(_lorax_family)
 

@@ -8,7 +8,8 @@ Per experience (one generator task):
 2. the training set is the experience's data plus the exemplar memory;
 3. a fresh AdamW over the trainable parameters, with the task-0 or later-task learning rate and a
    per-epoch cosine schedule with linear warm-up;
-4. loss = CE(head) + ``head_div`` x CE(divergence head) (DER-style auxiliary loss);
+4. loss = CE(head) + ``head_div`` x CE(divergence head) (DER-style auxiliary loss), plus the
+   router balance loss when the extractors are MoLE experts (``lorax-mole``);
 5. after training, the memory is re-balanced with herding on the current model's features.
 
 The same class runs the fine-tuning baselines: they are configurations of the network
@@ -154,6 +155,7 @@ class LoRAX(SupervisedTemplate):
         )
         self.amp = self._resolve_amp(amp)
         self.mb_div_logits: torch.Tensor | None = None
+        self.mb_aux_loss: torch.Tensor | None = None
         self._epoch_in_exp = 0
 
     # --- set-up ----------------------------------------------------------------------------
@@ -221,6 +223,7 @@ class LoRAX(SupervisedTemplate):
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp):
             out = self.net.forward_all(self.mb_x)
         self.mb_div_logits = out.div_logits.float() if out.div_logits is not None else None
+        self.mb_aux_loss = out.aux_loss.float() if out.aux_loss is not None else None
         return out.logits.float()
 
     def criterion(self) -> torch.Tensor:
@@ -228,6 +231,8 @@ class LoRAX(SupervisedTemplate):
         if self.is_training and self.head_div > 0 and self.mb_div_logits is not None:
             targets = self.net.divergence_targets(self.mb_y)
             loss = loss + self.head_div * nn.functional.cross_entropy(self.mb_div_logits, targets)
+        if self.is_training and self.mb_aux_loss is not None:
+            loss = loss + self.mb_aux_loss  # MoLE's router balance loss (already weighted)
         return loss
 
     # --- memory ----------------------------------------------------------------------------

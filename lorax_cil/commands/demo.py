@@ -33,9 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="efficientnet-lite0 (pretrained, offline) or e.g. vit-test (random)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per task")
     p.add_argument("--memory-size", type=int, default=500, help="exemplar budget")
-    p.add_argument("--adapt-blocks", type=int, default=8,
-                   help="extractors cover the last k backbone blocks; the frozen trunk before "
-                        "them runs once per image (0: all blocks)")
+    p.add_argument("--adapt-blocks", type=int, default=None,
+                   help="extractors (and the fine-tuned part of the baselines) cover the last k "
+                        "backbone blocks; the frozen trunk before them runs once per image "
+                        "(0: all blocks; default: 8 of EfficientNet-Lite0's 16, all for others)")
     p.add_argument("--strategies", default=",".join(DEMO_STRATEGIES),
                    help="comma-separated strategies to run")
     p.add_argument("--seed", type=int, default=0)
@@ -66,13 +67,19 @@ def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
     return merge_config(RunConfig(), {
         "data": {"scenario": args.scenario, "data_path": str(data_dir), "crop": args.size},
         "model": {"backbone": args.backbone, "pretrained": pretrained, "lora_r": 16,
-                  "adapt_blocks": args.adapt_blocks or None,
+                  "adapt_blocks": _adapt_blocks(args) or None,
                   "lora_alpha": 16.0, "lora_dropout": 0.0},
         "train": {"strategy": strategy, "epochs": args.epochs, "batch_size": 32,
                   "eval_batch_size": 128, "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0,
                   "min_lr": 1e-5, "memory_size": args.memory_size, "seed": args.seed},
         "out": str(Path(args.out) / strategy),
     }, source="demo")
+
+
+def _adapt_blocks(args: argparse.Namespace) -> int:
+    if args.adapt_blocks is not None:
+        return args.adapt_blocks
+    return 8 if args.backbone == "efficientnet-lite0" else 0
 
 
 def _verify(data_dir: Path, args: argparse.Namespace, out: Path) -> bool:
@@ -111,6 +118,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
           "docs/lorax.md, 'Reproducing the paper', and benchmarks/configs/cddb-*.yaml")
     results: dict[str, dict[str, Any]] = {}
     matrices: dict[str, Any] = {}
+    task_names: list[str] = []
     for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
         cfg = demo_config(args, strategy, data_dir)
         run_dir = Path(cfg.out)
@@ -121,12 +129,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print_run_report(run, summary)
         results[strategy] = summary
         matrices[strategy] = run.matrices["multi_real"].matrix
-    _compare(results, matrices, out, args)
+        task_names = list(run.scenario.task_names)
+    _compare(results, matrices, out, args, task_names)
     print(f"\n[demo] total time {time.perf_counter() - t_start:.0f} s")
     return 0
 
 
-def _compare(results: dict, matrices: dict, out: Path, args: argparse.Namespace) -> None:
+def _compare(results: dict, matrices: dict, out: Path, args: argparse.Namespace,
+             task_names: list[str]) -> None:
     from lorax_cil.evaluation.plots import plot_average_accuracy_curves, plot_matrices_side_by_side
     from lorax_cil.evaluation.reports import to_markdown
     from lorax_cil.utils import atomic_write_text
@@ -146,14 +156,17 @@ def _compare(results: dict, matrices: dict, out: Path, args: argparse.Namespace)
             "train s": s["train_seconds"],
         })
     df = pd.DataFrame(rows).set_index("strategy")
-    caption = (f"{args.scenario}, backbone {args.backbone}, memory {args.memory_size} "
+    k = _adapt_blocks(args)
+    caption = (f"{args.scenario}, backbone {args.backbone} "
+               f"({f'last {k} blocks adapted' if k else 'all blocks adapted'}), "
+               f"memory {args.memory_size} "
                f"(fine-tuning: 0), {args.epochs} epochs/task, eval split val, seed {args.seed}")
     table = to_markdown(df, floatfmt=".2f")
     print(f"\n[demo] summary ({caption})\n{table}")
     atomic_write_text(out / "summary.md", f"{caption}\n\n{table}\n")
     plot_average_accuracy_curves(matrices, out / "average_accuracy.png", caption=caption,
-                                 title="average multi-real accuracy over tasks")
-    plot_matrices_side_by_side(matrices, out / "matrices.png", caption=caption,
+                                 names=task_names, title="average multi-real accuracy over tasks")
+    plot_matrices_side_by_side(matrices, out / "matrices.png", caption=caption, names=task_names,
                                title="final multi-real accuracy matrices")
     if "lorax" in results and "finetune" in results:
         gap = 100 * (results["lorax"]["multi_real_aa"] - results["finetune"]["multi_real_aa"])

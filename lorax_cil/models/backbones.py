@@ -166,7 +166,8 @@ def match_lora_targets(backbone: BlockBackbone, preset: str) -> list[str]:
 def _no_pretrained(name: str, pretrained: bool | str) -> None:
     if pretrained not in (False, None):
         raise ValueError(
-            f"{name} is a small random test config without pretrained weights; use weights=PATH"
+            f"{name} is a small random test config without pretrained weights; use "
+            "pretrained=False (CLI: --no-pretrained) or weights=PATH"
         )
 
 

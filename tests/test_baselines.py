@@ -15,7 +15,7 @@ from lorax_cil.training.runner import Run, build_backbone, resume_run
 
 TASKS = ("a", "b")
 ZOO = ("finetune", "finetune-replay", "joint", "replay", "icarl", "lwf", "ewc", "l2p",
-       "der-expandable", "memo", "simplecil", "lorax", "lorax-deep")
+       "der-expandable", "memo", "simplecil", "lorax", "lorax-deep", "lorax-mole")
 MEMORY = 10
 
 
@@ -216,3 +216,30 @@ def test_resumed_avalanche_baseline_equals_uninterrupted_run(data_root, tmp_path
                                   resumed.matrices["multi_real"].matrix)
     a, b = full.net.learned_state_dict(), resumed.net.learned_state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_joint_epochs_option_sets_the_joint_training_length(data_root, tmp_path):
+    from lorax_cil.training.avalanche_baselines import build_joint
+    from lorax_cil.training.runner import build_network
+
+    cfg = merge_config(tiny_config("joint", epochs=2), {"baselines": {"joint_epochs": 5}},
+                       source="test")
+    net = build_network(cfg, build_backbone(cfg))
+    assert build_joint(cfg, net, torch.device("cpu"), None, []).train_epochs == 5
+    assert build_joint(tiny_config("joint", epochs=2), net, torch.device("cpu"), None,
+                       []).train_epochs == 2
+    bad = merge_config(cfg, {"baselines": {"joint_epochs": 0}}, source="test")
+    with pytest.raises(ValueError, match="joint_epochs"):
+        build_joint(bad, net, torch.device("cpu"), None, [])
+
+
+def test_lorax_mole_is_refused_on_a_backbone_without_vit_mlps():
+    from lorax_cil.training.baselines import check_compatible
+    from lorax_cil.training.registry import apply_preset
+
+    cfg = apply_preset(merge_config(tiny_config("lorax-mole"), {
+        "model": {"backbone": "efficientnet-lite0", "pretrained": False}}, source="test"))
+    with pytest.raises(ValueError, match="lorax-mole.*efficientnet-lite0.*mlp.fc1"):
+        check_compatible(cfg, build_backbone(cfg))
+    vit = apply_preset(tiny_config("lorax-mole"))
+    check_compatible(vit, build_backbone(vit))  # a timm ViT has MLPs: accepted

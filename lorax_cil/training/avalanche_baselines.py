@@ -304,5 +304,10 @@ def build_lwf(cfg: Any, net: Any, device: Any, evaluator: Any, plugins: list) ->
 
 
 def build_joint(cfg: Any, net: Any, device: Any, evaluator: Any, plugins: list) -> Any:
-    return JointStrategy(model=_expandable(net), protocol=optimizer_settings(cfg),
-                         **template_kwargs(cfg, device, evaluator, plugins))
+    kwargs = template_kwargs(cfg, device, evaluator, plugins)
+    epochs = cfg.baselines.joint_epochs
+    if epochs is not None:
+        if int(epochs) != epochs or epochs < 1:
+            raise ValueError(f"baselines.joint_epochs must be a positive integer, got {epochs!r}")
+        kwargs["train_epochs"] = int(epochs)
+    return JointStrategy(model=_expandable(net), protocol=optimizer_settings(cfg), **kwargs)

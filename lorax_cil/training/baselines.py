@@ -59,6 +59,14 @@ def check_compatible(cfg: Any, backbone: Any) -> None:
     strategy, memory = cfg.train.strategy, cfg.train.memory_size
     if strategy == "l2p":
         _lazy("l2p", "check_l2p_backbone")(backbone)
+    if cfg.model.extractor == "mole":
+        from lorax_cil.models.mole import mole_target_regex
+
+        try:
+            mole_target_regex(backbone.model, backbone.spec.block_names, "mlp")
+        except ValueError as exc:
+            raise ValueError(f"strategy {strategy!r} cannot run on backbone "
+                             f"{backbone.spec.name!r}: {exc}") from None
     if strategy == "replay" and memory <= 0:
         raise ValueError("strategy 'replay' needs an exemplar memory: train.memory_size > 0")
     if strategy == "icarl" and memory < 2 * scenario_num_tasks(cfg):

@@ -139,6 +139,10 @@ class BaselineConfig:
         l2p_top_k: ``l2p``: prompts chosen per image (paper: 5).
         l2p_sim_coefficient: ``l2p``: weight of the key-query matching loss (paper: 0.1).
         simplecil_scale: ``simplecil``: scale of the cosine logits (no effect on predictions).
+        joint_epochs: ``joint``: epochs of its single training on every task's data (``None``:
+            ``train.epochs``). Joint training is the upper bound of a comparison only when it
+            is trained to convergence, which on the union of T tasks can take more epochs
+            than one task does.
     """
 
     ewc_lambda: float = 1000.0
@@ -151,6 +155,7 @@ class BaselineConfig:
     l2p_top_k: int = 5
     l2p_sim_coefficient: float = 0.1
     simplecil_scale: float = 1.0
+    joint_epochs: int | None = None
 
 
 @dataclass

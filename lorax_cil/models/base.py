@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-__all__ = ["BackboneSpec", "BlockBackbone"]
+__all__ = ["BackboneSpec", "BlockBackbone", "TaskClassCounts"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,20 @@ class BlockBackbone(nn.Module):
     def extra_repr(self) -> str:
         s = self.spec
         return f"name={s.name!r}, family={s.family!r}, blocks={s.num_blocks}, dim={s.feature_dim}"
+
+
+class TaskClassCounts:
+    """Mixin for class-incremental networks that record ``task_classes`` (classes per task)."""
+
+    task_classes: list[int]
+
+    @property
+    def num_tasks(self) -> int:
+        return len(self.task_classes)
+
+    @property
+    def num_classes(self) -> int:
+        return sum(self.task_classes)
 
 
 def _check_names(names: Sequence[str], model: nn.Module) -> None:

@@ -28,6 +28,7 @@ from avalanche.training.supervised import ICaRL
 from avalanche.training.supervised.icarl import _ICaRLPlugin
 from torch import nn
 
+from lorax_cil.models.base import TaskClassCounts
 from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.training.avalanche_baselines import (
     ProtocolOptimizer,
@@ -58,7 +59,7 @@ class _Features(nn.Module):
         return self.net.forward_all(x).features + self.eps
 
 
-class ICaRLNet(nn.Module):
+class ICaRLNet(TaskClassCounts, nn.Module):
     """Feature extractor + training classifier + nearest-mean classifier, as a run model.
 
     Args:
@@ -81,14 +82,6 @@ class ICaRLNet(nn.Module):
     @property
     def backbone(self) -> Any:
         return self.net.backbone
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.task_classes)
-
-    @property
-    def num_classes(self) -> int:
-        return sum(self.task_classes)
 
     def add_task(self, num_new_classes: int = 2) -> None:
         total = self.num_classes + int(num_new_classes)

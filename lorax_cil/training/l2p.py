@@ -31,6 +31,7 @@ from avalanche.training.supervised import LearningToPrompt
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
+from lorax_cil.models.base import TaskClassCounts
 from lorax_cil.training.avalanche_baselines import (
     ProtocolOptimizer,
     optimizer_settings,
@@ -114,7 +115,7 @@ def _prompted_vit(backbone: Any, *, num_classes: int, pool_size: int, prompt_len
     return vit
 
 
-class L2PNet(nn.Module):
+class L2PNet(TaskClassCounts, nn.Module):
     """L2P's prompted ViT and query model as a run model (see the module docstring).
 
     Args:
@@ -139,14 +140,6 @@ class L2PNet(nn.Module):
         self.num_total_classes = int(num_total_classes)
         self.settings = {"pool_size": pool_size, "prompt_length": prompt_length, "top_k": top_k}
         self.task_classes: list[int] = []
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.task_classes)
-
-    @property
-    def num_classes(self) -> int:
-        return sum(self.task_classes)
 
     def add_task(self, num_new_classes: int = 2) -> None:
         total = self.num_classes + int(num_new_classes)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lorax_cil.models.base import TaskClassCounts
 from lorax_cil.training.run_protocol import NoMemory
 
 __all__ = ["PrototypeNet", "SimpleCIL", "build_simplecil_network", "build_simplecil"]
@@ -28,7 +29,7 @@ logger = logging.getLogger(__name__)
 ARCH_FORMAT = "lorax-cil/prototype-net"
 
 
-class PrototypeNet(nn.Module):
+class PrototypeNet(TaskClassCounts, nn.Module):
     """A frozen backbone and a cosine classifier whose weights are class prototypes.
 
     Args:
@@ -46,14 +47,6 @@ class PrototypeNet(nn.Module):
         self.register_buffer("prototypes", torch.zeros(0, backbone.feature_dim, dtype=ref.dtype))
         self.task_classes: list[int] = []
         self.backbone.eval()
-
-    @property
-    def num_tasks(self) -> int:
-        return len(self.task_classes)
-
-    @property
-    def num_classes(self) -> int:
-        return sum(self.task_classes)
 
     def train(self, mode: bool = True) -> "PrototypeNet":
         super().train(mode)

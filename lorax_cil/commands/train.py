@@ -60,6 +60,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add-task", action="append", default=[], metavar="NAME=PATH",
                    help="with --resume: append a new generator task (repeatable)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many tasks")
+    p.add_argument("--cache-trunk", action="store_true",
+                   help="sets train.cache_trunk: compute the frozen trunk once per training image "
+                        "(needs a deterministic training transform)")
     p.set_defaults(func=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a trained run on a scenario")
@@ -110,6 +113,8 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out.setdefault("model", {})["pretrained"] = False
     if getattr(args, "strict_data", False):
         out.setdefault("data", {})["strict_data"] = True
+    if getattr(args, "cache_trunk", False):
+        out.setdefault("train", {})["cache_trunk"] = True
     for section, values in parse_set(getattr(args, "set", [])).items():
         out.setdefault(section, {}).update(values)
     return out

@@ -357,9 +357,14 @@ class ExpandableNet(nn.Module):
         return self.num_extractors - 1
 
     # --- forward ----------------------------------------------------------------------------
-    def _trunk(self, x: torch.Tensor) -> torch.Tensor:
+    def trunk(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen trunk (stem + blocks ``[0, L-k)``) without autograd: the hidden state every
+        extractor starts from. It is the same for every task, so it is computed once per image
+        (and can be cached across epochs when the input is deterministic)."""
         with torch.no_grad():
             return self.backbone.run_blocks(self.backbone.stem(x), 0, self.start)
+
+    _trunk = trunk
 
     def _tail(self, h: torch.Tensor) -> torch.Tensor:
         return self.backbone.neck(self.backbone.run_blocks(h, self.start))
@@ -385,7 +390,12 @@ class ExpandableNet(nn.Module):
     def _features(self, x: torch.Tensor) -> torch.Tensor:
         if not self.num_tasks:
             raise RuntimeError("ExpandableNet has no task yet: call add_task() first")
-        h = self._trunk(x)
+        return self._features_from_trunk(self.trunk(x))
+
+    def _features_from_trunk(self, h: torch.Tensor) -> torch.Tensor:
+        """Concatenated features from the trunk output ``h``; old extractors run without grad."""
+        if not self.num_tasks:
+            raise RuntimeError("ExpandableNet has no task yet: call add_task() first")
         if self.extractor == "frozen":
             with torch.no_grad():
                 return self._tail(h)
@@ -401,16 +411,21 @@ class ExpandableNet(nn.Module):
         new = self._full_features(h, n - 1, live)
         return torch.cat(old + [new], dim=1)
 
-    def forward_all(self, x: torch.Tensor) -> ExpandableOutput:
-        """Logits, divergence logits (or ``None``) and concatenated features."""
+    def forward_all(self, x: torch.Tensor, *, from_trunk: bool = False) -> ExpandableOutput:
+        """Logits, divergence logits (or ``None``) and concatenated features.
+
+        With ``from_trunk=True``, ``x`` is the output of :meth:`trunk` (e.g. from a cache), not
+        an image batch.
+        """
+        features = self._features_from_trunk if from_trunk else self._features
         aux = None
         if self.extractor == "mole" and self.training:
             with collect_balance_losses() as losses:
-                feats = self._features(x)
+                feats = features(x)
             if losses:
                 aux = self.mole_spec.balance_weight * torch.stack(losses).sum()
         else:
-            feats = self._features(x)
+            feats = features(x)
         logits = self.head(feats)
         div = None
         if self.div_head is not None:

@@ -13,6 +13,14 @@ backbone. peft either sums the active adapters in one pass or switches adapters 
 * :func:`inject_lora` wraps the targeted layers (idempotently); :func:`add_lora_adapter` adds one
   adapter to every wrapper.
 
+Folded execution: without autograd (``torch.no_grad()`` / ``torch.inference_mode()``) an adapter
+that is frozen or in eval mode is a fixed linear map, so a chunk runs as one base operation with
+the folded weight ``W + scaling * B A`` instead of the base operation plus the two LoRA
+operations. The folded weight is computed once per adapter and cached; the cache entry is
+recomputed when the base or adapter weights change (tensor version counters, storage, device,
+dtype). Training of the newest adapter (autograd on, dropout active) never folds.
+:func:`lora_fold` switches folding (and its cache) off or on within a context.
+
 A regex target matches a module when it fully matches the module's qualified name or a dotted
 suffix of it (``attn\\.(qk|v)`` matches ``blocks.3.attn.qk`` but not ``blocks.3.attn.qkv``).
 """
@@ -37,6 +45,7 @@ __all__ = [
     "MultiLoRALinear",
     "MultiLoRAConv2d",
     "lora_group",
+    "lora_fold",
     "lora_layers",
     "inject_lora",
     "add_lora_adapter",
@@ -184,6 +193,35 @@ def lora_group(model_or_layers: nn.Module | Iterable[nn.Module], group: Sequence
         _GROUPS.reset(token)
 
 
+@dataclass(frozen=True)
+class _FoldPolicy:
+    enabled: bool = True
+    cache: bool = True
+
+
+_FOLD: contextvars.ContextVar[_FoldPolicy] = contextvars.ContextVar("lorax_cil_lora_fold", default=_FoldPolicy())
+
+
+@contextlib.contextmanager
+def lora_fold(enabled: bool = True, *, cache: bool = True) -> Iterator[None]:
+    """Allow (default) or forbid folded execution of frozen adapters without autograd.
+
+    Args:
+        enabled: ``False`` runs every adapter as ``base(x) + B(A(x))`` (the unmerged execution).
+        cache: keep the folded weights between calls (memory: one weight copy per adapted layer
+            and adapter); ``False`` folds on every call.
+    """
+    token = _FOLD.set(_FoldPolicy(bool(enabled), bool(cache)))
+    try:
+        yield
+    finally:
+        _FOLD.reset(token)
+
+
+def _fold_key(*tensors: torch.Tensor) -> tuple:
+    return tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
+
+
 # --- wrappers -------------------------------------------------------------------------------------
 class MultiLoRALayer(nn.Module):
     """Base of the Multi-LoRA wrappers: a frozen ``base`` layer plus adapters chosen per chunk."""
@@ -194,6 +232,7 @@ class MultiLoRALayer(nn.Module):
         for p in self.base.parameters():
             p.requires_grad_(False)
         self.adapters = nn.ModuleList()
+        self._fold_cache: dict[int, tuple[tuple, torch.Tensor]] = {}
 
     # peft-style passthrough so code reading ``layer.weight.dtype`` keeps working.
     @property
@@ -231,16 +270,18 @@ class MultiLoRALayer(nn.Module):
         return _GROUPS.get().get(id(self))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base(x)
         group = self.active_group()
         if group is None or all(g is None for g in group):
-            return out
+            return self.base(x)
         n = len(group)
         if x.shape[0] % n:
             raise ValueError(f"batch of {x.shape[0]} cannot be split into {n} equal adapter chunks")
         for g in group:
             if g is not None and not 0 <= g < len(self.adapters):
                 raise IndexError(f"adapter {g} requested, layer has {len(self.adapters)}")
+        if self._can_fold(group):
+            return self._forward_folded(x, group)
+        out = self.base(x)
         if n == 1:
             return out + self.adapters[group[0]](x)
         size = x.shape[0] // n
@@ -252,6 +293,48 @@ class MultiLoRALayer(nn.Module):
 
     def delta_weight(self, index: int) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    # --- folded execution ------------------------------------------------------------------
+    def _can_fold(self, group: tuple[int | None, ...]) -> bool:
+        """Fold when autograd is off and every adapter of the group is a fixed LoRA map."""
+        if torch.is_grad_enabled() or not _FOLD.get().enabled:
+            return False
+        for g in group:
+            if g is None:
+                continue
+            a = self.adapters[g]
+            if type(a) is not LoraAdapter or (a.training and not a.frozen):
+                return False
+        return True
+
+    def folded_weight(self, index: int) -> torch.Tensor:
+        """``base.weight + scaling * B A`` of adapter ``index`` (cached while the weights stand)."""
+        a = self.adapters[index]
+        key = _fold_key(self.base.weight, a.lora_A.weight, a.lora_B.weight) + (a.scaling,)
+        hit = self._fold_cache.get(index)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        with torch.no_grad():
+            w = self.base.weight + self.delta_weight(index).to(self.base.weight.dtype)
+        if _FOLD.get().cache:
+            self._fold_cache[index] = (key, w)
+        else:
+            self._fold_cache.pop(index, None)
+        return w
+
+    def clear_fold_cache(self) -> None:
+        """Drop every cached folded weight."""
+        self._fold_cache.clear()
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _forward_folded(self, x: torch.Tensor, group: tuple[int | None, ...]) -> torch.Tensor:
+        weights = [self.base.weight if g is None else self.folded_weight(g) for g in group]
+        if len(group) == 1:
+            return self._apply_weight(x, weights[0])
+        chunks = x.chunk(len(group), dim=0)
+        return torch.cat([self._apply_weight(xi, w) for xi, w in zip(chunks, weights)], dim=0)
 
 
 class MultiLoRALinear(MultiLoRALayer):
@@ -266,6 +349,9 @@ class MultiLoRALinear(MultiLoRALayer):
 
     def _make_pair(self, r: int) -> tuple[nn.Module, nn.Module]:
         return nn.Linear(self.in_features, r, bias=False), nn.Linear(r, self.out_features, bias=False)
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, weight, self.base.bias)
 
     def delta_weight(self, index: int) -> torch.Tensor:
         a = self.adapters[index]
@@ -296,6 +382,9 @@ class MultiLoRAConv2d(MultiLoRALayer):
             b.in_channels, r, b.kernel_size, stride=b.stride, padding=b.padding, dilation=b.dilation, bias=False
         )
         return lora_A, nn.Conv2d(r, b.out_channels, 1, bias=False)
+
+    def _apply_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.base._conv_forward(x, weight, self.base.bias)
 
     def delta_weight(self, index: int) -> torch.Tensor:
         a = self.adapters[index]

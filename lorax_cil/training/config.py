@@ -102,6 +102,9 @@ class TrainConfig:
         num_workers: data-loader workers.
         amp: bfloat16 autocast on CUDA (``auto``, ``true`` or ``false``).
         checkpoint_every_task: write a checkpoint after every task.
+        cache_trunk: compute the frozen trunk once per training image and task and train every
+            epoch from the cached outputs (LoRAX family; refused when the training transform
+            is random). Memory: one trunk output per training image.
     """
 
     strategy: str = "lorax"
@@ -122,6 +125,7 @@ class TrainConfig:
     num_workers: int = 0
     amp: str = "auto"
     checkpoint_every_task: bool = True
+    cache_trunk: bool = False
 
 
 @dataclass

@@ -169,6 +169,10 @@ class Run:
             # The run writes its own logs; Avalanche's "no loggers" notice is expected here.
             warnings.filterwarnings("ignore", message="No loggers specified")
             self.strategy = builder(cfg, self.net, self.device, None, [])
+        if cfg.train.cache_trunk:
+            from lorax_cil.training.strategy import enable_trunk_cache
+
+            enable_trunk_cache(self.strategy, self.bench)
         names = scenario.task_names
         self.matrices = {m: AccuracyMatrix(len(names), task_names=names) for m in METRICS}
 

@@ -31,7 +31,7 @@ from torch import nn
 from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.training.memory import HerdingMemory
 
-__all__ = ["ExpandableModel", "LoRAX", "cosine_warmup_lr"]
+__all__ = ["ExpandableModel", "LoRAX", "cosine_warmup_lr", "train_transform_randomness", "enable_trunk_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +97,9 @@ class LoRAX(SupervisedTemplate):
         device: torch device.
         amp: bfloat16 autocast on CUDA (``"auto"``: when the GPU supports it).
         num_workers: data-loader workers (training and herding).
+        cache_trunk: compute the frozen trunk's output once per training image and experience
+            and train every epoch from it (valid only when the training transform is
+            deterministic; :func:`enable_trunk_cache` checks that).
         plugins: extra Avalanche plugins.
         evaluator: Avalanche evaluation plugin.
     """
@@ -119,6 +122,7 @@ class LoRAX(SupervisedTemplate):
         device: str | torch.device = "cpu",
         amp: str | bool = "auto",
         num_workers: int = 0,
+        cache_trunk: bool = False,
         plugins: Sequence[Any] | None = None,
         evaluator: Any = default_evaluator,
     ) -> None:
@@ -148,6 +152,7 @@ class LoRAX(SupervisedTemplate):
         self.warmup_epochs, self.warmup_lr, self.min_lr = int(warmup_epochs), warmup_lr, min_lr
         self.head_div = float(head_div)
         self.num_workers = int(num_workers)
+        self.cache_trunk = bool(cache_trunk)
         self.memory = HerdingMemory(
             max_size=int(memory_size),
             feature_fn=lambda m, x: m.net.features_for_herding(x),
@@ -182,6 +187,35 @@ class LoRAX(SupervisedTemplate):
         data = self.experience.dataset.train()
         mem = self.memory.dataset()
         self.adapted_dataset = data if mem is None else data.concat(mem)
+        if self.cache_trunk:
+            self.adapted_dataset = self._trunk_dataset(self.adapted_dataset)
+
+    @torch.no_grad()
+    def _trunk_dataset(self, dataset: Any) -> Any:
+        """The trunk outputs of ``dataset`` (train transforms, in order) as a tensor dataset.
+
+        The global RNG is left untouched, so batch order and dropout match an uncached run.
+        """
+        from avalanche.benchmarks.utils.classification_dataset import (
+            _make_taskaware_tensor_classification_dataset,
+        )
+        from torch.utils.data import DataLoader
+
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            loader = DataLoader(dataset, batch_size=self.eval_mb_size, shuffle=False,
+                                num_workers=self.num_workers, collate_fn=dataset.collate_fn,
+                                pin_memory=self.device.type == "cuda")
+            hs, ys, ts = [], [], []
+            for batch in loader:
+                with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp):
+                    hs.append(self.net.trunk(batch[0].to(self.device, non_blocking=True)).cpu())
+                ys.append(torch.as_tensor(batch[1]))
+                ts.append(torch.as_tensor(batch[2]))
+        h, y, t = torch.cat(hs), torch.cat(ys), torch.cat(ts)
+        logger.info("trunk cache: %d images, %.1f MB", len(h), h.numel() * h.element_size() / 2**20)
+        return _make_taskaware_tensor_classification_dataset(h, y, t, targets=y.tolist(),
+                                                             task_labels=t.tolist())
 
     def make_train_dataloader(self, num_workers: int | None = None, **kwargs: Any) -> None:
         workers = self.num_workers if num_workers is None else num_workers
@@ -220,8 +254,9 @@ class LoRAX(SupervisedTemplate):
 
     # --- forward and loss ------------------------------------------------------------------
     def forward(self) -> torch.Tensor:
+        from_trunk = self.cache_trunk and self.is_training
         with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp):
-            out = self.net.forward_all(self.mb_x)
+            out = self.net.forward_all(self.mb_x, from_trunk=from_trunk)
         self.mb_div_logits = out.div_logits.float() if out.div_logits is not None else None
         self.mb_aux_loss = out.aux_loss.float() if out.aux_loss is not None else None
         return out.logits.float()
@@ -239,3 +274,49 @@ class LoRAX(SupervisedTemplate):
     def _after_training_exp(self, **kwargs: Any) -> None:
         self.memory.post_adapt(self, self.experience)
         super()._after_training_exp(**kwargs)
+
+
+def train_transform_randomness(cfg: Any, sizes: Sequence[tuple[int, int]]) -> list[str]:
+    """Why the training transform of ``cfg`` (a ``TransformConfig``) is random on images of
+    ``sizes`` (width, height); empty when it is deterministic."""
+    reasons = []
+    if cfg.blur_prob > 0:
+        reasons.append(f"random blur (data.blur_prob={cfg.blur_prob})")
+    if cfg.jpeg_prob > 0:
+        reasons.append(f"random JPEG re-compression (data.jpeg_prob={cfg.jpeg_prob})")
+    if cfg.hflip:
+        reasons.append("random horizontal flips (data.hflip=true)")
+    for w, h in dict.fromkeys(sizes):
+        if cfg.resize is not None:  # torchvision Resize(int): the shorter side to ``resize``
+            w, h = (cfg.resize, int(cfg.resize * h / w)) if w <= h else (int(cfg.resize * w / h), cfg.resize)
+        if min(w, h) < cfg.size:
+            scale = cfg.size / min(w, h)
+            w, h = max(cfg.size, round(w * scale)), max(cfg.size, round(h * scale))
+        if (w, h) != (cfg.size, cfg.size):
+            reasons.append(f"random {cfg.size} px crops of {w}x{h} images (set data.crop or "
+                           "data.resize so that images are cropped to their own size)")
+            break
+    return reasons
+
+
+def enable_trunk_cache(strategy: Any, bench: Any) -> None:
+    """Turn on ``strategy.cache_trunk`` after checking that the training transform of ``bench``
+    is deterministic on its training images (so cached trunk outputs equal recomputed ones).
+
+    Raises:
+        ValueError: the strategy cannot cache, or the transform is random (the reasons are named).
+    """
+    from PIL import Image
+
+    if not isinstance(strategy, LoRAX):
+        raise ValueError(f"train.cache_trunk needs a LoRAX-family strategy, not {type(strategy).__name__}")
+    sizes = []
+    for per_task in bench.samples["train"]:
+        for sample in per_task:
+            with Image.open(sample.path) as img:
+                sizes.append(img.size)
+    reasons = train_transform_randomness(bench.transform_config, sizes)
+    if reasons:
+        raise ValueError("train.cache_trunk (--cache-trunk) needs a deterministic training transform; "
+                         "this one has " + "; ".join(reasons))
+    strategy.cache_trunk = True

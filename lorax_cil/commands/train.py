@@ -131,6 +131,40 @@ def config_from_args(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train (or resume) a run; under torchrun every process runs this, rank 0 reports."""
+    from lorax_cil.distributed import distributed_session, is_main
+
+    with distributed_session(run_device(args)):
+        run, summary = _train(args)
+        if is_main():
+            print_run_report(run, summary)
+    return 0
+
+
+def run_device(args: argparse.Namespace) -> str:
+    """``train.device`` of the run about to start (picks the torchrun backend): the flag, else
+    the config file (or the resumed run's config.yaml), else ``auto``."""
+    import yaml
+
+    if getattr(args, "device", None):
+        return args.device
+    forced = parse_set(getattr(args, "set", []) or []).get("train", {}).get("device")
+    if forced:
+        return str(forced)
+    source = None
+    if getattr(args, "resume", None):
+        source = Path(args.resume) / "config.yaml"
+    elif getattr(args, "config", None):
+        source = Path(args.config)
+    if source is not None and source.is_file():
+        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        device = (data.get("train") or {}).get("device") if isinstance(data, dict) else None
+        if device:
+            return str(device)
+    return "auto"
+
+
+def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from lorax_cil.benchmarks.scenarios import resolve_scenario
     from lorax_cil.training.runner import Run, resume_run
 
@@ -150,9 +184,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg.out = out
         run = Run(cfg, run_dir=out, progress=_progress)
         run.setup(scenario)
-    summary = run.train(stop_after=args.stop_after)
-    print_run_report(run, summary)
-    return 0
+    return run, run.train(stop_after=args.stop_after)
 
 
 def _progress(msg: str) -> None:

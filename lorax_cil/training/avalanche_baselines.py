@@ -256,15 +256,10 @@ class JointStrategy(ProtocolOptimizer, JointTraining):
 # --- builders ---------------------------------------------------------------------------------
 def optimizer_settings(cfg: Any) -> dict[str, Any]:
     """The run's optimiser protocol as :meth:`ProtocolOptimizer.setup_protocol` arguments."""
-    from lorax_cil.training.builtin_strategies import _world_size
+    from lorax_cil.training.builtin_strategies import lr_scale
 
     t = cfg.train
-    if t.lr_scaling == "linear512":
-        scale = t.batch_size * _world_size() / 512.0
-    elif t.lr_scaling == "none":
-        scale = 1.0
-    else:
-        raise ValueError(f"train.lr_scaling must be 'none' or 'linear512', got {t.lr_scaling!r}")
+    scale = lr_scale(t)
     amp = t.amp if t.amp == "auto" else t.amp in ("true", "1", True)
     return dict(lr_first=t.lr_first * scale, lr=t.lr * scale, weight_decay=t.weight_decay,
                 warmup_epochs=t.warmup_epochs, warmup_lr=t.warmup_lr * scale,

@@ -15,11 +15,7 @@ def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins
     from lorax_cil.training.strategy import LoRAX
 
     t = cfg.train
-    scale = 1.0
-    if t.lr_scaling == "linear512":
-        scale = t.batch_size * _world_size() / 512.0
-    elif t.lr_scaling != "none":
-        raise ValueError(f"train.lr_scaling must be 'none' or 'linear512', got {t.lr_scaling!r}")
+    scale = lr_scale(t)
     return LoRAX(
         model=net,
         lr_first=t.lr_first * scale,
@@ -41,10 +37,20 @@ def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins
     )
 
 
-def _world_size() -> int:
-    import torch.distributed as dist
+def lr_scale(t: Any) -> float:
+    """The factor ``train.lr_scaling`` applies to every learning rate.
 
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    ``linear512`` is the official code's rule, rate x effective batch / 512. The effective
+    batch is ``train.batch_size``: it is the *global* batch of one optimisation step, split over
+    the processes under torchrun, so the factor (and the training) does not depend on the
+    number of processes. (The official code multiplies its per-GPU batch by the world size;
+    its 8 x 32 setting is ``train.batch_size=256`` here.)
+    """
+    if t.lr_scaling == "linear512":
+        return t.batch_size / 512.0
+    if t.lr_scaling != "none":
+        raise ValueError(f"train.lr_scaling must be 'none' or 'linear512', got {t.lr_scaling!r}")
+    return 1.0
 
 
 register_strategy(

@@ -85,12 +85,13 @@ class TrainConfig:
     Attributes:
         strategy: registry name (``lorax``, ``lorax-deep``, ``finetune``, ``finetune-replay``).
         epochs: epochs per task.
-        batch_size: training batch size.
+        batch_size: training batch size: the global batch of one optimisation step (under
+            torchrun each of N processes takes ``batch_size / N`` of it).
         eval_batch_size: evaluation batch size.
         lr_first: learning rate of task 0.
         lr: learning rate of later tasks.
-        lr_scaling: ``none`` (rates used as given) or ``linear512`` (rates x batch x world / 512,
-            the official code's convention).
+        lr_scaling: ``none`` (rates used as given) or ``linear512`` (rates x batch / 512, the
+            official code's convention, with the global batch).
         weight_decay: AdamW weight decay.
         warmup_epochs: warm-up epochs per task.
         warmup_lr: learning rate at the start of the warm-up.

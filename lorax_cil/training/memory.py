@@ -6,6 +6,10 @@ remainder), and :class:`FeatureHerding` is a ``HerdingSelectionStrategy`` that c
 with the *current* model, in eval mode, on eval transforms (no augmentation), through a feature
 function rather than a forward hook (so it never goes stale when a strategy replaces its model).
 
+Under ``torchrun`` the memory is global: herding runs once, on rank 0 (eval transforms, no
+augmentation), and every rank receives its order, so all ranks hold the same exemplars and the
+budget holds for the whole job, not per process.
+
 Buffers are avalanche dataset *views* (subset indices into the experience datasets), so images
 are re-read from disk, never stored as tensors. :meth:`HerdingMemory.state` returns the
 exemplars as (class, path) pairs for checkpoints, and :meth:`HerdingMemory.restore` rebuilds the
@@ -71,8 +75,16 @@ class FeatureHerding(HerdingSelectionStrategy):
         self.limit = limit
         self.num_workers = num_workers
 
-    @torch.no_grad()
     def make_sorted_indices(self, strategy: Any, data: Any) -> list[int]:
+        """Herding order of ``data``. Under ``torchrun`` only rank 0 computes it (one global
+        selection) and every rank receives the same order."""
+        from lorax_cil.distributed import broadcast_object, is_main
+
+        order = self._sorted_indices(strategy, data) if is_main() else None
+        return broadcast_object(order)
+
+    @torch.no_grad()
+    def _sorted_indices(self, strategy: Any, data: Any) -> list[int]:
         model = strategy.model
         was_training = model.training
         model.eval()
@@ -117,11 +129,19 @@ class HerdingMemory(ParametricBuffer):
         n_classes = len(self.seen_groups | set(int(c) for c in exp.dataset.targets.uniques))
         self.herding.limit = math.ceil(self.max_size / max(1, n_classes))
         super().post_adapt(agent, exp)
+        total = sum(self.per_class().values())
+        if total > self.max_size:
+            raise RuntimeError(f"exemplar memory holds {total} samples, over its budget of "
+                               f"{self.max_size}")
         logger.info("memory: %s", self.per_class())
 
     def per_class(self) -> dict[int, int]:
         """Exemplars stored per class."""
         return {int(c): len(g.buffer) for c, g in sorted(self.buffer_groups.items())}
+
+    def unique_exemplars(self, paths_of: Callable[[Any], Sequence[str]]) -> set[tuple[int, str]]:
+        """The stored exemplars as distinct (class, path) pairs."""
+        return {(int(c), p) for c, g in self.buffer_groups.items() for p in paths_of(g.buffer)}
 
     def dataset(self) -> Any | None:
         """All exemplars as one avalanche dataset (train transforms), or None when empty."""

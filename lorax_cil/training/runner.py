@@ -9,6 +9,9 @@ Run directory::
     summary.json             AA, step-average accuracy, BWT, forgetting, parameters, time
     accuracy_matrix.png, accuracy_over_steps.png
     checkpoints/exp_NNN/     tensors.safetensors + meta.json after every task
+
+Under ``torchrun`` (see docs/distributed.md) every rank builds the same run; training batches
+and evaluation are split over the ranks, and only rank 0 writes files (and prints progress).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from lorax_cil import distributed as dist
 from lorax_cil.training.config import RunConfig
 from lorax_cil.utils import atomic_write_text, seed_everything, write_json
 
@@ -90,20 +94,33 @@ def build_network(cfg: RunConfig, backbone: Any):
 
 @torch.no_grad()
 def predict_dataset(net: Any, dataset: Any, *, batch_size: int, device: torch.device,
-                    num_workers: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predicted classes, class probabilities and true labels over an avalanche dataset."""
+                    num_workers: int = 0,
+                    sharded: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predicted classes, class probabilities and true labels over an avalanche dataset.
+
+    With ``sharded`` under ``torchrun``, each rank scores one contiguous part of the dataset and
+    every rank receives all results in dataset order, each sample exactly once.
+    """
     from torch.utils.data import DataLoader
 
     net.eval()
-    loader = DataLoader(dataset.eval(), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, collate_fn=getattr(dataset, "collate_fn", None))
+    n = len(dataset)
+    start, stop = dist.shard_bounds(n) if sharded else (0, n)
+    part = dataset if (start, stop) == (0, n) else dataset.subset(range(start, stop))
     probs, labels = [], []
-    for batch in loader:
-        logits = net(batch[0].to(device)).float()
-        probs.append(torch.softmax(logits, dim=1).cpu())
-        labels.append(torch.as_tensor(batch[1]))
-    p = torch.cat(probs).numpy()
-    return p.argmax(1), p, torch.cat(labels).numpy()
+    if len(part):
+        loader = DataLoader(part.eval(), batch_size=batch_size, shuffle=False,
+                            num_workers=num_workers, collate_fn=getattr(part, "collate_fn", None))
+        for batch in loader:
+            logits = net(batch[0].to(device)).float()
+            probs.append(torch.softmax(logits, dim=1).cpu())
+            labels.append(torch.as_tensor(batch[1]))
+    p = torch.cat(probs).numpy() if probs else np.zeros((0, 0), dtype=np.float32)
+    y = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
+    if sharded and dist.is_distributed():
+        rows, ys = dist.gather_ordered(n, start, [list(p), list(y)])
+        p, y = np.stack(rows).astype(np.float32), np.asarray(ys)
+    return p.argmax(1), p, y
 
 
 @dataclass
@@ -117,6 +134,8 @@ class StepRecord:
     per_task: dict[str, dict[str, float]]
     memory_per_class: dict[int, int]
     parameters: dict[str, Any]
+    world_size: int = 1
+    memory_exemplars: int | None = None
 
 
 class Run:
@@ -134,8 +153,10 @@ class Run:
 
         self.cfg = apply_preset(cfg)
         self.run_dir = Path(run_dir)
-        self.progress = progress or (lambda msg: logger.info("%s", msg))
-        self.device = resolve_device(self.cfg.train.device)
+        say = progress or (lambda msg: logger.info("%s", msg))
+        self.progress = say if dist.is_main() else (lambda msg: logger.debug("%s", msg))
+        self.device = dist.local_device(resolve_device(self.cfg.train.device))
+        self.world_size = dist.world_size()
         self.scenario = None
         self.bench = None
         self.net = None
@@ -165,10 +186,17 @@ class Run:
                                          strict=d.strict_data)
         self.net = build_network(cfg, backbone).to(self.device)
         builder = get_strategy(cfg.train.strategy).builder
+        plugins = []
+        if dist.is_distributed():
+            from lorax_cil.training.ddp import DistributedTraining
+
+            plugins.append(DistributedTraining(num_workers=cfg.train.num_workers))
         with warnings.catch_warnings():
             # The run writes its own logs; Avalanche's "no loggers" notice is expected here.
             warnings.filterwarnings("ignore", message="No loggers specified")
-            self.strategy = builder(cfg, self.net, self.device, None, [])
+            self.strategy = builder(cfg, self.net, self.device, None, plugins)
+        if plugins:
+            _check_distributed_strategy(cfg.train.strategy, self.strategy)
         if cfg.train.cache_trunk:
             from lorax_cil.training.strategy import enable_trunk_cache
 
@@ -183,13 +211,18 @@ class Run:
 
     def train(self, *, stop_after: int | None = None) -> dict[str, Any]:
         """Train every remaining task (or up to ``stop_after`` tasks in total); return summary."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._write_static()
+        if dist.is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._write_static()
         total = self.scenario.num_tasks if stop_after is None else min(stop_after,
                                                                         self.scenario.num_tasks)
         for j in range(self.completed, total):
             self._train_step(j)
-        return self.finish()
+        summary = self.summary()
+        if dist.is_main():
+            self.finish()
+        dist.barrier()
+        return summary
 
     def _train_step(self, j: int) -> None:
         exp = self.bench.train_stream[j]
@@ -206,12 +239,37 @@ class Run:
         record = StepRecord(
             step=j, task=name, train_seconds=round(train_s, 3), eval_seconds=round(eval_s, 3),
             per_task=per_task, memory_per_class=self.strategy.memory.per_class(),
-            parameters=self.net.parameter_report(),
+            parameters=self.net.parameter_report(), world_size=self.world_size,
+            memory_exemplars=self.check_memory(),
         )
         self.steps.append(json.loads(json.dumps(record.__dict__, default=_jsonable)))
-        self._write_step_outputs()
+        if dist.is_main():
+            self._write_step_outputs()
         if self.cfg.train.checkpoint_every_task or j == self.scenario.num_tasks - 1:
             self.save_checkpoint()
+
+    def check_memory(self) -> int | None:
+        """The number of distinct exemplars held by the whole job (the union over ranks);
+        ``None`` for strategies without a :class:`~lorax_cil.training.memory.HerdingMemory`.
+
+        Raises:
+            RuntimeError: the union exceeds ``train.memory_size``, or the ranks hold different
+                memories (the memory must be one global selection).
+        """
+        memory = getattr(self.strategy, "memory", None)
+        if memory is None or not hasattr(memory, "unique_exemplars"):
+            return None
+        mine = memory.unique_exemplars(self.bench.paths_of)
+        every = dist.all_gather_objects(sorted(mine))
+        union = set().union(*(set(map(tuple, e)) for e in every))
+        budget = int(self.cfg.train.memory_size)
+        if len(union) > budget:
+            raise RuntimeError(f"the exemplar memory holds {len(union)} distinct samples over "
+                               f"{len(every)} process(es), over train.memory_size={budget}")
+        if any(set(map(tuple, e)) != union for e in every):
+            raise RuntimeError("the ranks hold different exemplar memories; the memory must be "
+                               "selected once and shared")
+        return len(union)
 
     def _task_seed(self, j: int) -> int:
         return self.cfg.train.seed * 1000 + j
@@ -230,7 +288,8 @@ class Run:
             pred, probs, labels = predict_dataset(self.net, ds,
                                                   batch_size=self.cfg.train.eval_batch_size,
                                                   device=self.device,
-                                                  num_workers=self.cfg.train.num_workers)
+                                                  num_workers=self.cfg.train.num_workers,
+                                                  sharded=True)
             tasks = np.full(labels.shape, i)
             res = evaluate_predictions(pred, labels, probs, tasks, table[labels], table)[i]
             for m in METRICS:
@@ -269,6 +328,9 @@ class Run:
             "seed": self.cfg.train.seed,
             "train_seconds": round(sum(s["train_seconds"] for s in self.steps), 3),
             "eval_seconds": round(sum(s["eval_seconds"] for s in self.steps), 3),
+            "world_size": self.world_size,
+            "effective_batch_size": self.cfg.train.batch_size,
+            "memory_exemplars": self.steps[-1].get("memory_exemplars") if self.steps else None,
         }
         for m in ("multi_real", "binary", "strict"):
             for k, v in self.matrices[m].summary().items():
@@ -299,10 +361,17 @@ class Run:
 
     # --- checkpoints ----------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
-        from lorax_cil.training.checkpoint import save_checkpoint
-
+        """Write the checkpoint of the last completed task (rank 0 only; every rank waits)."""
         j = self.completed - 1
         folder = self.run_dir / "checkpoints" / f"exp_{j:03d}"
+        if dist.is_main():
+            self._write_checkpoint(folder)
+        dist.barrier()
+        return folder
+
+    def _write_checkpoint(self, folder: Path) -> None:
+        from lorax_cil.training.checkpoint import save_checkpoint
+
         meta = {
             "completed_tasks": self.completed,
             "scenario": self.scenario.to_dict(),
@@ -319,7 +388,6 @@ class Run:
         }
         save_checkpoint(folder, self.net.learned_state_dict(), meta)
         write_json(self.run_dir / "checkpoints" / "latest.json", {"folder": folder.name})
-        return folder
 
     def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Load a checkpoint written by :meth:`save_checkpoint` into a set-up run."""
@@ -342,6 +410,17 @@ class Run:
             for c in sorted(set(targets)):
                 by_class[c] = ds.subset([i for i, y in enumerate(targets) if y == c])
         self.strategy.memory.restore(meta["memory"], by_class, self.bench.paths_of)
+
+
+def _check_distributed_strategy(name: str, strategy: Any) -> None:
+    """Only the LoRAX family (one strategy class, sharded by :mod:`lorax_cil.training.ddp`)
+    trains under torchrun; other strategies keep state the plugin does not shard."""
+    from lorax_cil.training.strategy import LoRAX
+
+    if not isinstance(strategy, LoRAX):
+        raise ValueError(f"strategy {name!r} cannot train with several processes (torchrun); "
+                         "distributed training covers lorax, lorax-deep, lorax-mole, finetune and "
+                         "finetune-replay: run it with one process")
 
 
 def _nan_to_none(a: np.ndarray) -> list[list[float | None]]:
@@ -377,8 +456,11 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
     from lorax_cil.training.checkpoint import load_checkpoint
     from lorax_cil.training.config import merge_config
 
-    folder = latest_checkpoint(run_dir)
-    tensors, meta = load_checkpoint(folder)
+    loaded = None
+    if dist.is_main():  # rank 0 reads the checkpoint; the other ranks receive it
+        folder = latest_checkpoint(run_dir)
+        loaded = (folder, *load_checkpoint(folder))
+    folder, tensors, meta = dist.broadcast_object(loaded)
     cfg = RunConfig.from_dict(meta["config"], source=str(folder / "meta.json"))
     if overrides:
         cfg = merge_config(cfg, overrides, source="command line")

@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 EXTRACTORS = ("lora", "mole", "full", "finetune", "frozen")
 #: Extractors that are adapters inside the shared backbone (activated with ``lora_group``).
 _ADAPTERS = ("lora", "mole")
+#: On CPU, adapters are batched while their repeated trunk output stays under this many bytes.
+CPU_GROUP_BYTES = 16 * 2**20
 ARCH_FORMAT = "lorax-cil/expandable-net"
 ARCH_VERSION = 1
 
@@ -369,9 +371,24 @@ class ExpandableNet(nn.Module):
     def _tail(self, h: torch.Tensor) -> torch.Tensor:
         return self.backbone.neck(self.backbone.run_blocks(h, self.start))
 
+    def group_size(self, h: torch.Tensor, n: int) -> int:
+        """How many adapters run batched in one pass over trunk output ``h``.
+
+        ``max_group_size`` when set; otherwise all of them on CUDA (one large batch keeps a GPU
+        busy), and on CPU as many as keep the repeated trunk output under
+        :data:`CPU_GROUP_BYTES` (a batch of T copies of large early activations is memory-bound
+        on CPU: full-depth EfficientNet runs slower batched than one adapter at a time).
+        """
+        if self.max_group_size:
+            return self.max_group_size
+        if h.device.type == "cuda":
+            return max(1, n)
+        per_adapter = h.numel() * h.element_size()
+        return max(1, min(n, CPU_GROUP_BYTES // max(per_adapter, 1)))
+
     def _lora_features(self, h: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
         """Features ``[(B, D)]`` of adapters ``indices``, batched in groups."""
-        size = self.max_group_size or len(indices)
+        size = self.group_size(h, len(indices))
         feats: list[torch.Tensor] = []
         for i in range(0, len(indices), size):
             group = indices[i : i + size]

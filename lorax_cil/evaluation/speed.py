@@ -1,0 +1,851 @@
+"""Speed and memory of LoRAX execution strategies against one plain frozen pass.
+
+``benchmarks/speed.py`` and ``lorax-cil bench speed`` run :func:`main`. For every backbone config
+and number of tasks ``T`` it measures, in one process tree, after warm-up, the median of repeats:
+
+* ``plain``: one frozen backbone pass (the floor of inference) and one plain fine-tuning step of
+  the whole backbone (the floor of training);
+* ``reference``: one full backbone pass per task adapter, switching the active adapter between
+  passes, each adapter unmerged (``base(x) + B(A(x))``): the official LoRAX execution;
+* ``lorax``: the toolkit's LoRAX with adapters on every block (one batched pass over all
+  adapters, frozen adapters folded into the weights);
+* ``lorax-deep-k{1,2,3}``: adapters on the last ``k`` blocks, the trunk computed once;
+* ``merged``: one detector whose weights hold the mean of the ``T`` adapters (one pass).
+
+Every method runs in a fresh child process, so its peak resident memory is its own. Figures
+are reported as ratios to the plain pass measured in the same child (inference) and to the plain
+fine-tuning step of the same config (training). Targets (issue "speed and scale") are checked
+from these numbers and printed as PASS / FAIL; a FAIL prints a ``torch.profiler`` summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["CONFIGS", "add_arguments", "run", "main"]
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """A backbone at one input size and batch, with its LoRA rank and targets."""
+
+    name: str
+    backbone: str
+    img_size: int
+    batch: int
+    lora_r: int
+    targets: str
+    uniform_blocks: bool  # blocks of equal cost: the (L - k + T k) / L floor applies
+
+
+CONFIGS = {
+    "vit-test": BenchConfig("vit-test", "vit-test", 32, 64, 16, "attn", True),
+    "efficientnet-lite0": BenchConfig("efficientnet-lite0", "efficientnet-lite0", 96, 32, 16,
+                                      "pointwise", False),
+    "vit-b16": BenchConfig("vit-b16", "vit_base_patch16_224", 224, 2, 64, "attn", True),
+}
+DEFAULT_TASKS = (1, 5, 7, 12)
+DEEP_KS = (1, 2, 3)
+FIELDS = ("config", "method", "T", "k", "batch", "infer_ms_per_image", "infer_images_per_s",
+          "infer_ratio", "floor_ratio", "floor_measured_ratio", "train_ms_per_image",
+          "train_ratio", "train_peak_rss_mb", "train_peak_rss_growth_mb", "threads", "device")
+#: within 15 % of the floor; training at most 1.7x plain fine-tuning; memory 1.5x of T = 1.
+INFER_SLACK, TRAIN_BOUND, MEMORY_BOUND = 1.15, 1.7, 1.5
+
+
+# --- timing helpers ---------------------------------------------------------------------------
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], *, repeats: int, warmup: int, device: Any) -> float:
+    """Median wall seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+# --- building ---------------------------------------------------------------------------------
+def build_backbone(cfg: BenchConfig, seed: int = 0) -> Any:
+    import torch
+
+    from lorax_cil.models.backbones import create_backbone
+
+    torch.manual_seed(seed)
+    return create_backbone(cfg.backbone, pretrained=False, img_size=cfg.img_size)
+
+
+def _lora_net(cfg: BenchConfig, backbone: Any, k: int | None) -> Any:
+    from lorax_cil.models.expandable import ExpandableNet
+    from lorax_cil.models.lora import LoraSpec
+
+    spec = LoraSpec(r=cfg.lora_r, alpha=float(cfg.lora_r), dropout=0.0, targets=cfg.targets)
+    return ExpandableNet(backbone=copy.deepcopy(backbone), extractor="lora", adapt_blocks=k, lora=spec)
+
+
+def _grow(net: Any, T: int) -> None:
+    import torch
+
+    while net.num_tasks < T:
+        net.add_task(2)
+        with torch.no_grad():  # a trained-looking adapter (B is zero at initialisation)
+            for layer in net._lora_layers:
+                layer.adapters[-1].lora_B.weight.normal_(0, 0.02)
+
+
+class _Step:
+    """One training step of ``net`` (AdamW over its trainable parameters, LoRAX loss)."""
+
+    def __init__(self, net: Any, forward: Callable[[Any], Any], x: Any, amp: bool) -> None:
+        import torch
+
+        self.net, self.forward, self.x, self.amp = net, forward, x, amp
+        self.y = torch.randint(net.num_classes - 2, net.num_classes, (x.shape[0],), device=x.device)
+        self.opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-4)
+
+    def __call__(self) -> None:
+        import torch
+        from torch.nn import functional as F
+
+        with torch.autocast(device_type=self.x.device.type, dtype=torch.bfloat16, enabled=self.amp):
+            logits, div = self.forward(self.x)
+            loss = F.cross_entropy(logits.float(), self.y)
+            if div is not None:
+                loss = loss + 0.1 * F.cross_entropy(div.float(), self.net.divergence_targets(self.y))
+        loss.backward()
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+def _reference_forward(net: Any, train: bool) -> Callable[[Any], Any]:
+    """One full pass per adapter, switching the active adapter, unmerged adapters."""
+    import torch
+
+    from lorax_cil.models.lora import lora_fold, lora_group
+
+    bb = net.backbone
+
+    def forward(x: Any) -> tuple[Any, Any]:
+        feats = []
+        with lora_fold(False):
+            for t in range(net.num_tasks):
+                with lora_group(net._lora_layers, [t]), torch.set_grad_enabled(
+                        train and t == net.num_tasks - 1):
+                    feats.append(bb(x))
+        f = torch.cat(feats, dim=1)
+        div = net.div_head(f[:, -net.feature_dim:]) if net.div_head is not None else None
+        return net.head(f), div
+
+    return forward
+
+
+def _net_forward(net: Any) -> Callable[[Any], Any]:
+    def forward(x: Any) -> tuple[Any, Any]:
+        out = net.forward_all(x)
+        return out.logits, out.div_logits
+
+    return forward
+
+
+def _merged_backbone(net: Any, backbone: Any) -> Any:
+    """A copy of ``backbone`` whose adapted layers hold ``W + mean_t dW_t`` (no wrappers)."""
+    import torch
+
+    from lorax_cil.models.lora import dense_delta
+
+    merged = copy.deepcopy(backbone)
+    with torch.no_grad():
+        for name in net.lora_targets:
+            layer = net.backbone.model.get_submodule(name)
+            delta = sum(dense_delta(layer, t) for t in range(net.num_tasks)) / net.num_tasks
+            merged.model.get_submodule(name).weight.add_(delta)
+    return merged
+
+
+# --- one method, all T, in a child process ------------------------------------------------------
+def _floors(cfg: BenchConfig, backbone: Any, k: int, T: int, x: Any, timer: Callable) -> tuple[float, float]:
+    """Formula floor ``(L - k + T k) / L`` and the measured one (trunk + T x plain tail) in
+    plain-pass units (the latter returned as seconds; divided by the plain pass by the caller)."""
+    import torch
+
+    L = backbone.num_blocks
+    start = L - k
+    with torch.no_grad():
+        h = backbone.run_blocks(backbone.stem(x), 0, start)
+        hh = h.repeat((T,) + (1,) * (h.dim() - 1))
+        trunk_s = timer(lambda: backbone.run_blocks(backbone.stem(x), 0, start))
+        tail_s = timer(lambda: backbone.neck(backbone.run_blocks(hh, start)))
+    return (L - k + T * k) / L, trunk_s + tail_s
+
+
+def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backbone: Any,
+                   repeats: int, warmup: int, device: Any, amp: bool, train: bool,
+                   plain_train_s: float | None) -> dict[str, Any]:
+    """Rows (one per ``T``) of ``method`` on ``cfg``; runs in its own process."""
+    import torch
+
+    torch.manual_seed(0)
+    base_rss = _rss_mb()
+    x = torch.randn(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device)
+    timer = lambda fn: timed(fn, repeats=repeats, warmup=warmup, device=device)  # noqa: E731
+    backbone = backbone.to(device)
+    autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
+
+    def infer(fn: Callable[[], Any]) -> float:
+        def call() -> None:
+            with torch.no_grad(), autocast():
+                fn()
+        return timer(call)
+
+    rows, profiles = [], {}
+    plain_s = infer(lambda: backbone(x))
+    if method == "plain":
+        train_s = None
+        if train:
+            ft = copy.deepcopy(backbone).eval()
+            for p in ft.parameters():
+                p.requires_grad_(True)
+            head = torch.nn.Linear(ft.feature_dim, 2).to(device)
+            opt = torch.optim.AdamW([*ft.parameters(), *head.parameters()], lr=1e-4)
+            y = torch.randint(0, 2, (cfg.batch,), device=device)
+
+            def ft_step() -> None:
+                with autocast():
+                    loss = torch.nn.functional.cross_entropy(head(ft(x)).float(), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            train_s = timer(ft_step)
+        peak = (_peak_rss_mb(), _peak_rss_mb() - base_rss)
+        for T in tasks:
+            rows.append(_row(cfg, method, T, None, plain_s, plain_s, train_s, train_s, peak, device,
+                             floor=1.0, floor_measured=1.0))
+        return {"rows": rows, "profiles": profiles}
+
+    k = int(method.rsplit("k", 1)[1]) if method.startswith("lorax-deep") else None
+    net = _lora_net(cfg, backbone, k if method.startswith("lorax-deep") else None).to(device)
+    for T in tasks:
+        _grow(net, T)
+        net.to(device)
+        net.eval()
+        if method == "reference":
+            fwd = _reference_forward(net, train=False)
+            infer_s = infer(lambda: fwd(x))
+        elif method == "merged":
+            merged = _merged_backbone(net, backbone)
+            head = torch.nn.Linear(merged.feature_dim, 2).to(device)
+            infer_s = infer(lambda: head(merged(x)))
+        else:
+            infer_s = infer(lambda: net(x))
+        floor, floor_measured = 1.0, None
+        if k is not None:
+            floor, floor_s = _floors(cfg, backbone, k, T, x, lambda fn: infer(fn))
+            floor_measured = floor_s / plain_s
+        elif method in ("reference", "lorax"):
+            floor = floor_measured = float(T)
+        train_s = None
+        if train and method != "merged":
+            net.train()
+            fwd = _reference_forward(net, train=True) if method == "reference" else _net_forward(net)
+            step = _Step(net, fwd, x, amp)
+            train_s = timer(step)
+            if T == max(tasks) and method.startswith("lorax"):
+                profiles["train"] = _profile(step)
+        if T == max(tasks) and method.startswith("lorax"):
+            net.eval()
+            with torch.no_grad():
+                profiles["infer"] = _profile(lambda: net(x))
+        peak = (_peak_rss_mb(), _peak_rss_mb() - base_rss)
+        rows.append(_row(cfg, method, T, k, infer_s, plain_s, train_s, plain_train_s, peak, device,
+                         floor=floor, floor_measured=floor_measured))
+    return {"rows": rows, "profiles": profiles}
+
+
+def _profile(fn: Callable[[], Any], top: int = 12) -> str:
+    """``torch.profiler`` summary (self CPU time) of one call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def _row(cfg: BenchConfig, method: str, T: int, k: int | None, infer_s: float, plain_s: float,
+         train_s: float | None, plain_train_s: float | None, peak_mb: tuple[float, float], device: Any, *,
+         floor: float, floor_measured: float | None) -> dict[str, Any]:
+    import torch
+
+    b = cfg.batch
+    return {
+        "config": cfg.name, "method": method, "T": T, "k": "" if k is None else k, "batch": b,
+        "infer_ms_per_image": 1000 * infer_s / b, "infer_images_per_s": b / infer_s,
+        "infer_ratio": infer_s / plain_s, "floor_ratio": floor,
+        "floor_measured_ratio": "" if floor_measured is None else floor_measured,
+        "train_ms_per_image": "" if train_s is None else 1000 * train_s / b,
+        "train_ratio": "" if train_s is None or not plain_train_s else train_s / plain_train_s,
+        "train_peak_rss_mb": peak_mb[0], "train_peak_rss_growth_mb": peak_mb[1],
+        "threads": torch.get_num_threads(), "device": str(device),
+    }
+
+
+def _child_main(conn: Any, cfg: BenchConfig, method: str, tasks: list[int], threads: int,
+                device: str, kwargs: dict[str, Any]) -> None:
+    """Entry of a spawned child: build the backbone, measure one method, send the result."""
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+        backbone = build_backbone(cfg).eval()
+        conn.send({"ok": measure_method(cfg, method, tasks, backbone=backbone,
+                                        device=torch.device(device), **kwargs)})
+    except BaseException as exc:  # reported by the parent
+        import traceback
+
+        conn.send({"error": f"{exc!r}\n{traceback.format_exc()}"})
+
+
+def _in_child(cfg: BenchConfig, method: str, tasks: list[int], *, device: Any,
+              **kwargs: Any) -> dict[str, Any]:
+    """Measure ``method`` in a fresh (spawned) process: its peak RSS is its own, and no thread
+    pool state is inherited."""
+    import multiprocessing as mp
+
+    import torch
+
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child_main, args=(child, cfg, method, list(tasks), torch.get_num_threads(),
+                                                  str(device), kwargs))
+    proc.start()
+    child.close()
+    try:
+        out = parent.recv()
+    except EOFError:
+        proc.join()
+        raise RuntimeError(f"benchmark child for {cfg.name} {method} died (exit code {proc.exitcode})") from None
+    proc.join()
+    if "error" in out:
+        raise RuntimeError(f"benchmark child failed: {out['error']}")
+    return out["ok"]
+
+
+# --- loader throughput ----------------------------------------------------------------------------
+def loader_throughput(cfg: BenchConfig, data_dir: Path, *, workers: int, pin: bool,
+                      batches: int = 4) -> float:
+    """Images/s of the training data pipeline alone (decode + transforms + collate)."""
+    from torch.utils.data import DataLoader
+
+    from lorax_cil.benchmarks.datasets import Sample  # noqa: F401 (layout documented there)
+    from lorax_cil.benchmarks.scenarios import resolve_scenario
+    from lorax_cil.benchmarks.streams import build_cil_benchmark
+    from lorax_cil.benchmarks.transforms import TransformConfig
+
+    scenario = resolve_scenario("synth-easy", data_path=data_dir)
+    bench = build_cil_benchmark(scenario, transform_config=TransformConfig(size=cfg.img_size))
+    ds = bench.train_stream[0].dataset.train()
+    loader = DataLoader(ds, batch_size=cfg.batch, shuffle=True, num_workers=workers,
+                        pin_memory=pin, collate_fn=ds.collate_fn, drop_last=False,
+                        persistent_workers=workers > 0)
+    n, t0, seen = 0, None, 0
+    for epoch in range(100):
+        for batch in loader:
+            if t0 is None:  # the first batch pays for worker start-up
+                t0 = time.perf_counter()
+                continue
+            n += len(batch[0])
+            seen += 1
+            if seen >= batches:
+                return n / (time.perf_counter() - t0)
+    return n / (time.perf_counter() - t0) if n else float("nan")
+
+
+# --- targets ------------------------------------------------------------------------------------
+@dataclass
+class Check:
+    name: str
+    value: float
+    bound: float
+    method: str
+    config: str
+
+    @property
+    def ok(self) -> bool:
+        return math.isfinite(self.value) and self.value <= self.bound
+
+    def line(self) -> str:
+        return (f"{'PASS' if self.ok else 'FAIL'}  {self.config:<18} {self.name}: "
+                f"{self.value:.2f} (bound {self.bound:.2f})")
+
+
+def check_targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[Check]:
+    """The issue's targets at the largest T, from the rows of one config."""
+    T = max(int(r["T"]) for r in rows)
+    at = {(r["method"], int(r["T"])): r for r in rows}
+    checks: list[Check] = []
+    for k in DEEP_KS:
+        r = at.get((f"lorax-deep-k{k}", T))
+        if r is None:
+            continue
+        floor = float(r["floor_ratio"]) if cfg.uniform_blocks else float(r["floor_measured_ratio"])
+        kind = "(L-k+Tk)/L" if cfg.uniform_blocks else "measured trunk + T tails"
+        checks.append(Check(f"inference T={T} k={k} x plain, <= 1.15 x floor {floor:.2f} [{kind}]",
+                            float(r["infer_ratio"]), INFER_SLACK * floor, r["method"], cfg.name))
+    r = at.get((f"lorax-deep-k{DEEP_KS[-1]}", T))
+    if r is not None and r["train_ratio"] != "":
+        checks.append(Check(f"training step T={T} k={DEEP_KS[-1]} x plain fine-tuning step",
+                            float(r["train_ratio"]), TRAIN_BOUND, r["method"], cfg.name))
+    for t in sorted({int(r["T"]) for r in rows}):
+        ref, lx = at.get(("reference", t)), at.get(("lorax", t))
+        if ref and lx:
+            checks.append(Check(f"full-depth lorax inference T={t} / reference", float(lx["infer_ratio"])
+                                / float(ref["infer_ratio"]), 1.0, "lorax", cfg.name))
+            if ref["train_ms_per_image"] != "" and lx["train_ms_per_image"] != "":
+                checks.append(Check(f"full-depth lorax training T={t} / reference",
+                                    float(lx["train_ms_per_image"]) / float(ref["train_ms_per_image"]),
+                                    1.0, "lorax", cfg.name))
+    T1 = min(int(r["T"]) for r in rows)
+    for m in ("lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS]):
+        lo, hi = at.get((m, T1)), at.get((m, T))
+        if lo and hi and T > T1 and lo["train_ms_per_image"] != "":
+            checks.append(Check(f"{m} training peak RSS (process) T={T} / T={T1}",
+                                float(hi["train_peak_rss_mb"]) / float(lo["train_peak_rss_mb"]),
+                                MEMORY_BOUND, m, cfg.name))
+    return checks
+
+
+# --- reports --------------------------------------------------------------------------------------
+def _fmt(v: Any, spec: str = ".2f") -> str:
+    if v in ("", None):
+        return "-"
+    return format(float(v), spec)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = ("| config | method | T | inference ms/img | img/s | x plain | floor | train ms/img "
+            "| x plain FT step | peak RSS MB | growth MB |\n|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [head]
+    for r in rows:
+        floor = r["floor_measured_ratio"] if r["floor_measured_ratio"] != "" else r["floor_ratio"]
+        lines.append(f"| {r['config']} | {r['method']} | {r['T']} | {_fmt(r['infer_ms_per_image'], '.3f')} "
+                     f"| {_fmt(r['infer_images_per_s'], '.1f')} | {_fmt(r['infer_ratio'])} "
+                     f"| {_fmt(floor)} | {_fmt(r['train_ms_per_image'], '.3f')} | {_fmt(r['train_ratio'])} "
+                     f"| {_fmt(r['train_peak_rss_mb'], '.0f')} | {_fmt(r['train_peak_rss_growth_mb'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    """Inference (and training) cost vs T, x plain pass, one panel per config."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(2, len(configs), figsize=(4.2 * len(configs), 7), squeeze=False)
+    for j, c in enumerate(configs):
+        for i, (key, label) in enumerate((("infer_ratio", "inference x plain pass"),
+                                          ("train_ratio", "training x plain fine-tuning step"))):
+            ax = axes[i][j]
+            for m in dict.fromkeys(r["method"] for r in rows if r["config"] == c):
+                pts = [(int(r["T"]), float(r[key])) for r in rows
+                       if r["config"] == c and r["method"] == m and r[key] != ""]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=m)
+            ax.set_title(f"{c}: {label}", fontsize=9)
+            ax.set_xlabel("tasks T")
+            ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+            if i == 0 and j == len(configs) - 1:
+                ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+# --- accuracy trade-off -------------------------------------------------------------------------
+ACC_STRATEGIES = (("lorax", None), ("lorax-deep", 1), ("lorax-deep", 2), ("lorax-deep", 3))
+
+
+def accuracy_tradeoff(out: Path, *, seeds: Sequence[int], per_class: int, epochs: int,
+                      size: int, data_dir: Path | None) -> list[dict[str, Any]]:
+    """Final AA and BWT (multi-real) of lorax (full depth) and lorax-deep k=1,2,3 on synth-long
+    with EfficientNet-Lite0 (ImageNet weights), same data and seeds for every variant."""
+    from lorax_cil.benchmarks.scenarios import resolve_scenario
+    from lorax_cil.benchmarks.synth import synthesize
+    from lorax_cil.training.config import RunConfig, merge_config
+    from lorax_cil.training.runner import Run
+
+    data = data_dir or out / f"synth-long-{size}px-{per_class}"
+    synthesize(data, scenario="synth-long", per_class=per_class, size=size, seed=0)
+    rows = []
+    for seed in seeds:
+        for strategy, k in ACC_STRATEGIES:
+            cfg = merge_config(RunConfig(), {
+                "data": {"scenario": "synth-long", "data_path": str(data), "crop": size},
+                "model": {"backbone": "efficientnet-lite0", "pretrained": True, "lora_r": 16,
+                          "lora_alpha": 16.0, "lora_dropout": 0.0, "adapt_blocks": k},
+                "train": {"strategy": strategy, "epochs": epochs, "batch_size": 32,
+                          "eval_batch_size": 128, "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0,
+                          "min_lr": 1e-5, "memory_size": 24 * per_class // 2, "seed": seed,
+                          "device": "cpu", "checkpoint_every_task": False},
+            }, source="speed benchmark")
+            name = strategy if k is None else f"{strategy}-k{k}"
+            run = Run(cfg, run_dir=out / "accuracy-runs" / f"{name}-s{seed}",
+                      progress=lambda msg: print(f"[accuracy {name} seed {seed}] {msg}", flush=True))
+            run.setup(resolve_scenario("synth-long", data_path=data))
+            s = run.train()
+            rows.append({"method": name, "k": "" if k is None else k, "seed": seed,
+                         "aa": 100 * s["multi_real_aa"], "bwt": 100 * s["multi_real_bwt"],
+                         "train_seconds": s["train_seconds"]})
+    return rows
+
+
+def accuracy_markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| method | k | seeds | final AA (%) | BWT (%) | train s (sum) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        sel = [r for r in rows if r["method"] == m]
+        aa = [float(r["aa"]) for r in sel]
+        bwt = [float(r["bwt"]) for r in sel]
+        sd = lambda v: f" ± {statistics.stdev(v):.1f}" if len(v) > 1 else ""  # noqa: E731
+        lines.append(f"| {m} | {sel[0]['k'] or 'all'} | {len(sel)} | {statistics.mean(aa):.1f}{sd(aa)} "
+                     f"| {statistics.mean(bwt):.1f}{sd(bwt)} | {sum(float(r['train_seconds']) for r in sel):.0f} |")
+    return "\n".join(lines)
+
+
+# --- docs page ------------------------------------------------------------------------------------
+def write_docs(out: Path, docs: Path, *, command: str) -> Path:
+    """docs/performance.md from the CSV / JSON files in ``out`` (and the plot, copied)."""
+    import shutil
+
+    meta = json.loads((out / "speed.json").read_text())
+    rows = _read_csv(out / "speed.csv")
+    img = docs / "img" / "performance-speed.png"
+    img.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(out / "speed.png", img)
+    acc = _read_csv(out / "accuracy.csv") if (out / "accuracy.csv").is_file() else []
+    m = meta["machine"]
+    loader = "\n".join(f"| {c} | {v['workers']} | {v['images_per_s']:.0f} | {v['model_images_per_s']:.0f} |"
+                       for c, v in meta["loader"].items())
+    checks = "\n".join(f"    {line}" for line in meta["checks"])
+    acc_md = (accuracy_markdown(acc) + f"\n\nProduced by `{meta.get('accuracy_command', command)}` "
+              f"(synth-long, EfficientNet-Lite0 with ImageNet weights, {acc[0].get('epochs', '?')} "
+              "epochs per task, rank 16).") if acc else (
+        "Not produced yet: run `python benchmarks/speed.py --accuracy --write-docs`.")
+    gpu = ("GPU figures are pending: no GPU was available when this page was generated. Produce "
+           "them on a CUDA machine with `python benchmarks/speed.py --device cuda --amp "
+           "--write-docs` (bf16 autocast, same configs; larger `--batch-scale` keeps a GPU busy).")
+    if "gpu" in m:
+        gpu = f"The figures above ran on {m['gpu']} (`--device cuda`)."
+    text = f"""# Performance: cost of T task adapters
+
+The official LoRAX runs one full backbone pass per task adapter for every image, so its cost
+grows linearly with the number of generators. This page measures what the toolkit's execution
+costs instead, as a ratio to one plain pass of the frozen backbone measured in the same run.
+
+## How it was produced
+
+```
+{command}
+```
+
+Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']},
+device `{meta['device']}`{' (bf16 autocast)' if meta.get('amp') else ''}. Medians of {meta['repeats']} repeats
+after {meta['warmup']} warm-up call(s); every method runs in its own fresh process (its peak
+resident memory is its own: "peak RSS" is that process's high-water mark, "growth" the part above
+the process after start-up and building the backbone). Timings on a shared machine are noisy; ratios within one run are
+the figures to read. Generated {meta['date']} at commit `{meta['commit']}`.
+
+Configs: {', '.join(f"`{c}` ({v})" for c, v in meta['configs'].items())}.
+
+Methods:
+
+- **plain**: one pass of the frozen backbone (inference floor); training: one fine-tuning step of
+  the whole backbone (forward, backward, AdamW), the training floor;
+- **reference**: one full backbone pass per adapter, switching the active adapter, adapters not
+  merged (`base(x) + B(A(x))`): the official LoRAX execution;
+- **lorax**: the toolkit with adapters on every block: all adapters in one batched pass, frozen
+  adapters folded into the weights (`W + s B A`, cached);
+- **lorax-deep-kN**: adapters on the last N blocks; the frozen trunk runs once per image;
+- **merged**: a single detector holding the mean of the T adapters (one pass).
+
+Training rows are one step of the newest extractor at task T (old extractors frozen, run without
+autograd); ratios are to the plain fine-tuning step. "floor" is `(L - k + T k) / L` for
+backbones with blocks of equal cost, and the measured cost of the trunk once plus T plain tails
+for EfficientNet-Lite0 (its blocks differ in cost).
+
+![cost vs T](img/performance-speed.png)
+
+{markdown_table(rows)}
+
+## Targets at T = {meta['max_T']}
+
+```
+{checks}
+```
+
+{meta.get('profile_note', '')}
+
+## Data loading
+
+Training pipeline alone (PNG decode, transforms, collate) on generated 96 px images, beside the
+model's lorax-deep (k = 3) inference throughput at T = {meta['max_T']} on the same config:
+
+| config | loader workers | loader img/s | model img/s |
+|---|---:|---:|---:|
+{loader}
+
+`train.num_workers` sets the loader workers of training and evaluation; on CUDA the loaders pin
+memory. With a deterministic training transform (no blur, JPEG, flips, and images already at the
+crop size) `lorax-cil train --cache-trunk` computes the trunk once per image and task and trains
+every epoch from the cached outputs.
+
+## Accuracy trade-off
+
+{acc_md}
+
+## GPU
+
+{gpu}
+
+## Choosing k
+
+- Inference and training cost at T tasks is about `(L - k + T k) / L` plain passes: k = 1
+  keeps twelve generators under 2x a plain pass on a 12-block ViT, k = 3 under 4x; full depth
+  (k = L) costs T passes whatever the execution.
+- Start with k = 3 (the `lorax-deep` default); lower k when T is large and throughput matters,
+  raise it when the accuracy table shows the last blocks are not enough for your generators.
+- Memory grows with T only by the adapters, the head and the folded weights of the adapted
+  layers (one weight copy per adapted layer and task; use `lora_fold(cache=False)` to trade it
+  for speed).
+"""
+    path = docs / "performance.md"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _read_csv(path: Path) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(fields))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+
+
+# --- command line -------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
+                   help="backbone configs (default: all)")
+    p.add_argument("--tasks", nargs="+", type=int, default=list(DEFAULT_TASKS), help="values of T")
+    p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
+    p.add_argument("--batch-scale", type=float, default=1.0, help="multiply every config's batch")
+    p.add_argument("--no-train", action="store_true", help="inference only")
+    p.add_argument("--loader-workers", type=int, default=2, help="workers of the loader throughput")
+    p.add_argument("--out", default="benchmarks/results/speed", help="output folder")
+    p.add_argument("--write-docs", action="store_true", help="write docs/performance.md")
+    p.add_argument("--docs", default="docs", help="docs folder for --write-docs")
+    p.add_argument("--accuracy", action="store_true",
+                   help="also run the accuracy trade-off on synth-long (minutes)")
+    p.add_argument("--accuracy-only", action="store_true", help="only the accuracy trade-off")
+    p.add_argument("--acc-seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--acc-per-class", type=int, default=24)
+    p.add_argument("--acc-epochs", type=int, default=2)
+    p.add_argument("--acc-data", default=None, help="synth-long folder (generated when missing)")
+    p.add_argument("--smoke", action="store_true",
+                   help="tiny run (vit-test, T = 1 2, batch 4, 1 repeat): checks the pipeline only")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python benchmarks/speed.py " + " ".join(sys.argv[1:]) if sys.argv[1:] else "python benchmarks/speed.py"
+    if args.smoke:
+        args.configs, args.tasks, args.repeats, args.warmup = ["vit-test"], [1, 2], 1, 0
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda but no CUDA device is available")
+    amp = bool(args.amp) and device.type == "cuda"
+    if not args.accuracy_only:
+        speed(args, out, device, amp, command)
+    if args.accuracy or args.accuracy_only:
+        acc = accuracy_tradeoff(out, seeds=args.acc_seeds, per_class=args.acc_per_class,
+                                epochs=args.acc_epochs, size=96,
+                                data_dir=Path(args.acc_data) if args.acc_data else None)
+        for r in acc:
+            r["epochs"] = args.acc_epochs
+        _write_csv(out / "accuracy.csv", acc, list(acc[0]))
+        print(accuracy_markdown(acc))
+        meta_path = out / "speed.json"
+        if meta_path.is_file():
+            meta = json.loads(meta_path.read_text())
+            meta["accuracy_command"] = command
+            meta_path.write_text(json.dumps(meta, indent=2))
+    if args.write_docs:
+        path = write_docs(out, Path(args.docs), command=command)
+        print(f"wrote {path}")
+    return 0
+
+
+def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: str) -> None:
+    import subprocess
+    import tempfile
+
+    from lorax_cil.benchmarks.synth import synthesize
+
+    tasks = sorted(set(args.tasks))
+    methods = ["plain", "reference", "lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS], "merged"]
+    rows, checks, profiles_out, loader = [], [], [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = synthesize(Path(tmp) / "synth", scenario="synth-easy", per_class=32, size=96, seed=0,
+                          workers=1)
+        for name in args.configs:
+            cfg = CONFIGS[name]
+            batch = max(1, int(round(cfg.batch * args.batch_scale)))
+            if args.smoke:
+                batch = 4
+            cfg = BenchConfig(**{**cfg.__dict__, "batch": batch})
+            crows: list[dict[str, Any]] = []
+            plain_train = None
+            for method in methods:
+                kw = dict(device=device, repeats=args.repeats, warmup=args.warmup, amp=amp,
+                          train=not args.no_train, plain_train_s=plain_train)
+                if args.smoke:  # pipeline check: in-process, the memory column is not per method
+                    res = measure_method(cfg, method, tasks, backbone=build_backbone(cfg).eval(), **kw)
+                else:
+                    res = _in_child(cfg, method, tasks, **kw)
+                if method == "plain" and res["rows"][0]["train_ms_per_image"] != "":
+                    plain_train = float(res["rows"][0]["train_ms_per_image"]) * cfg.batch / 1000
+                crows += res["rows"]
+                last = res["rows"][-1]
+                print(f"[speed] {name:<18} {method:<15} T={last['T']:<3} inference x{last['infer_ratio']:.2f}"
+                      f"  train x{_fmt(last['train_ratio'])}  peak {last['train_peak_rss_mb']:.0f} MB "
+                      f"(+{last['train_peak_rss_growth_mb']:.0f})",
+                      flush=True)
+                crows[-1]["_profiles"] = res["profiles"]
+            cchecks = check_targets(crows, cfg)
+            for c in cchecks:
+                print(c.line(), flush=True)
+                if not c.ok:
+                    prof = next((r.get("_profiles") for r in crows if r["method"] == c.method
+                                 and "_profiles" in r), None)
+                    if prof:
+                        kind = "train" if "training" in c.name else "infer"
+                        text = prof.get(kind, "")
+                        profiles_out.append(f"{c.config} {c.method} ({kind}, T={max(tasks)}), where the time goes:\n{text}")
+                        print(profiles_out[-1], flush=True)
+            checks += cchecks
+            for r in crows:
+                r.pop("_profiles", None)
+            rows += crows
+            deep = [r for r in crows if r["method"] == f"lorax-deep-k{DEEP_KS[-1]}" and int(r["T"]) == max(tasks)]
+            workers = 0 if args.smoke else args.loader_workers
+            lt = loader_throughput(cfg, data, workers=workers, pin=device.type == "cuda",
+                                   batches=2 if args.smoke else 6)
+            loader[name] = {"workers": workers, "images_per_s": lt,
+                            "model_images_per_s": float(deep[0]["infer_images_per_s"]) if deep else float("nan")}
+            print(f"[speed] {name:<18} loader ({workers} workers) {lt:.0f} img/s", flush=True)
+    _write_csv(out / "speed.csv", rows, FIELDS)
+    md = markdown_table(rows)
+    md += "\n\nData loader (training pipeline alone, generated images):\n\n" + "\n".join(
+        f"- {c}: {v['images_per_s']:.0f} img/s with {v['workers']} workers "
+        f"(model, lorax-deep k=3 at T={max(tasks)}: {v['model_images_per_s']:.0f} img/s)" for c, v in loader.items())
+    (out / "speed.md").write_text(md + "\n\nTargets:\n\n" + "\n".join(f"- {c.line()}" for c in checks) + "\n")
+    plot(rows, out / "speed.png")
+    (out / "profiles.txt").write_text("\n\n".join(profiles_out) or "no target missed\n")
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=False).stdout.strip() or "unknown"
+    except OSError:
+        commit = "unknown"
+    meta = {"machine": machine(), "device": str(device), "amp": amp, "repeats": args.repeats,
+            "warmup": args.warmup, "max_T": max(tasks), "date": time.strftime("%Y-%m-%d"),
+            "commit": commit, "checks": [c.line() for c in checks], "loader": loader,
+            "configs": {n: f"{CONFIGS[n].backbone}, {CONFIGS[n].img_size} px, batch "
+                           f"{next(r['batch'] for r in rows if r['config'] == n)}, LoRA rank "
+                           f"{CONFIGS[n].lora_r} on '{CONFIGS[n].targets}'" for n in args.configs},
+            "profile_note": ("Missed targets: the profiles of the methods concerned are in "
+                             "`profiles.txt` next to the CSV and summarised below.\n\n```\n"
+                             + "\n\n".join(p[:3000] for p in profiles_out) + "\n```") if profiles_out else ""}
+    old = out / "speed.json"
+    if old.is_file():
+        prev = json.loads(old.read_text())
+        if "accuracy_command" in prev:
+            meta["accuracy_command"] = prev["accuracy_command"]
+    old.write_text(json.dumps(meta, indent=2))
+    print(f"wrote {out / 'speed.csv'}, {out / 'speed.md'}, {out / 'speed.png'}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="benchmarks/speed.py", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -26,12 +26,12 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 __all__ = [
     "DistInfo", "distributed_session", "env_world_size", "is_distributed", "rank", "world_size",
-    "local_rank", "is_main", "barrier", "broadcast_object", "all_gather_objects", "shard_bounds",
-    "gather_ordered", "local_device", "broadcast_parameters", "allreduce_gradients",
+    "local_rank", "is_main", "barrier", "broadcast_object", "on_main", "all_gather_objects",
+    "shard_bounds", "gather_ordered", "local_device", "broadcast_parameters", "allreduce_gradients",
     "GlobalBatchSampler",
 ]
 
@@ -165,6 +165,26 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj if rank() == src else None]
     _dist().broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any]) -> Any:
+    """``fn()`` computed on rank 0 only (e.g. reading files) and received by every rank; an
+    exception raised there is raised on every rank, with its message."""
+    if not is_distributed():
+        return fn()
+    box: tuple[str, Any] | None = None
+    if is_main():
+        try:
+            box = ("ok", fn())
+        except Exception as exc:  # re-raised below on every rank
+            box = ("error", (type(exc).__name__, str(exc)))
+            broadcast_object(box)
+            raise
+    kind, value = broadcast_object(box)
+    if kind == "error":
+        name, message = value
+        raise RuntimeError(f"rank 0 failed: {name}: {message}")
+    return value
 
 
 def all_gather_objects(obj: Any) -> list[Any]:
@@ -305,7 +325,8 @@ class GlobalBatchSampler:
     """Batch sampler: the global batches of one shuffled epoch, this rank's part of each.
 
     Each epoch draws one permutation of ``n`` indices from ``seed`` (set by :meth:`set_seed`
-    before iterating; identical on every rank), cuts it into global batches of ``batch_size``
+    before iterating; identical on every rank) or from ``generator`` (seeded identically on
+    every rank, used as a ``DataLoader(shuffle=True, generator=...)`` uses it), cuts it into global batches of ``batch_size``
     exactly as a single-process ``DataLoader(shuffle=True)`` with that seed would, and yields
     this rank's contiguous part of every global batch (:func:`shard_bounds`). A rank whose part
     of a short last batch is empty gets the batch's first index as a stand-in and a weight of 0
@@ -319,13 +340,15 @@ class GlobalBatchSampler:
     """
 
     def __init__(self, n: int, batch_size: int, *, rank_: int | None = None,
-                 world: int | None = None, drop_last: bool = False) -> None:
+                 world: int | None = None, drop_last: bool = False,
+                 generator: Any = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         self.n, self.batch_size, self.drop_last = int(n), int(batch_size), bool(drop_last)
         self.rank = rank() if rank_ is None else rank_
         self.world = world_size() if world is None else world
         self.seed: int | None = None
+        self.generator = generator
         self.consume_rng = False
         self.local_counts: list[int] = []
 
@@ -336,10 +359,13 @@ class GlobalBatchSampler:
         """The epoch's global batches (before sharding)."""
         import torch
 
-        if self.seed is None:
+        if self.generator is not None:
+            gen = self.generator
+        elif self.seed is None:
             raise RuntimeError("GlobalBatchSampler.set_seed must be called before each epoch")
-        gen = torch.Generator()
-        gen.manual_seed(self.seed)
+        else:
+            gen = torch.Generator()
+            gen.manual_seed(self.seed)
         perm = torch.randperm(self.n, generator=gen).tolist()
         batches = [perm[i:i + self.batch_size] for i in range(0, self.n, self.batch_size)]
         if self.drop_last and batches and len(batches[-1]) < self.batch_size:

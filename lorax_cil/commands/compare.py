@@ -57,17 +57,23 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from lorax_cil.commands.train import config_from_args
+    """Under torchrun every process trains each run together; rank 0 writes and prints."""
+    from lorax_cil.commands.train import config_from_args, run_device
+    from lorax_cil.distributed import distributed_session, is_main
     from lorax_cil.training.compare import run_comparison
 
     cfg = config_from_args(args)
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     seeds = parse_seeds(args.seeds)
     out = args.out or f"runs/compare-{cfg.data.scenario}"
-    print(f"[compare] {len(strategies)} strategies x {len(seeds)} seeds -> {out}", flush=True)
-    result = run_comparison(cfg, strategies=strategies, seeds=seeds, out=out,
-                            progress=_progress, timing_images=args.timing_images)
-    _print_result(result)
+    with distributed_session(run_device(args)):
+        if is_main():
+            print(f"[compare] {len(strategies)} strategies x {len(seeds)} seeds -> {out}",
+                  flush=True)
+        result = run_comparison(cfg, strategies=strategies, seeds=seeds, out=out,
+                                progress=_progress, timing_images=args.timing_images)
+        if is_main():
+            _print_result(result)
     return 0
 
 

@@ -144,10 +144,16 @@ def _say(msg: str) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    """Train a detector; under torchrun every process trains, rank 0 writes and reports."""
+    from lorax_cil.distributed import distributed_session, is_main
     from lorax_cil.detection.train import train_detector
 
     cfg = detect_config_from_args(args)
-    _, summary = train_detector(cfg, progress=_say)
+    with distributed_session(cfg.train.device):
+        _, summary = train_detector(cfg, progress=_say)
+        main = is_main()
+    if not main:
+        return 0
     p = summary["parameters"]
     print(f"trainable parameters: {p['trainable']:,} of {p['total']:,} "
           f"({100 * p['fraction_with_head']:.4f} % with head, {100 * p['fraction_without_head']:.4f} % without)")

@@ -271,12 +271,17 @@ def _use_amp(amp: str, device: Any) -> bool:
 
 
 def _epoch(det, loader, opt, device, amp: bool, state: dict, max_steps: int | None) -> dict[str, float]:
+    """One epoch; under torchrun the loader's batch sampler is a ``GlobalBatchSampler`` and the
+    gradients are averaged over the ranks before every step."""
     import torch
     from torch.nn import functional as F
 
+    from lorax_cil.distributed import all_gather_objects, allreduce_gradients, is_distributed
+
     det.train()
+    sampler = loader.batch_sampler if is_distributed() else None
     tot = {"loss": 0.0, "bce": 0.0, "balance": 0.0, "n": 0}
-    for x, label in loader:
+    for i, (x, label) in enumerate(loader):
         if max_steps is not None and state["step"] >= max_steps:
             break
         x, y = x.to(device), (label % 2).float().to(device)  # label = 2 * source + is_fake
@@ -286,13 +291,18 @@ def _epoch(det, loader, opt, device, amp: bool, state: dict, max_steps: int | No
         loss = bce + aux.float()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        n = x.shape[0]
+        if sampler is not None:
+            n = sampler.local_counts[i]  # 0 for a stand-in sample
+            allreduce_gradients([p for g in opt.param_groups for p in g["params"]], n)
         opt.step()
         state["step"] += 1
-        n = x.shape[0]
         tot["loss"] += float(loss.detach()) * n
         tot["bce"] += float(bce.detach()) * n
         tot["balance"] += float(aux.detach()) * n
         tot["n"] += n
+    if sampler is not None:  # sums over the ranks
+        tot = {k: sum(t[k] for t in all_gather_objects(tot)) for k in tot}
     n = max(tot.pop("n"), 1)
     return {k: v / n for k, v in tot.items()}
 
@@ -302,22 +312,29 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
 
     The summary holds the calibration threshold and metrics, the parameter report and the
     per-epoch history. Everything is written to ``cfg.out``.
+
+    Under torchrun each global batch of ``train.batch_size`` images (the batch one process
+    would draw) is split over the ranks and the gradients are averaged; rank 0 calibrates
+    and writes the detector folder.
     """
     import torch
     from torch.utils.data import DataLoader
 
     from lorax_cil.benchmarks.datasets import ImageSampleDataset
     from lorax_cil.benchmarks.images import DataIssues
+    from lorax_cil import distributed as dist
     from lorax_cil.benchmarks.transforms import build_transform
     from lorax_cil.utils import seed_everything
 
     say = progress or (lambda msg: logger.info("%s", msg))
+    if not dist.is_main():
+        say = lambda msg: logger.debug("%s", msg)  # noqa: E731
     t = cfg.train
     if t.epochs < 1 or t.batch_size < 1 or not t.lr > 0:
         raise ValueError("train.epochs and train.batch_size must be >= 1 and train.lr > 0")
     out = Path(cfg.out)
     seed_everything(t.seed)
-    device = resolve_device(t.device)
+    device = dist.local_device(resolve_device(t.device))
     scenario, per_source = load_source_samples(cfg.data)
     det = build_detector(cfg).to(device)
     issues = DataIssues()
@@ -330,11 +347,18 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
         f"{report['total']:,} parameters ({100 * report['fraction_with_head']:.4f} % incl. head); "
         f"{len(flat_train)} training and {len(flat_calib)} calibration images from {scenario.task_names}")
     gen = torch.Generator().manual_seed(t.seed)
-    loader = DataLoader(ImageSampleDataset(flat_train, transform=build_transform(tcfg, train=True),
-                                           strict=cfg.data.strict_data, issues=issues),
-                        batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
-                        generator=gen, drop_last=len(flat_train) > t.batch_size)
+    data = ImageSampleDataset(flat_train, transform=build_transform(tcfg, train=True),
+                              strict=cfg.data.strict_data, issues=issues)
+    drop_last = len(flat_train) > t.batch_size
+    if dist.is_distributed():
+        sampler = dist.GlobalBatchSampler(len(data), t.batch_size, drop_last=drop_last,
+                                          generator=gen)
+        loader = DataLoader(data, batch_sampler=sampler, num_workers=t.num_workers, generator=gen)
+    else:
+        loader = DataLoader(data, batch_size=t.batch_size, shuffle=True, num_workers=t.num_workers,
+                            generator=gen, drop_last=drop_last)
     opt = torch.optim.AdamW(det.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    dist.broadcast_parameters([p for g in opt.param_groups for p in g["params"]])
     amp, state, history = _use_amp(t.amp, device), {"step": 0}, []
     for epoch in range(t.epochs):
         t0 = time.perf_counter()
@@ -345,13 +369,21 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
             f"balance {rec['balance']:.4f}), {rec['seconds']:.1f} s")
         if t.max_steps is not None and state["step"] >= t.max_steps:
             break
-    calib = _calibrate(det, flat_calib, cfg, tcfg, device, issues)
+    def calibrate() -> tuple[dict[str, Any], float, dict[str, Any]]:
+        res = _calibrate(det, flat_calib, cfg, tcfg, device, issues)
+        return res, det.threshold, det.calibration
+
+    calib, det.threshold, det.calibration = dist.on_main(calibrate)  # rank 0 scores
     say(f"threshold {det.threshold:.4f} ({t.threshold_rule} on {len(flat_calib)} calibration images): "
         f"calibration AP {calib['metrics']['ap']:.4f}, acc@thr {calib['metrics']['acc@thr']:.4f}")
     training = {"config": cfg.to_dict(), "sources": scenario.to_dict()["tasks"], "history": history,
                 "steps": state["step"], "transform": dataclasses.asdict(tcfg), "amp": amp,
                 "device": str(device)}
-    _save(det, out, cfg, scenario, (train_s, calib_s), training, calib.pop("scores"), issues)
+    training["world_size"] = dist.world_size()
+    scores = calib.pop("scores")
+    if dist.is_main():
+        _save(det, out, cfg, scenario, (train_s, calib_s), training, scores, issues)
+    dist.barrier()
     return det, {"threshold": det.threshold, "calibration": calib, "parameters": report,
                  "history": history, "out": str(out)}
 

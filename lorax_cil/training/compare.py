@@ -17,6 +17,10 @@ Outputs in ``<out>/``::
     comparison.json     caption, protocol and table records
     average_accuracy.png, matrices.png   seed-mean multi-real curves and final matrices
 
+Under ``torchrun`` every process trains each run together (strategies of the LoRAX family
+only); rank 0 decides whether a run is reused or resumed, reads the finished runs, times
+inference and writes the outputs; the other processes return ``None``.
+
 Inference milliseconds per image are measured in this process, on the final checkpoint of each
 run, on the same evaluation images for every strategy, after one warm-up batch (fastest of three
 timed passes).
@@ -84,7 +88,7 @@ class Comparison:
 def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence[int],
                    out: str | Path, scenario: Any = None,
                    progress: Callable[[str], None] | None = None,
-                   timing_images: int = 128) -> Comparison:
+                   timing_images: int = 128) -> Comparison | None:
     """Run (or reuse) every strategy for every seed and write the comparison.
 
     Args:
@@ -101,31 +105,55 @@ def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence
         ValueError: unknown strategy, no seed, a strategy that cannot run on the backbone, or a
             run directory made with another configuration.
     """
+    from lorax_cil import distributed as dist
     from lorax_cil.benchmarks.scenarios import resolve_scenario
 
     say = progress or (lambda msg: logger.info("%s", msg))
+    if not dist.is_main():
+        say = lambda msg: logger.debug("%s", msg)  # noqa: E731
     strategies, seeds = _check_lists(strategies, seeds)
+    if dist.is_distributed():
+        _check_distributed(strategies)
     cfg = _absolute_data_path(cfg)
     if scenario is None:
         d = cfg.data
         scenario = resolve_scenario(d.scenario, data_path=d.data_path, tasks=d.tasks)
     backbone = _preflight(cfg, strategies)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    images = _timing_images(cfg, backbone, scenario, timing_images)
+    main = dist.is_main()
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+    images = _timing_images(cfg, backbone, scenario, timing_images) if main else None
     rows, matrices = [], {}
     for s in strategies:
         for k in seeds:
             run_cfg = merge_config(cfg, {"train": {"strategy": s, "seed": int(k)},
                                          "out": str(out / s / f"seed{k}")}, source="compare")
             status = obtain_run(run_cfg, Path(run_cfg.out), scenario, say)
+            if not main:
+                continue
             row, R = _collect(run_cfg, Path(run_cfg.out), images)
             row["status"] = status
             rows.append(row)
             matrices.setdefault(s, []).append(R)
             say(f"{s} seed {k}: {status}; AA {100 * row['aa']:.2f}%, "
                 f"{row['infer_ms']:.3f} ms/img")
-    return _write_outputs(cfg, scenario, strategies, seeds, rows, matrices, out)
+    result = _write_outputs(cfg, scenario, strategies, seeds, rows, matrices, out) if main else None
+    dist.barrier()
+    return result
+
+
+def _check_distributed(strategies: Sequence[str]) -> None:
+    """Refuse, before any training, strategies that cannot train with several processes."""
+    from lorax_cil.training.builtin_strategies import _lorax_family
+    from lorax_cil.training.registry import get_strategy
+
+    bad = [s for s in strategies if get_strategy(s).builder is not _lorax_family]
+    if bad:
+        raise ValueError(f"strategies {bad} cannot train with several processes (torchrun); "
+                         "distributed comparisons cover lorax, lorax-deep, lorax-mole, finetune "
+                         "and finetune-replay: run the others with one process (finished runs "
+                         "are reused when the comparison is run again)")
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -177,10 +205,12 @@ def obtain_run(cfg: RunConfig, run_dir: Path, scenario: Any,
         ValueError: ``run_dir`` holds a run made with a different configuration, or files that
             are not a run.
     """
+    from lorax_cil import distributed as dist
     from lorax_cil.training.registry import apply_preset, get_strategy
     from lorax_cil.training.runner import Run, resume_run
 
-    state = _run_state(run_dir, apply_preset(cfg), scenario)
+    # rank 0 reads the run directory and decides; every rank follows (no shared disk needed)
+    state = dist.on_main(lambda: _run_state(run_dir, apply_preset(cfg), scenario))
     if state == "finished":
         return "reused"
     progress = (lambda m: say(f"{cfg.train.strategy} seed {cfg.train.seed}: {m}"))
@@ -191,7 +221,9 @@ def obtain_run(cfg: RunConfig, run_dir: Path, scenario: Any,
             resume_run(run_dir, overrides=runtime, progress=progress).train()
             return "resumed"
         say(f"{cfg.train.strategy} cannot resume: training {run_dir} again from the start")
-        shutil.rmtree(run_dir)
+        if dist.is_main():
+            shutil.rmtree(run_dir)
+        dist.barrier()
     run = Run(cfg, run_dir=run_dir, progress=progress)
     run.setup(scenario)
     run.train()

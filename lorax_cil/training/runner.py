@@ -456,11 +456,11 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
     from lorax_cil.training.checkpoint import load_checkpoint
     from lorax_cil.training.config import merge_config
 
-    loaded = None
-    if dist.is_main():  # rank 0 reads the checkpoint; the other ranks receive it
+    def read() -> tuple[Path, dict, dict]:
         folder = latest_checkpoint(run_dir)
-        loaded = (folder, *load_checkpoint(folder))
-    folder, tensors, meta = dist.broadcast_object(loaded)
+        return (folder, *load_checkpoint(folder))
+
+    folder, tensors, meta = dist.on_main(read)  # rank 0 reads; the other ranks receive it
     cfg = RunConfig.from_dict(meta["config"], source=str(folder / "meta.json"))
     if overrides:
         cfg = merge_config(cfg, overrides, source="command line")

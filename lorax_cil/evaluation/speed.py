@@ -88,6 +88,24 @@ def timed(fn: Callable[[], Any], *, repeats: int, warmup: int, device: Any) -> f
     return statistics.median(times)
 
 
+def timed_pair(fn: Callable[[], Any], ref: Callable[[], Any], *, repeats: int, warmup: int,
+               device: Any) -> tuple[float, float]:
+    """Median seconds of ``fn`` and of ``ref``, called alternately (load drift on a shared
+    machine hits both alike, so their ratio is stable)."""
+    for _ in range(warmup):
+        fn()
+        ref()
+    a, b = [], []
+    for _ in range(repeats):
+        for f, out in ((fn, a), (ref, b)):
+            _sync(device)
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(a), statistics.median(b)
+
+
 def _rss_mb() -> float:
     import psutil
 
@@ -196,44 +214,51 @@ def _merged_backbone(net: Any, backbone: Any) -> Any:
 
 
 # --- one method, all T, in a child process ------------------------------------------------------
-def _floors(cfg: BenchConfig, backbone: Any, k: int, T: int, x: Any, timer: Callable) -> tuple[float, float]:
-    """Formula floor ``(L - k + T k) / L`` and the measured one (trunk + T x plain tail) in
-    plain-pass units (the latter returned as seconds; divided by the plain pass by the caller)."""
-    import torch
+def _floor_s(backbone: Any, k: int, T: int, x: Any, pair: Callable) -> tuple[float, float]:
+    """Seconds of the structural floor (the trunk once + T plain tails, no adapters) and of the
+    plain pass timed alternately with it."""
+    start = backbone.num_blocks - k
+    h = backbone.run_blocks(backbone.stem(x), 0, start)
+    hh = h.repeat((T,) + (1,) * (h.dim() - 1))
 
-    L = backbone.num_blocks
-    start = L - k
-    with torch.no_grad():
-        h = backbone.run_blocks(backbone.stem(x), 0, start)
-        hh = h.repeat((T,) + (1,) * (h.dim() - 1))
-        trunk_s = timer(lambda: backbone.run_blocks(backbone.stem(x), 0, start))
-        tail_s = timer(lambda: backbone.neck(backbone.run_blocks(hh, start)))
-    return (L - k + T * k) / L, trunk_s + tail_s
+    def floor() -> None:
+        backbone.run_blocks(backbone.stem(x), 0, start)
+        backbone.neck(backbone.run_blocks(hh, start))
+
+    return pair(floor)
 
 
 def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backbone: Any,
                    repeats: int, warmup: int, device: Any, amp: bool, train: bool,
                    plain_train_s: float | None) -> dict[str, Any]:
-    """Rows (one per ``T``) of ``method`` on ``cfg``; runs in its own process."""
+    """Rows (one per ``T``) of ``method`` on ``cfg``; runs in its own process.
+
+    Every timing is taken alternately with the plain frozen pass, and reported relative to it;
+    ``plain_train_s`` is the plain fine-tuning step in plain-pass units (from the ``plain`` run).
+    """
     import torch
 
     torch.manual_seed(0)
     base_rss = _rss_mb()
     x = torch.randn(cfg.batch, 3, cfg.img_size, cfg.img_size, device=device)
-    timer = lambda fn: timed(fn, repeats=repeats, warmup=warmup, device=device)  # noqa: E731
     backbone = backbone.to(device)
     autocast = lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
 
-    def infer(fn: Callable[[], Any]) -> float:
+    def no_grad(fn: Callable[[], Any]) -> Callable[[], None]:
         def call() -> None:
             with torch.no_grad(), autocast():
                 fn()
-        return timer(call)
+        return call
+
+    plain = no_grad(lambda: backbone(x))
+
+    def pair(fn: Callable[[], Any]) -> tuple[float, float]:
+        return timed_pair(fn, plain, repeats=repeats, warmup=warmup, device=device)
 
     rows, profiles = [], {}
-    plain_s = infer(lambda: backbone(x))
     if method == "plain":
-        train_s = None
+        plain_s, _ = pair(plain)
+        ft_rel = None
         if train:
             ft = copy.deepcopy(backbone).eval()
             for p in ft.parameters():
@@ -249,40 +274,43 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
                 opt.step()
                 opt.zero_grad(set_to_none=True)
 
-            train_s = timer(ft_step)
+            ft_s, p_s = pair(ft_step)
+            ft_rel = ft_s / p_s
         peak = (_peak_rss_mb(), _peak_rss_mb() - base_rss)
         for T in tasks:
-            rows.append(_row(cfg, method, T, None, plain_s, plain_s, train_s, train_s, peak, device,
+            rows.append(_row(cfg, method, T, None, plain_s, plain_s, ft_rel, ft_rel, peak, device,
                              floor=1.0, floor_measured=1.0))
         return {"rows": rows, "profiles": profiles}
 
     k = int(method.rsplit("k", 1)[1]) if method.startswith("lorax-deep") else None
-    net = _lora_net(cfg, backbone, k if method.startswith("lorax-deep") else None).to(device)
+    net = _lora_net(cfg, backbone, k).to(device)
     for T in tasks:
         _grow(net, T)
         net.to(device)
         net.eval()
         if method == "reference":
             fwd = _reference_forward(net, train=False)
-            infer_s = infer(lambda: fwd(x))
+            infer_s, plain_s = pair(no_grad(lambda: fwd(x)))
         elif method == "merged":
             merged = _merged_backbone(net, backbone)
             head = torch.nn.Linear(merged.feature_dim, 2).to(device)
-            infer_s = infer(lambda: head(merged(x)))
+            infer_s, plain_s = pair(no_grad(lambda: head(merged(x))))
         else:
-            infer_s = infer(lambda: net(x))
+            infer_s, plain_s = pair(no_grad(lambda: net(x)))
         floor, floor_measured = 1.0, None
         if k is not None:
-            floor, floor_s = _floors(cfg, backbone, k, T, x, lambda fn: infer(fn))
-            floor_measured = floor_s / plain_s
+            with torch.no_grad(), autocast():
+                f_s, p_s = _floor_s(backbone, k, T, x, pair)
+            floor, floor_measured = (backbone.num_blocks - k + T * k) / backbone.num_blocks, f_s / p_s
         elif method in ("reference", "lorax"):
             floor = floor_measured = float(T)
-        train_s = None
+        train_rel = None
         if train and method != "merged":
             net.train()
             fwd = _reference_forward(net, train=True) if method == "reference" else _net_forward(net)
             step = _Step(net, fwd, x, amp)
-            train_s = timer(step)
+            t_s, p_s = pair(step)
+            train_rel = t_s / p_s
             if T == max(tasks) and method.startswith("lorax"):
                 profiles["train"] = _profile(step)
         if T == max(tasks) and method.startswith("lorax"):
@@ -290,7 +318,7 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
             with torch.no_grad():
                 profiles["infer"] = _profile(lambda: net(x))
         peak = (_peak_rss_mb(), _peak_rss_mb() - base_rss)
-        rows.append(_row(cfg, method, T, k, infer_s, plain_s, train_s, plain_train_s, peak, device,
+        rows.append(_row(cfg, method, T, k, infer_s, plain_s, train_rel, plain_train_s, peak, device,
                          floor=floor, floor_measured=floor_measured))
     return {"rows": rows, "profiles": profiles}
 
@@ -306,18 +334,21 @@ def _profile(fn: Callable[[], Any], top: int = 12) -> str:
 
 
 def _row(cfg: BenchConfig, method: str, T: int, k: int | None, infer_s: float, plain_s: float,
-         train_s: float | None, plain_train_s: float | None, peak_mb: tuple[float, float], device: Any, *,
-         floor: float, floor_measured: float | None) -> dict[str, Any]:
+         train_rel: float | None, plain_train_rel: float | None, peak_mb: tuple[float, float],
+         device: Any, *, floor: float, floor_measured: float | None) -> dict[str, Any]:
+    """One CSV row; ``train_rel`` and ``plain_train_rel`` are in units of the plain pass timed
+    alongside them, so the training time per image is ``train_rel * plain_s / batch``."""
     import torch
 
     b = cfg.batch
+    train_s = None if train_rel is None else train_rel * plain_s
     return {
         "config": cfg.name, "method": method, "T": T, "k": "" if k is None else k, "batch": b,
         "infer_ms_per_image": 1000 * infer_s / b, "infer_images_per_s": b / infer_s,
         "infer_ratio": infer_s / plain_s, "floor_ratio": floor,
         "floor_measured_ratio": "" if floor_measured is None else floor_measured,
         "train_ms_per_image": "" if train_s is None else 1000 * train_s / b,
-        "train_ratio": "" if train_s is None or not plain_train_s else train_s / plain_train_s,
+        "train_ratio": "" if train_rel is None or not plain_train_rel else train_rel / plain_train_rel,
         "train_peak_rss_mb": peak_mb[0], "train_peak_rss_growth_mb": peak_mb[1],
         "threads": torch.get_num_threads(), "device": str(device),
     }
@@ -780,7 +811,8 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
                 else:
                     res = _in_child(cfg, method, tasks, **kw)
                 if method == "plain" and res["rows"][0]["train_ms_per_image"] != "":
-                    plain_train = float(res["rows"][0]["train_ms_per_image"]) * cfg.batch / 1000
+                    r0 = res["rows"][0]  # the fine-tuning step in plain-pass units
+                    plain_train = float(r0["train_ms_per_image"]) / float(r0["infer_ms_per_image"])
                 crows += res["rows"]
                 last = res["rows"][-1]
                 print(f"[speed] {name:<18} {method:<15} T={last['T']:<3} inference x{last['infer_ratio']:.2f}"

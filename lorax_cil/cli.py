@@ -15,7 +15,7 @@ from lorax_cil import __version__
 __all__ = ["main", "build_parser"]
 
 #: Modules under ``lorax_cil.commands`` that each define ``register(subparsers)``.
-COMMAND_MODULES = ("data", "train", "demo", "detect", "compare", "predict", "bench")
+COMMAND_MODULES = ("data", "train", "demo", "detect", "merge", "compare", "predict", "bench")
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
 

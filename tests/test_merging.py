@@ -296,11 +296,11 @@ def test_rank_truncation_keeps_exactly_q_singular_values():
 
 def test_plain_mean_keys_and_bias_option():
     keys = ["blocks.0.norm1.weight", "norm.bias", "transformer.resblocks.0.ln_1.weight", "ln_post.bias",
-            "encoder.LayerNorm.weight", "bn1.weight", "blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias",
-            "attn.in_proj_bias", "linear.weight"]
-    assert plain_mean_keys(keys) == keys[:6]
+            "encoder.LayerNorm.weight", "bn1.weight", "_blocks.3._bn0.bias", "blocks.0.attn.qkv.weight",
+            "blocks.0.attn.qkv.bias", "attn.in_proj_bias", "linear.weight", "_blocks.3._expand_conv.weight"]
+    assert plain_mean_keys(keys) == keys[:7]
     biases = ["blocks.0.attn.qkv.bias", "attn.in_proj_bias"]
-    assert plain_mean_keys(keys, exclude_biases=True) == keys[:6] + biases
+    assert plain_mean_keys(keys, exclude_biases=True) == keys[:7] + biases
     tvs = make_tvs(3)
     res = r2m(tvs, exclude_biases=True)
     torch.testing.assert_close(res.task_vector["blocks.0.attn.qkv.bias"],

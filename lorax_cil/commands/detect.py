@@ -206,7 +206,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"{r['generator'][:21]:<22}{str(r['group'])[:17]:<18}{r['ap']:7.4f}{r['acc@0.5']:8.4f}"
               f"{r['acc@thr']:8.4f}{r['real_acc@thr']:7.3f}{r['fake_acc@thr']:7.3f}"
               f"{r['n_real']:8d}{r['n_fake']:8d}")
-    print(f"threshold {res['threshold']:.4f} (calibrated on source training data); outputs in {args.out}")
+    how = ((meta.get("merge") or {}).get("threshold") or {}).get("description", "calibrated on source training data")
+    print(f"threshold {res['threshold']:.4f} ({how}); outputs in {args.out}")
     return 0
 
 

@@ -5,7 +5,12 @@ single output unit (``sigmoid(logit) = P(fake)``) and no divergence head. The ad
 
 * ``"mole"``: a MoLE adapter (shared LoRA + routed LoRA experts) on the last ``k`` blocks;
 * ``"lora"``: one plain LoRA of rank ``lora_rank`` on the same layers;
-* ``"linear-probe"``: no adapter (UnivFD's linear probe on frozen features).
+* ``"linear-probe"``: no adapter (UnivFD's linear probe on frozen features);
+* ``"full"``: full fine-tuning of the last ``k`` blocks and the neck (a trainable copy of their
+  weights; the frozen backbone is untouched);
+* ``"merged"``: no adapter, and some backbone weights replaced by merged ones (written by
+  ``lorax-cil merge``: ``theta_0 + tau*`` folded into the backbone, one pass per image). Not
+  trainable with ``detect train``.
 
 The frozen first ``L - k`` blocks run without autograd. The decision threshold is chosen on a
 calibration split of the source training data and travels with the saved detector.
@@ -15,6 +20,9 @@ Detector files are checkpoint folders (:mod:`lorax_cil.training.checkpoint`):
 as ``extractor.0.<layer>.<param>``; ``meta.json`` records how to rebuild the backbone, a
 fingerprint of its weights, the adapter configuration, the threshold, the training sources and
 the data manifest. :func:`load_detector` rebuilds everything and checks the fingerprint.
+A merged detector also stores its replaced backbone tensors as ``backbone.<name>``; the recorded
+fingerprint is then the one of the *base* weights ``theta_0`` (checked before the replacement),
+and ``meta["backbone_weights"]`` lists the replaced names and the fingerprint after replacement.
 """
 
 from __future__ import annotations
@@ -51,10 +59,14 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-ADAPTERS = ("mole", "lora", "linear-probe")
+#: adapters ``detect train`` trains.
+ADAPTERS = ("mole", "lora", "linear-probe", "full")
+#: the adapter kind of detectors written by ``lorax-cil merge`` (merged weights folded in).
+MERGED = "merged"
 DETECTOR_KIND = "lorax-cil/detector"
 DETECTOR_VERSION = 1
-_EXTRACTOR = {"mole": "mole", "lora": "lora", "linear-probe": "frozen"}
+_EXTRACTOR = {"mole": "mole", "lora": "lora", "linear-probe": "frozen", "full": "full", MERGED: "frozen"}
+_BACKBONE_PREFIX = "backbone."
 
 
 @dataclass(frozen=True)
@@ -105,9 +117,10 @@ class AdapterConfig:
     """Which adapter the detector trains.
 
     Attributes:
-        kind: ``mole``, ``lora`` or ``linear-probe``.
+        kind: ``mole``, ``lora``, ``linear-probe``, ``full`` or ``merged``.
         mole: MoLE ranks, targets, adapted blocks, balance weight. For ``lora`` its ``targets``,
-            ``blocks``, ``alpha`` and ``dropout`` place the plain LoRA on the same layers.
+            ``blocks``, ``alpha`` and ``dropout`` place the plain LoRA on the same layers; for
+            ``full`` its ``blocks`` are the fine-tuned last blocks.
         lora_rank: rank of the plain LoRA (``kind="lora"``).
     """
 
@@ -116,7 +129,7 @@ class AdapterConfig:
     lora_rank: int = 8
 
     def __post_init__(self) -> None:
-        if self.kind not in ADAPTERS:
+        if self.kind not in (*ADAPTERS, MERGED):
             raise ValueError(f"adapter must be one of {list(ADAPTERS)}, got {self.kind!r}")
         if not isinstance(self.lora_rank, int) or self.lora_rank < 1:
             raise ValueError(f"lora_rank must be a positive int, got {self.lora_rank!r}")
@@ -161,8 +174,12 @@ class Detector(nn.Module):
         self.recipe = recipe
         self.threshold = float(threshold)
         self.calibration: dict[str, Any] = {}
+        #: replaced backbone tensors (``merged`` detectors) and the fingerprint of ``theta_0``.
+        self.backbone_overrides: dict[str, torch.Tensor] = {}
+        self.base_fingerprint: str | None = None
         kind, m = self.adapter.kind, self.adapter.mole
-        blocks = None if kind == "linear-probe" or m.blocks is None else min(m.blocks, backbone.num_blocks)
+        frozen = kind in ("linear-probe", MERGED)
+        blocks = None if frozen or m.blocks is None else min(m.blocks, backbone.num_blocks)
         self.net = ExpandableNet(
             backbone=backbone,
             extractor=_EXTRACTOR[kind],
@@ -229,7 +246,7 @@ class Detector(nn.Module):
 
     def parameter_report(self) -> dict[str, Any]:
         """Trainable (adapter, head) and total parameter counts and the trainable fractions."""
-        adapter = self.net.extractor_parameter_count(0) if self.adapter.kind != "linear-probe" else 0
+        adapter = self.net.extractor_parameter_count(0) if self.net.extractor != "frozen" else 0
         head = sum(p.numel() for p in self.head.parameters())
         total = sum(p.numel() for p in self.parameters())
         return {
@@ -273,11 +290,22 @@ class Detector(nn.Module):
         """Dense weight updates of the adapter keyed like :meth:`base_state_dict`.
 
         ``lora``: ``scaling * B @ A`` per adapted layer (``<layer>.weight``), so the adapted
-        backbone is ``theta0 + delta`` exactly. ``linear-probe``: ``{}``. ``mole`` has no dense
-        equivalent (top-1 routing is token-dependent) and raises ``ValueError``.
+        backbone is ``theta0 + delta`` exactly. ``full``: the fine-tuned copy minus ``theta0``
+        for every parameter of the adapted blocks and the neck (BatchNorm running statistics
+        are buffers: see :meth:`tail_buffers`). ``linear-probe``: ``{}``. ``mole`` has no dense
+        equivalent (top-1 routing is token-dependent) and raises ``ValueError``; so does
+        ``merged`` (its weights are already folded in).
         """
         if self.adapter.kind == "linear-probe":
             return {}
+        if self.adapter.kind == MERGED:
+            raise ValueError("a merged detector has no adapter: its merged weights are folded into the "
+                             "backbone; merge its sources instead")
+        if self.adapter.kind == "full":
+            base = dict(self.backbone.model.named_parameters())
+            copy = self.net.extractors[0]
+            tensors = copy.tensors()
+            return {n: (tensors[n].detach() - base[n].detach()).float() for n in copy.param_names}
         if self.adapter.kind == "mole":
             raise ValueError(
                 "a MoLE detector routes every token to one expert, so its update has no dense "
@@ -286,6 +314,41 @@ class Detector(nn.Module):
             )
         model = self.backbone.model
         return {f"{n}.weight": dense_delta(model.get_submodule(n), 0) for n in self.targets}
+
+    def tail_buffers(self) -> dict[str, torch.Tensor]:
+        """``full``: the fine-tuned copy's floating-point buffers (BatchNorm running statistics,
+        updated by training), keyed like :meth:`base_state_dict`; ``{}`` for other adapters."""
+        if self.adapter.kind != "full":
+            return {}
+        copy = self.net.extractors[0]
+        tensors = copy.tensors()
+        return {n: tensors[n].detach() for n in copy.buffer_names if torch.is_floating_point(tensors[n])}
+
+    def set_backbone_weights(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Replace backbone tensors (names as in :meth:`base_state_dict`) by merged ones.
+
+        Only for ``merged`` detectors. The fingerprint of the weights before the first
+        replacement (``theta_0``) is kept in :attr:`base_fingerprint`.
+
+        Raises:
+            ValueError: another adapter kind, an unknown name, or a shape mismatch.
+        """
+        if self.adapter.kind != MERGED:
+            raise ValueError(f"set_backbone_weights is for merged detectors, not adapter {self.adapter.kind!r}")
+        state = self.backbone.model.state_dict()
+        for k, v in weights.items():
+            if k not in state:
+                raise ValueError(f"backbone weight {k!r} does not exist in {self.backbone.spec.name!r} "
+                                 f"(sample of names: {list(state)[:5]})")
+            if tuple(state[k].shape) != tuple(v.shape):
+                raise ValueError(f"backbone weight {k!r}: shape {tuple(v.shape)} given, "
+                                 f"{tuple(state[k].shape)} expected")
+        if self.base_fingerprint is None:
+            self.base_fingerprint = backbone_fingerprint(self)
+        with torch.no_grad():
+            for k, v in weights.items():
+                state[k].copy_(v.to(state[k].device, state[k].dtype))
+                self.backbone_overrides[k] = state[k].detach().cpu().clone()
 
     def architecture(self) -> dict[str, Any]:
         return self.net.architecture()
@@ -309,8 +372,12 @@ def save_detector(
     *,
     training: Mapping[str, Any] | None = None,
     data_manifest: Mapping[str, Any] | None = None,
+    merge: Mapping[str, Any] | None = None,
 ) -> Path:
-    """Write ``detector`` as a checkpoint folder (safetensors + JSON, see the module doc)."""
+    """Write ``detector`` as a checkpoint folder (safetensors + JSON, see the module doc).
+
+    ``merge`` (JSON-serialisable) records how a merged detector was made (``meta["merge"]``).
+    """
     from lorax_cil.training.checkpoint import save_checkpoint
 
     if detector.recipe is None:
@@ -325,7 +392,7 @@ def save_detector(
             "name": s.name, "family": s.family, "weights": s.weights,
             "feature_dim": s.feature_dim, "input_size": s.input_size, "num_blocks": s.num_blocks,
             "mean": list(s.mean), "std": list(s.std), "interpolation": s.interpolation,
-            "fingerprint_sha256": backbone_fingerprint(detector),
+            "fingerprint_sha256": detector.base_fingerprint or backbone_fingerprint(detector),
         },
         "adapter": detector.adapter.to_dict(),
         "targets": detector.targets,
@@ -338,7 +405,14 @@ def save_detector(
         "training": dict(training or {}),
         "data_manifest": dict(data_manifest or {}),
     }
-    return save_checkpoint(folder, detector.learned_state_dict(), meta)
+    tensors = detector.learned_state_dict()
+    if detector.backbone_overrides:
+        meta["backbone_weights"] = {"replaced": sorted(detector.backbone_overrides),
+                                    "fingerprint_sha256": backbone_fingerprint(detector)}
+        tensors.update({_BACKBONE_PREFIX + k: v for k, v in detector.backbone_overrides.items()})
+    if merge is not None:
+        meta["merge"] = dict(merge)
+    return save_checkpoint(folder, tensors, meta)
 
 
 def read_detector_meta(folder: str | os.PathLike) -> dict[str, Any]:
@@ -394,6 +468,16 @@ def load_detector(
                 "from the one the detector was trained on (fingerprint mismatch); pass the "
                 "original backbone or weights file"
             )
-    det.load_learned_state_dict(tensors)
+    replaced = {k[len(_BACKBONE_PREFIX):]: v for k, v in tensors.items() if k.startswith(_BACKBONE_PREFIX)}
+    if replaced:
+        det.base_fingerprint = meta["backbone"]["fingerprint_sha256"] if check_fingerprint else None
+        listed = (meta.get("backbone_weights") or {}).get("replaced")
+        if listed != sorted(replaced):
+            raise CheckpointError(f"{folder}: the replaced backbone tensors differ from those meta.json lists")
+        det.set_backbone_weights(replaced)
+        if check_fingerprint and backbone_fingerprint(det) != meta["backbone_weights"]["fingerprint_sha256"]:
+            raise CheckpointError(f"{folder}: the merged backbone weights do not match their recorded "
+                                  "fingerprint")
+    det.load_learned_state_dict({k: v for k, v in tensors.items() if not k.startswith(_BACKBONE_PREFIX)})
     det.calibration = dict(meta.get("calibration", {}))
     return det.to(device).eval()

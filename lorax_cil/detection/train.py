@@ -86,7 +86,9 @@ class DetectModelConfig:
         img_size: input resolution override.
         backbone_options: further keyword options of the backbone factory, e.g.
             ``{global_pool: avg}`` for timm ViTs or ``{pool_type: avg}`` for open_clip towers.
-        adapter: ``mole``, ``lora`` or ``linear-probe``.
+        adapter: ``mole``, ``lora``, ``linear-probe`` or ``full`` (full fine-tuning of the last
+            ``blocks`` blocks and the neck; the specialists ``lorax-cil merge`` takes are ``lora``
+            or ``full``).
         blocks: adapt the last ``blocks`` blocks (``None``: all).
         targets: ``mlp``, ``mlp-in``, ``mlp-out``, ``attn`` or ``attn+mlp``.
         shared_rank: MoLE shared LoRA rank (0 = none).
@@ -229,10 +231,13 @@ def load_source_samples(cfg: DetectDataConfig) -> tuple[Any, list[list[Any]]]:
 # --------------------------------------------------------------------------- model
 def build_detector(cfg: DetectConfig):
     """The untrained detector described by ``cfg.model`` (backbone seeded by ``train.seed``)."""
-    from lorax_cil.detection.model import AdapterConfig, BackboneRecipe, Detector
+    from lorax_cil.detection.model import ADAPTERS, AdapterConfig, BackboneRecipe, Detector
     from lorax_cil.models.mole import MoleSpec
 
     m = cfg.model
+    if m.adapter not in ADAPTERS:
+        raise ValueError(f"model.adapter must be one of {list(ADAPTERS)}, got {m.adapter!r} (merged "
+                         "detectors are written by 'lorax-cil merge', not trained)")
     pretrained = False if m.weights else m.pretrained  # a local weights file replaces downloads
     recipe = BackboneRecipe(name=m.backbone, pretrained=pretrained, weights=m.weights,
                             img_size=m.img_size, seed=cfg.train.seed, options=dict(m.backbone_options))

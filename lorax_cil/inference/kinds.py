@@ -135,6 +135,9 @@ class DetectorPredictor(Predictor):
         source = (f"calibrated ({cal.get('rule')}, on {cal.get('n_real')} real + "
                   f"{cal.get('n_fake')} fake held-out source training images)" if cal
                   else "saved with the detector (not calibrated)")
+        merge = meta.get("merge") or {}
+        if merge:  # a merged detector says how its threshold was set
+            source = f"merged detector: {(merge.get('threshold') or {}).get('description', source)}"
         training = meta.get("training") or {}
         identity = ModelIdentity(
             model_id=Path(folder).resolve().name, model_kind=str(meta.get("kind")),
@@ -142,6 +145,8 @@ class DetectorPredictor(Predictor):
             data_manifest_sha256=(meta.get("data_manifest") or {}).get("listing_sha256"),
             config_sha256=config_hash(training.get("config")),
             details={"adapter": det.adapter.kind, "backbone": bb.get("name"),
+                     **({"merge_method": merge.get("method"),
+                         "merged_from": [x.get("name") for x in merge.get("sources", [])]} if merge else {}),
                      "backbone_weights": bb.get("weights"),
                      "sources": [s.get("name") for s in training.get("sources", [])]},
         )

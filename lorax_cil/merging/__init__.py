@@ -35,6 +35,11 @@ _EXPORTS = {
     "dare_drop": "methods",
     "ties_trim": "methods",
     "r2m": "r2m_merge",
+    "Specialist": "detectors",
+    "load_specialist": "detectors",
+    "merge_specialists": "detectors",
+    "build_merged_detector": "detectors",
+    "merge_detector_folders": "detectors",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -47,8 +47,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: Normalisation-layer affine parameters (LayerNorm ``norm1``/``ln_1``/``LayerNorm``, BatchNorm ``bn1``).
-NORM_PATTERN = r"(?i)(^|\.)([^.]*norm[^.]*|ln(_[^.]+|\d+)?|bn\d*)\.(weight|bias)$"
+#: Normalisation-layer affine parameters (LayerNorm ``norm1``/``ln_1``/``LayerNorm``, BatchNorm
+#: ``bn1`` and EfficientNet's ``_bn0``).
+NORM_PATTERN = r"(?i)(^|\.)([^.]*norm[^.]*|ln(_[^.]+|\d+)?|_?bn\d*)\.(weight|bias)$"
 #: Every bias (``.bias``, ``in_proj_bias``).
 BIAS_PATTERN = r"(^|[._])bias$"
 #: Attention / MLP modules whose 2-D weights are rank-truncated (timm, open_clip, HF names).

@@ -277,6 +277,18 @@ def _detector_protocol_section(meta: Mapping) -> str:
     return "## Protocol\n\n" + _table(rows, ("", "")) + "\n"
 
 
+def _merge_section(merge: Mapping) -> str:
+    rows = [("method", f"`{merge.get('method')}`"),
+            ("options", ", ".join(f"{k}={v}" for k, v in (merge.get("options") or {}).items()) or "none"),
+            ("threshold", (merge.get("threshold") or {}).get("description"))]
+    rows += [(f"source `{s.get('name')}`", f"{s.get('adapter')} detector `{s.get('path')}`, tensors "
+              f"SHA-256 `{s.get('tensors_sha256')}`, threshold {_fmt(s.get('threshold'))}")
+             for s in merge.get("sources", [])]
+    return ("## Merge\n\nMade by `lorax-cil merge` from specialists trained from the same backbone "
+            "weights; the merged backbone weights are folded in, the head is the mean of the "
+            "specialists' heads.\n\n" + _table(rows, ("", "")) + "\n")
+
+
 def detector_model_card(folder: str | os.PathLike) -> str:
     """The Markdown card of a binary detector folder (see the module doc)."""
     from lorax_cil.detection.model import read_detector_meta
@@ -309,7 +321,12 @@ def detector_model_card(folder: str | os.PathLike) -> str:
         "post-processing; AP/AUC do not depend on it.",
         "A binary detector does not attribute: `prediction` is only `fake` or `real`.",
     ]
-    return (_header(folder.resolve().name, folder) + _detector_model_section(meta) + data
+    merge = meta.get("merge")
+    if merge:
+        limits.append("A merged detector was not trained: its weights combine the specialists' "
+                      "(method and sources above); measure it with `lorax-cil detect eval`.")
+    return (_header(folder.resolve().name, folder) + _detector_model_section(meta)
+            + (_merge_section(merge) if merge else "") + data
             + _detector_protocol_section(meta) + metric_text
             + "## Known limits\n\n" + "".join(f"- {x}\n" for x in limits))
 

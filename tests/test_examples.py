@@ -18,6 +18,7 @@ EXAMPLES = {
     "custom_strategy.py": [],
     "predict_folder.py": ["--make-demo-run", "--model", "demo-run"],
     "mole_detector.py": ["--out", "mole-out"],
+    "merge_specialists.py": ["--out", "merge-out"],
 }
 
 
@@ -50,3 +51,7 @@ def test_example_runs(script, tmp_path):
     if script == "mole_detector.py":
         assert "trained:" in proc.stdout and "AP " in proc.stdout
         assert (tmp_path / "mole-out/detector/MODEL_CARD.md").is_file()
+    if script == "merge_specialists.py":
+        assert "AUC" in proc.stdout and "(held out)" in proc.stdout
+        assert "then added 'jpeg-blocks': ['nn-upsample', 'spectral-peaks', 'jpeg-blocks']" in proc.stdout
+        assert (tmp_path / "merge-out/merged-r2m+add/gram/meta.json").is_file()

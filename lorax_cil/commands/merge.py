@@ -135,7 +135,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
         add_from=args.from_dir, threshold=args.threshold, calibrate=args.calibrate,
         calibrate_split=args.calibrate_split, threshold_rule=args.threshold_rule,
         batch_size=args.batch_size, overwrite=args.overwrite,
-        progress=lambda msg: print(f"[merge] {msg}", flush=True))
-    print(json.dumps({k: summary[k] for k in ("method", "options", "sources", "threshold", "out")},
-                     sort_keys=True))
+        progress=None if getattr(args, "quiet", False) else lambda msg: print(f"[merge] {msg}", flush=True))
+    if not getattr(args, "quiet", False):
+        print(json.dumps({k: summary[k] for k in ("method", "options", "sources", "threshold", "out")},
+                         sort_keys=True))
     return 0

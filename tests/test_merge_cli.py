@@ -225,6 +225,9 @@ def test_errors_name_the_folder_or_option(zoo, tmp_path, capsys):
     assert "is itself a merge" in err
     err = _error(capsys, "--add", a, "--from", zoo["beta"], "--out", tmp_path / "x")
     assert "not a merged one" in err
+    assert main(["-q", "detect", "train", "--source", f"alpha={zoo['data'] / 'alpha'}", "--backbone",
+                 "vit-test", "--no-pretrained", "--adapter", "merged", "--out", str(tmp_path / "t")]) == 2
+    assert "written by 'lorax-cil merge'" in capsys.readouterr().err
 
 
 def test_lora_variants_and_tampered_or_changed_files_are_refused(zoo, tmp_path, capsys):

@@ -10,19 +10,18 @@ version are checked; tensors are checksum-verified by the loader):
 - `lorax-cil/merge-result` (a saved merge: task vector and head, no backbone) is refused with a
   message saying so.
 
-A new model kind (e.g. the merged detector that ``lorax-cil merge`` will write) plugs in by
-registering a loader, ``fn(folder, meta, *, device) -> Predictor``, for the ``kind`` its
-``meta.json`` records::
+A new model kind plugs in by registering a loader, ``fn(folder, meta, *, device) -> Predictor``,
+for the ``kind`` its ``meta.json`` records::
 
     from lorax_cil.inference import register_model_kind
 
-    @register_model_kind("lorax-cil/merged-detector")
-    def load_merged(folder, meta, *, device="cpu"):
+    @register_model_kind("my-org/my-model")
+    def load_mine(folder, meta, *, device="cpu"):
         ...
 
 and, so that ``load`` finds it without the caller importing it first, by adding the module to
-:data:`BUILTIN_KIND_MODULES`. A merged detector written in the detector format (``kind``
-``lorax-cil/detector``) needs nothing at all.
+:data:`BUILTIN_KIND_MODULES`. Merged detectors (``lorax-cil merge``) are written in the detector
+format (``kind`` ``lorax-cil/detector``, adapter ``merged``) and need nothing at all.
 """
 
 from __future__ import annotations

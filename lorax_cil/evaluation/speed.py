@@ -635,7 +635,9 @@ costs instead, as a ratio to one plain pass of the frozen backbone measured in t
 
 Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']},
 device `{meta['device']}`{' (bf16 autocast)' if meta.get('amp') else ''}. Medians of {meta['repeats']} repeats
-after {meta['warmup']} warm-up call(s); every method runs in its own fresh process (its peak
+after {meta['warmup']} warm-up call(s); every timed call alternates with a plain frozen pass, and
+each ratio divides by the median of those plain passes (load drift on a shared machine hits both
+alike). Every method runs in its own fresh process (its peak
 resident memory is its own: "peak RSS" is that process's high-water mark, "growth" the part above
 the process after start-up and building the backbone). Timings on a shared machine are noisy; ratios within one run are
 the figures to read. Generated {meta['date']} at commit `{meta['commit']}`.
@@ -648,8 +650,9 @@ Methods:
   the whole backbone (forward, backward, AdamW), the training floor;
 - **reference**: one full backbone pass per adapter, switching the active adapter, adapters not
   merged (`base(x) + B(A(x))`): the official LoRAX execution;
-- **lorax**: the toolkit with adapters on every block: all adapters in one batched pass, frozen
-  adapters folded into the weights (`W + s B A`, cached);
+- **lorax**: the toolkit with adapters on every block: adapters batched in groups (all at once
+  on CUDA; on CPU as many as keep the repeated trunk output under 16 MB), frozen adapters folded
+  into the weights (`W + s B A`, cached);
 - **lorax-deep-kN**: adapters on the last N blocks; the frozen trunk runs once per image;
 - **merged**: a single detector holding the mean of the T adapters (one pass).
 
@@ -663,6 +666,11 @@ for EfficientNet-Lite0 (its blocks differ in cost).
 {markdown_table(rows)}
 
 ## Targets at T = {meta['max_T']}
+
+A call of `vit-test` or EfficientNet-Lite0 takes milliseconds; on a loaded machine a single
+outlier decides a median of few repeats (a ratio far from 1 at T = 1, where the reference and
+full-depth lorax do the same work, is such an outlier). Read those rows with that in mind and
+re-run with more `--repeats` on a quiet machine; the ViT-B/16 rows take seconds per call.
 
 ```
 {checks}

@@ -200,6 +200,32 @@ def test_cache_trunk_flag_sets_the_config():
     assert config_from_args(args).train.cache_trunk is True
 
 
+def test_timed_pair_repeats_short_calls_and_alternates_with_the_reference():
+    """Each timed sample repeats a short call until it lasts min_time; calls alternate with ref."""
+    import time
+
+    from lorax_cil.evaluation.speed import timed_pair
+
+    calls = []
+
+    def fast():
+        calls.append("f")
+
+    def slow():
+        calls.append("r")
+        time.sleep(0.004)
+
+    f_s, r_s = timed_pair(fast, slow, repeats=3, warmup=1, device=torch.device("cpu"), min_time=0.02)
+    assert calls[:2] == ["f", "r"]  # warm-up, then one calibration call each
+    timed = calls[4:]
+    assert timed.count("r") >= 3 * 2  # 0.02 s / (>= 0.004 s per call): several per sample
+    assert timed.count("f") > timed.count("r")  # the fast call needs many more per sample
+    assert 0 < f_s < r_s
+    calls.clear()
+    timed_pair(fast, slow, repeats=2, warmup=0, device=torch.device("cpu"))  # min_time 0: one call each
+    assert calls == ["f", "r", "f", "r"]
+
+
 # --- benchmark smoke run ------------------------------------------------------------------------
 def test_speed_benchmark_smoke(tmp_path):
     out = tmp_path / "speed"

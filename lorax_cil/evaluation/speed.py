@@ -74,35 +74,39 @@ def _sync(device: Any) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed(fn: Callable[[], Any], *, repeats: int, warmup: int, device: Any) -> float:
-    """Median wall seconds of ``fn()`` over ``repeats`` calls after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
+def _loops(fn: Callable[[], Any], device: Any, min_time: float) -> int:
+    """Calls of ``fn`` per timed sample so that one sample lasts at least ``min_time`` seconds
+    (as ``timeit``'s autorange: millisecond calls are otherwise dominated by timer and scheduler
+    noise)."""
+    if min_time <= 0:
+        return 1
     _sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    once = max(time.perf_counter() - t0, 1e-6)
+    return max(1, math.ceil(min_time / once))
 
 
 def timed_pair(fn: Callable[[], Any], ref: Callable[[], Any], *, repeats: int, warmup: int,
-               device: Any) -> tuple[float, float]:
-    """Median seconds of ``fn`` and of ``ref``, called alternately (load drift on a shared
-    machine hits both alike, so their ratio is stable)."""
+               device: Any, min_time: float = 0.0) -> tuple[float, float]:
+    """Median seconds per call of ``fn`` and of ``ref``, sampled alternately (load drift on a
+    shared machine hits both alike, so their ratio is stable). Each sample runs a function enough
+    times to last ``min_time`` seconds and is divided by that count."""
     for _ in range(warmup):
         fn()
         ref()
+    loops = {id(f): _loops(f, device, min_time) for f in (fn, ref)}
     a, b = [], []
     for _ in range(repeats):
         for f, out in ((fn, a), (ref, b)):
+            n = loops[id(f)]
             _sync(device)
             t0 = time.perf_counter()
-            f()
+            for _ in range(n):
+                f()
             _sync(device)
-            out.append(time.perf_counter() - t0)
+            out.append((time.perf_counter() - t0) / n)
     return statistics.median(a), statistics.median(b)
 
 
@@ -230,7 +234,7 @@ def _floor_s(backbone: Any, k: int, T: int, x: Any, pair: Callable) -> tuple[flo
 
 def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backbone: Any,
                    repeats: int, warmup: int, device: Any, amp: bool, train: bool,
-                   plain_train_s: float | None) -> dict[str, Any]:
+                   plain_train_s: float | None, min_time: float = 0.0) -> dict[str, Any]:
     """Rows (one per ``T``) of ``method`` on ``cfg``; runs in its own process.
 
     Every timing is taken alternately with the plain frozen pass, and reported relative to it;
@@ -253,7 +257,8 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
     plain = no_grad(lambda: backbone(x))
 
     def pair(fn: Callable[[], Any]) -> tuple[float, float]:
-        return timed_pair(fn, plain, repeats=repeats, warmup=warmup, device=device)
+        return timed_pair(fn, plain, repeats=repeats, warmup=warmup, device=device,
+                          min_time=min_time)
 
     rows, profiles = [], {}
     if method == "plain":
@@ -635,8 +640,9 @@ costs instead, as a ratio to one plain pass of the frozen backbone measured in t
 
 Machine: {m['cpu']}, {m['cores']} cores, {m['threads']} torch threads, torch {m['torch']},
 device `{meta['device']}`{' (bf16 autocast)' if meta.get('amp') else ''}. Medians of {meta['repeats']} repeats
-after {meta['warmup']} warm-up call(s); every timed call alternates with a plain frozen pass, and
-each ratio divides by the median of those plain passes (load drift on a shared machine hits both
+after {meta['warmup']} warm-up call(s); a timed sample repeats a call until it lasts at least
+{meta.get('min_time', 0)} s and divides by the count; every sample alternates with a sample of the plain
+frozen pass, and each ratio divides by the median of those plain passes (load drift on a shared machine hits both
 alike). Every method runs in its own fresh process (its peak
 resident memory is its own: "peak RSS" is that process's high-water mark, "growth" the part above
 the process after start-up and building the backbone). Timings on a shared machine are noisy; ratios within one run are
@@ -667,10 +673,10 @@ for EfficientNet-Lite0 (its blocks differ in cost).
 
 ## Targets at T = {meta['max_T']}
 
-A call of `vit-test` or EfficientNet-Lite0 takes milliseconds; on a loaded machine a single
-outlier decides a median of few repeats (a ratio far from 1 at T = 1, where the reference and
-full-depth lorax do the same work, is such an outlier). Read those rows with that in mind and
-re-run with more `--repeats` on a quiet machine; the ViT-B/16 rows take seconds per call.
+A call of `vit-test` or EfficientNet-Lite0 takes milliseconds; the timed samples repeat such
+calls (`--min-time`) so that timer and scheduler noise averages out. On a loaded machine the
+ratios still move by some percent between runs; re-run with more `--repeats` on a quiet machine
+where a check sits near its bound.
 
 ```
 {checks}
@@ -736,6 +742,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", nargs="+", type=int, default=list(DEFAULT_TASKS), help="values of T")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls")
+    p.add_argument("--min-time", type=float, default=0.2,
+                   help="seconds per timed sample: short calls are repeated and averaged (0: one call)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
@@ -813,7 +821,8 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
             plain_train = None
             for method in methods:
                 kw = dict(device=device, repeats=args.repeats, warmup=args.warmup, amp=amp,
-                          train=not args.no_train, plain_train_s=plain_train)
+                          train=not args.no_train, plain_train_s=plain_train,
+                          min_time=0.0 if args.smoke else args.min_time)
                 if args.smoke:  # pipeline check: in-process, the memory column is not per method
                     res = measure_method(cfg, method, tasks, backbone=build_backbone(cfg).eval(), **kw)
                 else:
@@ -864,7 +873,7 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
     except OSError:
         commit = "unknown"
     meta = {"machine": machine(), "device": str(device), "amp": amp, "repeats": args.repeats,
-            "warmup": args.warmup, "max_T": max(tasks), "date": time.strftime("%Y-%m-%d"),
+            "warmup": args.warmup, "min_time": args.min_time, "max_T": max(tasks), "date": time.strftime("%Y-%m-%d"),
             "commit": commit, "checks": [c.line() for c in checks], "loader": loader,
             "configs": {n: f"{CONFIGS[n].backbone}, {CONFIGS[n].img_size} px, batch "
                            f"{next(r['batch'] for r in rows if r['config'] == n)}, LoRA rank "

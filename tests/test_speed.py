@@ -64,6 +64,35 @@ def test_fold_cache_is_invalidated_when_an_adapter_changes():
     torch.testing.assert_close(folded, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_fold_cache_is_bounded_and_past_the_bound_adapters_run_unfolded():
+    from lorax_cil.models.lora import fold_cache_bytes, set_fold_cache_limit
+
+    net = lora_net().eval()
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad(), lora_fold(False):
+        ref = net(x)
+    per_task = sum(layer.base.weight.numel() * 4 for layer in net._lora_layers)
+    previous = set_fold_cache_limit(0)
+    try:
+        for layer in net._lora_layers:
+            layer.clear_fold_cache()
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
+        assert all(not layer._fold_cache for layer in net._lora_layers)
+        set_fold_cache_limit(1.5 * per_task / 2**20)  # room for one task's folded weights
+        with torch.no_grad():
+            torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
+        cached = sum(layer._fold_cache_nbytes() for layer in net._lora_layers)
+        assert 0 < cached <= 1.5 * per_task and cached <= fold_cache_bytes()
+        assert any(len(layer._fold_cache) < 3 for layer in net._lora_layers)
+        with pytest.raises(ValueError, match="fold cache limit"):
+            set_fold_cache_limit(-1)
+    finally:
+        set_fold_cache_limit(previous)
+        for layer in net._lora_layers:
+            layer.clear_fold_cache()
+
+
 def test_folded_conv_group_equals_unfolded():
     torch.manual_seed(0)
     layer = MultiLoRAConv2d(nn.Conv2d(6, 8, 3, padding=1))

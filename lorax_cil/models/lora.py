@@ -21,6 +21,12 @@ recomputed when the base or adapter weights change (tensor version counters, sto
 dtype). Training of the newest adapter (autograd on, dropout active) never folds.
 :func:`lora_fold` switches folding (and its cache) off or on within a context.
 
+A folded weight is a full copy of the layer's weight per adapter, so the cache is bounded: all
+layers together keep at most :data:`FOLD_CACHE_MB` (default 512 MB; environment variable
+``LORAX_CIL_FOLD_CACHE_MB`` or :func:`set_fold_cache_limit`). Past the bound an adapter runs unfolded (``base(x) + B(A(x))``,
+still without autograd), which costs ``r (d_in + d_out)`` extra per token instead of a copy of
+the weight; results are the same either way.
+
 A regex target matches a module when it fully matches the module's qualified name or a dotted
 suffix of it (``attn\\.(qk|v)`` matches ``blocks.3.attn.qk`` but not ``blocks.3.attn.qkv``).
 """
@@ -31,7 +37,9 @@ import contextlib
 import contextvars
 import logging
 import math
+import os
 import re
+import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
@@ -46,6 +54,8 @@ __all__ = [
     "MultiLoRAConv2d",
     "lora_group",
     "lora_fold",
+    "set_fold_cache_limit",
+    "fold_cache_bytes",
     "lora_layers",
     "inject_lora",
     "add_lora_adapter",
@@ -218,6 +228,42 @@ def lora_fold(enabled: bool = True, *, cache: bool = True) -> Iterator[None]:
         _FOLD.reset(token)
 
 
+#: Bound, in MB, of the folded weights cached by all LoRA layers of the process together
+#: (environment variable ``LORAX_CIL_FOLD_CACHE_MB`` at import, or :func:`set_fold_cache_limit`).
+def _env_fold_cache_mb() -> float:
+    raw = os.environ.get("LORAX_CIL_FOLD_CACHE_MB", "512")
+    try:
+        mb = float(raw)
+    except ValueError:
+        mb = float("nan")
+    if not mb >= 0:
+        raise ValueError(f"LORAX_CIL_FOLD_CACHE_MB must be a number of MB >= 0, got {raw!r}")
+    return mb
+
+
+FOLD_CACHE_MB = _env_fold_cache_mb()
+_CACHING_LAYERS: "weakref.WeakSet[MultiLoRALayer]" = weakref.WeakSet()
+
+
+def set_fold_cache_limit(mb: float) -> float:
+    """Set the bound (MB) on cached folded weights over all layers; returns the previous one.
+
+    ``0`` caches nothing (frozen adapters then run unfolded); ``float("inf")`` removes the bound.
+    Entries cached before the change are kept until their layer's cache is cleared.
+    """
+    global FOLD_CACHE_MB
+    mb = float(mb)
+    if not mb >= 0:
+        raise ValueError(f"fold cache limit must be >= 0 MB, got {mb}")
+    previous, FOLD_CACHE_MB = FOLD_CACHE_MB, mb
+    return previous
+
+
+def fold_cache_bytes() -> int:
+    """Bytes held by the folded-weight caches of all live LoRA layers."""
+    return sum(layer._fold_cache_nbytes() for layer in list(_CACHING_LAYERS))
+
+
 def _fold_key(*tensors: torch.Tensor) -> tuple:
     return tuple((t._version, t.data_ptr(), t.device, t.dtype) for t in tensors)
 
@@ -309,18 +355,35 @@ class MultiLoRALayer(nn.Module):
 
     def folded_weight(self, index: int) -> torch.Tensor:
         """``base.weight + scaling * B A`` of adapter ``index`` (cached while the weights stand)."""
+        w = self._cached_fold(index, fold_anyway=True)
+        assert w is not None
+        return w
+
+    def _cached_fold(self, index: int, *, fold_anyway: bool) -> torch.Tensor | None:
+        """The folded weight from the cache, or computed (and cached while the process-wide
+        bound allows). ``None`` when it is neither cached nor cacheable and ``fold_anyway`` is
+        false: the caller then runs the adapter unfolded, cheaper than folding on every call."""
         a = self.adapters[index]
         key = _fold_key(self.base.weight, a.lora_A.weight, a.lora_B.weight) + (a.scaling,)
-        hit = self._fold_cache.get(index)
+        hit = self._fold_cache.pop(index, None)
         if hit is not None and hit[0] == key:
+            self._fold_cache[index] = hit
             return hit[1]
+        policy = _FOLD.get()
+        weight = self.base.weight
+        cacheable = policy.cache and (
+            fold_cache_bytes() + weight.numel() * weight.element_size() <= FOLD_CACHE_MB * 2**20)
+        if not (cacheable or fold_anyway or not policy.cache):
+            return None
         with torch.no_grad():
-            w = self.base.weight + self.delta_weight(index).to(self.base.weight.dtype)
-        if _FOLD.get().cache:
+            w = weight + self.delta_weight(index).to(weight.dtype)
+        if cacheable:
             self._fold_cache[index] = (key, w)
-        else:
-            self._fold_cache.pop(index, None)
+            _CACHING_LAYERS.add(self)
         return w
+
+    def _fold_cache_nbytes(self) -> int:
+        return sum(w.numel() * w.element_size() for _, w in self._fold_cache.values())
 
     def clear_fold_cache(self) -> None:
         """Drop every cached folded weight."""
@@ -330,11 +393,12 @@ class MultiLoRALayer(nn.Module):
         raise NotImplementedError
 
     def _forward_folded(self, x: torch.Tensor, group: tuple[int | None, ...]) -> torch.Tensor:
-        weights = [self.base.weight if g is None else self.folded_weight(g) for g in group]
-        if len(group) == 1:
-            return self._apply_weight(x, weights[0])
-        chunks = x.chunk(len(group), dim=0)
-        return torch.cat([self._apply_weight(xi, w) for xi, w in zip(chunks, weights)], dim=0)
+        weights = [self.base.weight if g is None else self._cached_fold(g, fold_anyway=False)
+                   for g in group]
+        chunks = x.chunk(len(group), dim=0) if len(group) > 1 else (x,)
+        outs = [self._apply_weight(xi, w) if w is not None else self.base(xi) + self.adapters[g](xi)
+                for xi, w, g in zip(chunks, weights, group)]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
 
 
 class MultiLoRALinear(MultiLoRALayer):

@@ -1,4 +1,4 @@
-"""Small shared helpers: seeding, atomic file writes, hashing."""
+"""Small shared helpers: seeding, devices, atomic file writes, hashing."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["seed_everything", "atomic_write_bytes", "atomic_write_text", "write_json", "sha256_file"]
+__all__ = ["seed_everything", "resolve_device", "resolve_amp", "atomic_write_bytes", "atomic_write_text", "write_json", "sha256_file"]
 
 
 def seed_everything(seed: int) -> None:
@@ -29,6 +29,31 @@ def seed_everything(seed: int) -> None:
         torch.manual_seed(seed)
     except ImportError:  # pragma: no cover - torch is a hard dependency
         pass
+
+
+def resolve_device(name: str) -> Any:
+    """A ``torch.device``: ``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"train.device={name!r} but no CUDA device is available")
+    return dev
+
+
+def resolve_amp(amp: Any, device: Any) -> bool:
+    """Whether to run bfloat16 autocast: only on CUDA; ``auto`` when the GPU supports bf16,
+    else the flag (``true``/``false``, ``1``/``0``, ``yes``/``no`` or a bool)."""
+    import torch
+
+    text = str(amp).strip().lower()
+    if text not in ("auto", "true", "1", "yes", "false", "0", "no"):
+        raise ValueError(f"amp must be auto, true or false, got {amp!r}")
+    if torch.device(device).type != "cuda" or text in ("false", "0", "no"):
+        return False
+    return torch.cuda.is_bf16_supported() if text == "auto" else True
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:

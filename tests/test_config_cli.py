@@ -91,3 +91,18 @@ def test_cli_errors_are_clear(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
     assert main(["train", "--scenario", "cddb-medium", "--data-path", str(tmp_path)]) == 2
     assert "unknown scenario 'cddb-medium'" in capsys.readouterr().err
+
+
+def test_amp_and_device_flags_resolve_or_fail_clearly():
+    import torch
+
+    from lorax_cil.utils import resolve_amp, resolve_device
+
+    cpu = torch.device("cpu")
+    assert [resolve_amp(v, cpu) for v in ("auto", True, "true", "no")] == [False] * 4  # CPU: never
+    with pytest.raises(ValueError, match="amp must be auto, true or false, got 'maybe'"):
+        resolve_amp("maybe", cpu)
+    assert resolve_device("cpu") == cpu
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")

@@ -17,7 +17,7 @@ _REPLACED = ("strategy", "seed")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from lorax_cil.commands.train import FLAGS
+    from lorax_cil.commands.train import add_run_flags
 
     p = sub.add_parser(
         "compare", help="run several strategies and seeds under one protocol; one table",
@@ -31,17 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="output folder (default: runs/compare-<scenario>)")
     p.add_argument("--timing-images", type=int, default=128,
                    help="evaluation images timed per final model (default: 128)")
-    p.add_argument("--config", help="YAML config file (flags override it)")
-    for flag, (section, key, typ) in FLAGS.items():
-        if flag not in _REPLACED:
-            p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None,
-                           help=f"sets {section}.{key}")
-    p.add_argument("--tasks", nargs="+", default=None,
-                   help="for --scenario custom: task names or name=path pairs")
-    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights")
-    p.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="set any config key, e.g. --set baselines.ewc_lambda=100 (repeatable)")
+    add_run_flags(p, exclude=_REPLACED)
     p.set_defaults(func=cmd_compare)
 
 

@@ -38,10 +38,13 @@ FLAGS: dict[str, tuple[str, str, Any]] = {
 }
 
 
-def add_run_flags(p: argparse.ArgumentParser) -> None:
-    """The flags shared by `train` and `compare` (each maps onto one config key)."""
+def add_run_flags(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) -> None:
+    """The flags shared by `train` and `compare` (each maps onto one config key); ``exclude``
+    names flags of :data:`FLAGS` the command replaces."""
     p.add_argument("--config", help="YAML config file (flags override it)")
     for flag, (section, key, typ) in FLAGS.items():
+        if flag in exclude:
+            continue
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=typ, default=None,
                        help=f"sets {section}.{key}")
     p.add_argument("--tasks", nargs="+", default=None,
@@ -49,7 +52,8 @@ def add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-pretrained", action="store_true", help="random backbone weights")
     p.add_argument("--strict-data", action="store_true", help="fail on unreadable images")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="set any config key, e.g. --set train.warmup_epochs=1 (repeatable)")
+                   help="set any config key, e.g. --set train.warmup_epochs=1 or "
+                        "--set baselines.ewc_lambda=100 (repeatable)")
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -23,11 +23,13 @@ import dataclasses
 import json
 import logging
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
+
+from lorax_cil.utils import resolve_amp, resolve_device
 
 __all__ = [
     "DetectDataConfig",
@@ -182,23 +184,10 @@ def _coerce(where: str, value: Any, current: Any) -> Any:
 
 def merge_detect_config(base: DetectConfig, updates: Mapping[str, Any], *, source: str) -> DetectConfig:
     """``base`` updated by a nested mapping (a new object); unknown sections or keys raise."""
-    out = DetectConfig(data=dataclasses.replace(base.data), model=dataclasses.replace(base.model),
-                       train=dataclasses.replace(base.train), out=base.out)
-    for section, values in updates.items():
-        if section == "out":
-            out.out = str(values)
-            continue
-        if section not in _SECTIONS:
-            raise ValueError(f"{source}: unknown section {section!r}; valid: {', '.join([*_SECTIONS, 'out'])}")
-        if not isinstance(values, Mapping):
-            raise ValueError(f"{source}: section {section!r} must be a mapping")
-        obj = getattr(out, section)
-        valid = {f.name for f in fields(obj)}
-        for key, value in values.items():
-            if key not in valid:
-                raise ValueError(f"{source}: unknown key {section}.{key}; valid keys: {', '.join(sorted(valid))}")
-            setattr(obj, key, _coerce(f"{source}: {section}.{key}", value, getattr(obj, key)))
-    return out
+    from lorax_cil.training.config import merge_sections
+
+    return merge_sections(base, updates, sections=_SECTIONS, source=source,
+                          coerce=lambda sec, key, value, cur, src: _coerce(f"{src}: {sec}.{key}", value, cur))
 
 
 # --------------------------------------------------------------------------- data
@@ -254,25 +243,6 @@ def _transform_config(cfg: DetectConfig, spec: Any):
     d = cfg.data
     return TransformConfig(size=d.crop or spec.input_size, mean=tuple(spec.mean), std=tuple(spec.std),
                            resize=d.resize, blur_prob=d.blur_prob, jpeg_prob=d.jpeg_prob, hflip=d.hflip)
-
-
-def resolve_device(name: str):
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available")
-    return dev
-
-
-def _use_amp(amp: str, device: Any) -> bool:
-    import torch
-
-    if device.type != "cuda" or str(amp).lower() in ("false", "0", "no"):
-        return False
-    return torch.cuda.is_bf16_supported() if str(amp) == "auto" else True
 
 
 def _epoch(det, loader, opt, device, amp: bool, state: dict, max_steps: int | None) -> dict[str, float]:
@@ -364,7 +334,7 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
                             generator=gen, drop_last=drop_last)
     opt = torch.optim.AdamW(det.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
     dist.broadcast_parameters([p for g in opt.param_groups for p in g["params"]])
-    amp, state, history = _use_amp(t.amp, device), {"step": 0}, []
+    amp, state, history = resolve_amp(t.amp, device), {"step": 0}, []
     for epoch in range(t.epochs):
         t0 = time.perf_counter()
         rec = _epoch(det, loader, opt, device, amp, state, t.max_steps)

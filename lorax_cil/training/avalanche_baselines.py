@@ -27,7 +27,7 @@ from avalanche.training.supervised import EWC, JointTraining, LwF, Replay
 from torch import nn
 
 from lorax_cil.training.run_protocol import NoMemory
-from lorax_cil.training.strategy import ExpandableModel, cosine_warmup_lr
+from lorax_cil.training.strategy import ExpandableModel, ProtocolOptimizer
 
 __all__ = [
     "ProtocolOptimizer",
@@ -45,74 +45,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_amp(amp: Any, device: torch.device) -> bool:
-    """bfloat16 autocast only on CUDA: ``auto`` when supported, else the given flag."""
-    if torch.device(device).type != "cuda":
-        return False
-    if amp == "auto":
-        return torch.cuda.is_bf16_supported()
-    return amp in (True, "true", "1")
-
-
-class ProtocolOptimizer:
-    """Mixin (put it before an Avalanche ``SupervisedTemplate`` class): the run's optimiser.
-
-    Call :meth:`setup_protocol` at the end of ``__init__``.
-    """
-
-    def setup_protocol(self, *, lr_first: float, lr: float, weight_decay: float,
-                       warmup_epochs: int, warmup_lr: float, min_lr: float,
-                       num_workers: int = 0, amp: Any = "auto") -> None:
-        if lr_first <= 0 or lr <= 0:
-            raise ValueError(f"learning rates must be positive, got {lr_first} and {lr}")
-        self.protocol_lr = (float(lr_first), float(lr))
-        self.weight_decay = float(weight_decay)
-        self.warmup_epochs, self.warmup_lr, self.min_lr = int(warmup_epochs), warmup_lr, min_lr
-        self.num_workers = int(num_workers)
-        self.amp = resolve_amp(amp, self.device)
-        self._epoch_in_exp = 0
-
-    def task_index(self) -> int:
-        """Index of the experience being trained (0 outside training)."""
-        exp = getattr(self, "experience", None)
-        return int(exp.current_experience) if exp is not None else 0
-
-    def base_lr(self) -> float:
-        return self.protocol_lr[0] if self.task_index() <= 0 else self.protocol_lr[1]
-
-    def make_optimizer(self, **kwargs: Any) -> None:
-        """A fresh AdamW over the trainable parameters (none before the model has grown)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            return
-        self.optimizer = torch.optim.AdamW(params, lr=self.base_lr(),
-                                           weight_decay=self.weight_decay)
-        self._epoch_in_exp = 0
-
-    def make_train_dataloader(self, num_workers: int | None = None, **kwargs: Any) -> None:
-        workers = self.num_workers if num_workers is None else num_workers
-        kwargs.setdefault("persistent_workers", workers > 0)
-        super().make_train_dataloader(num_workers=workers, **kwargs)
-
-    def _before_training_epoch(self, **kwargs: Any) -> None:
-        base = self.base_lr()
-        lr = cosine_warmup_lr(self._epoch_in_exp, epochs=self.train_epochs, base_lr=base,
-                              warmup_epochs=min(self.warmup_epochs, self.train_epochs - 1),
-                              warmup_lr=self.warmup_lr, min_lr=min(self.min_lr, base))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        super()._before_training_epoch(**kwargs)
-
-    def _after_training_epoch(self, **kwargs: Any) -> None:
-        self._epoch_in_exp += 1
-        super()._after_training_epoch(**kwargs)
-
-    def forward(self) -> torch.Tensor:
-        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp):
-            out = super().forward()
-        return out.float()
 
 
 # --- memory view ------------------------------------------------------------------------------

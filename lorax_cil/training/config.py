@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 __all__ = ["DataConfig", "ModelConfig", "TrainConfig", "BaselineConfig", "RunConfig", "load_config",
            "merge_config"]
@@ -204,22 +204,19 @@ def _check_type(section: str, key: str, value: Any, current: Any, source: str) -
     return value
 
 
-def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) -> RunConfig:
-    """Return ``base`` updated by a nested mapping; unknown sections or keys raise ValueError."""
-    out = dataclasses.replace(
-        base,
-        data=dataclasses.replace(base.data),
-        model=dataclasses.replace(base.model),
-        train=dataclasses.replace(base.train),
-        baselines=dataclasses.replace(base.baselines),
-    )
+def merge_sections(base: Any, updates: Mapping[str, Any], *, sections: Sequence[str], source: str,
+                   coerce: Callable[[str, str, Any, Any, str], Any]) -> Any:
+    """A copy of the config dataclass ``base`` (dataclass sections plus ``out``) updated by a
+    nested mapping; unknown sections or keys raise ValueError naming ``source``.
+    ``coerce(section, key, value, current, source)`` checks and converts one value."""
+    out = dataclasses.replace(base, **{s: dataclasses.replace(getattr(base, s)) for s in sections})
     for section, values in updates.items():
         if section == "out":
             out.out = str(values)
             continue
-        if section not in _SECTIONS:
+        if section not in sections:
             raise ValueError(
-                f"{source}: unknown section {section!r}; valid: {', '.join([*_SECTIONS, 'out'])}"
+                f"{source}: unknown section {section!r}; valid: {', '.join([*sections, 'out'])}"
             )
         if not isinstance(values, Mapping):
             raise ValueError(f"{source}: section {section!r} must be a mapping")
@@ -230,8 +227,13 @@ def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) ->
                 raise ValueError(
                     f"{source}: unknown key {section}.{key}; valid keys: {', '.join(sorted(valid))}"
                 )
-            setattr(obj, key, _check_type(section, key, value, getattr(obj, key), source))
+            setattr(obj, key, coerce(section, key, value, getattr(obj, key), source))
     return out
+
+
+def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) -> RunConfig:
+    """Return ``base`` updated by a nested mapping; unknown sections or keys raise ValueError."""
+    return merge_sections(base, updates, sections=tuple(_SECTIONS), source=source, coerce=_check_type)
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

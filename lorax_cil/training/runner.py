@@ -29,7 +29,7 @@ import torch
 
 from lorax_cil import distributed as dist
 from lorax_cil.training.config import RunConfig
-from lorax_cil.utils import atomic_write_text, seed_everything, write_json
+from lorax_cil.utils import atomic_write_text, resolve_device, seed_everything, write_json
 
 __all__ = ["Run", "resolve_device", "build_network", "build_backbone"]
 
@@ -40,16 +40,6 @@ METRICS = ("multi_real", "binary", "strict", "ap")
 #: Default LoRA target preset per backbone family (``lora_targets: auto``).
 AUTO_TARGETS = {"convit": "lorax-paper", "timm": "attn", "open_clip": "mlp",
                 "efficientnet-lite": "pointwise"}
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when available; ``cuda`` without a GPU is an error."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but no CUDA device is available")
-    return dev
 
 
 def build_backbone(cfg: RunConfig):

@@ -30,8 +30,9 @@ from torch import nn
 
 from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.training.memory import HerdingMemory
+from lorax_cil.utils import resolve_amp
 
-__all__ = ["ExpandableModel", "LoRAX", "cosine_warmup_lr", "train_transform_randomness", "enable_trunk_cache"]
+__all__ = ["ExpandableModel", "LoRAX", "ProtocolOptimizer", "resolve_amp", "cosine_warmup_lr", "train_transform_randomness", "enable_trunk_cache"]
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,66 @@ def cosine_warmup_lr(
     return min_lr + 0.5 * (base_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-class LoRAX(SupervisedTemplate):
+class ProtocolOptimizer:
+    """Mixin (put it before an Avalanche ``SupervisedTemplate`` class): the run's optimiser.
+
+    Call :meth:`setup_protocol` at the end of ``__init__``.
+    """
+
+    def setup_protocol(self, *, lr_first: float, lr: float, weight_decay: float,
+                       warmup_epochs: int, warmup_lr: float, min_lr: float,
+                       num_workers: int = 0, amp: Any = "auto") -> None:
+        if lr_first <= 0 or lr <= 0:
+            raise ValueError(f"learning rates must be positive, got {lr_first} and {lr}")
+        self.protocol_lr = (float(lr_first), float(lr))
+        self.weight_decay = float(weight_decay)
+        self.warmup_epochs, self.warmup_lr, self.min_lr = int(warmup_epochs), warmup_lr, min_lr
+        self.num_workers = int(num_workers)
+        self.amp = resolve_amp(amp, self.device)
+        self._epoch_in_exp = 0
+
+    def task_index(self) -> int:
+        """Index of the experience being trained (0 outside training)."""
+        exp = getattr(self, "experience", None)
+        return int(exp.current_experience) if exp is not None else 0
+
+    def base_lr(self) -> float:
+        return self.protocol_lr[0] if self.task_index() <= 0 else self.protocol_lr[1]
+
+    def make_optimizer(self, **kwargs: Any) -> None:
+        """A fresh AdamW over the trainable parameters (none before the model has grown)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if not params:
+            return
+        self.optimizer = torch.optim.AdamW(params, lr=self.base_lr(),
+                                           weight_decay=self.weight_decay)
+        self._epoch_in_exp = 0
+
+    def make_train_dataloader(self, num_workers: int | None = None, **kwargs: Any) -> None:
+        workers = self.num_workers if num_workers is None else num_workers
+        kwargs.setdefault("persistent_workers", workers > 0)
+        super().make_train_dataloader(num_workers=workers, **kwargs)
+
+    def _before_training_epoch(self, **kwargs: Any) -> None:
+        base = self.base_lr()
+        lr = cosine_warmup_lr(self._epoch_in_exp, epochs=self.train_epochs, base_lr=base,
+                              warmup_epochs=min(self.warmup_epochs, self.train_epochs - 1),
+                              warmup_lr=self.warmup_lr, min_lr=min(self.min_lr, base))
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        super()._before_training_epoch(**kwargs)
+
+    def _after_training_epoch(self, **kwargs: Any) -> None:
+        self._epoch_in_exp += 1
+        super()._after_training_epoch(**kwargs)
+
+    def forward(self) -> torch.Tensor:
+        with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=self.amp):
+            out = super().forward()
+        return out.float()
+
+
+class LoRAX(ProtocolOptimizer, SupervisedTemplate):
     """LoRA eXpandable networks for class-incremental synthetic-image attribution.
 
     Args:
@@ -147,40 +207,27 @@ class LoRAX(SupervisedTemplate):
             plugins=list(plugins or []),
             evaluator=evaluator,
         )
-        self.lr_first, self.lr = float(lr_first), float(lr)
-        self.weight_decay = float(weight_decay)
-        self.warmup_epochs, self.warmup_lr, self.min_lr = int(warmup_epochs), warmup_lr, min_lr
+        self.setup_protocol(lr_first=lr_first, lr=lr, weight_decay=weight_decay,
+                            warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr,
+                            num_workers=num_workers, amp=amp)
         self.head_div = float(head_div)
-        self.num_workers = int(num_workers)
         self.cache_trunk = bool(cache_trunk)
         self.memory = HerdingMemory(
             max_size=int(memory_size),
             feature_fn=lambda m, x: m.net.features_for_herding(x),
             num_workers=self.num_workers,
         )
-        self.amp = self._resolve_amp(amp)
         self.mb_div_logits: torch.Tensor | None = None
         self.mb_aux_loss: torch.Tensor | None = None
-        self._epoch_in_exp = 0
 
     # --- set-up ----------------------------------------------------------------------------
     @property
     def net(self) -> ExpandableNet:
         return self.model.net
 
-    def _resolve_amp(self, amp: str | bool) -> bool:
-        if self.device.type != "cuda":
-            return False
-        if amp == "auto":
-            return torch.cuda.is_bf16_supported()
-        return bool(amp)
-
-    @property
     def task_index(self) -> int:
+        """The newest task of the network (the one being trained)."""
         return self.net.num_tasks - 1
-
-    def base_lr(self) -> float:
-        return self.lr_first if self.task_index <= 0 else self.lr
 
     def train_dataset_adaptation(self, **kwargs: Any) -> None:
         """The experience's data plus every exemplar in memory (train transforms)."""
@@ -216,41 +263,6 @@ class LoRAX(SupervisedTemplate):
         logger.info("trunk cache: %d images, %.1f MB", len(h), h.numel() * h.element_size() / 2**20)
         return _make_taskaware_tensor_classification_dataset(h, y, t, targets=y.tolist(),
                                                              task_labels=t.tolist())
-
-    def make_train_dataloader(self, num_workers: int | None = None, **kwargs: Any) -> None:
-        workers = self.num_workers if num_workers is None else num_workers
-        kwargs.setdefault("persistent_workers", workers > 0)
-        super().make_train_dataloader(num_workers=workers, **kwargs)
-
-    def make_optimizer(self, **kwargs: Any) -> None:
-        """A fresh AdamW over the trainable parameters only (newest extractor and heads)."""
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
-            # Avalanche calls this once before the first adaptation; the network has not grown
-            # yet, so there is nothing to optimise until it is called again after adaptation.
-            return
-        self.optimizer = torch.optim.AdamW(
-            params, lr=self.base_lr(), weight_decay=self.weight_decay
-        )
-        self._epoch_in_exp = 0
-
-    # --- per-epoch schedule ------------------------------------------------------------------
-    def _before_training_epoch(self, **kwargs: Any) -> None:
-        lr = cosine_warmup_lr(
-            self._epoch_in_exp,
-            epochs=self.train_epochs,
-            base_lr=self.base_lr(),
-            warmup_epochs=min(self.warmup_epochs, self.train_epochs - 1),
-            warmup_lr=self.warmup_lr,
-            min_lr=min(self.min_lr, self.base_lr()),
-        )
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        super()._before_training_epoch(**kwargs)
-
-    def _after_training_epoch(self, **kwargs: Any) -> None:
-        self._epoch_in_exp += 1
-        super()._after_training_epoch(**kwargs)
 
     # --- forward and loss ------------------------------------------------------------------
     def forward(self) -> torch.Tensor:

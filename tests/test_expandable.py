@@ -193,14 +193,16 @@ def test_trunk_runs_once_per_image_regardless_of_tasks(kind):
     mods = {"stem": net.backbone.model.patch_embed} | {f"b{i}": b for i, b in enumerate(net.backbone.blocks())}
     hooks = [m.register_forward_hook(lambda mod, a, o, n=n: sizes.setdefault(n, []).append(a[0].shape[0]))
              for n, m in mods.items()]
-    for mode in (False, True):
+    for mode, cap in ((False, None), (True, None), (False, 3), (True, 3)):
         sizes.clear()
         net.train(mode)
+        net.max_group_size = cap  # None: one adapter at a time on CPU (all at once on CUDA)
         net(images(2))
         assert sizes["stem"] == sizes["b0"] == sizes["b1"] == [2]
         assert sum(sizes["b2"]) == sum(sizes["b3"]) == 6
         if kind == "lora":
-            assert sizes["b2"] == ([4, 2] if mode else [6])  # old adapters batched, newest alone
+            batched = [4, 2] if mode else [6]  # old adapters batched, newest alone
+            assert sizes["b2"] == (batched if cap else [2, 2, 2])
     for h in hooks:
         h.remove()
 

@@ -656,9 +656,9 @@ Methods:
   the whole backbone (forward, backward, AdamW), the training floor;
 - **reference**: one full backbone pass per adapter, switching the active adapter, adapters not
   merged (`base(x) + B(A(x))`): the official LoRAX execution;
-- **lorax**: the toolkit with adapters on every block: adapters batched in groups (all at once
-  on CUDA; on CPU as many as keep the repeated trunk output under 16 MB), frozen adapters folded
-  into the weights (`W + s B A`, cached);
+- **lorax**: the toolkit with adapters on every block: adapters batched in one group on CUDA,
+  one at a time on CPU, frozen adapters folded into the weights (`W + s B A`, cached up to
+  `LORAX_CIL_FOLD_CACHE_MB`, default 512 MB);
 - **lorax-deep-kN**: adapters on the last N blocks; the frozen trunk runs once per image;
 - **merged**: a single detector holding the mean of the T adapters (one pass).
 

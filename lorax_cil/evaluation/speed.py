@@ -25,8 +25,6 @@ import copy
 import csv
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import sys
@@ -34,6 +32,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from lorax_cil.evaluation.provenance import git_commit, machine_info
 
 __all__ = ["CONFIGS", "add_arguments", "run", "main"]
 
@@ -406,7 +406,6 @@ def loader_throughput(cfg: BenchConfig, data_dir: Path, *, workers: int, pin: bo
     """Images/s of the training data pipeline alone (decode + transforms + collate)."""
     from torch.utils.data import DataLoader
 
-    from lorax_cil.benchmarks.datasets import Sample  # noqa: F401 (layout documented there)
     from lorax_cil.benchmarks.scenarios import resolve_scenario
     from lorax_cil.benchmarks.streams import build_cil_benchmark
     from lorax_cil.benchmarks.transforms import TransformConfig
@@ -533,24 +532,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info = {"cpu": cpu, "cores": os.cpu_count(), "threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
-
 # --- accuracy trade-off -------------------------------------------------------------------------
 ACC_STRATEGIES = (("lorax", None), ("lorax-deep", 1), ("lorax-deep", 2), ("lorax-deep", 3))
 
@@ -617,7 +598,9 @@ def write_docs(out: Path, docs: Path, *, command: str) -> Path:
     loader = "\n".join(f"| {c} | {v['workers']} | {v['images_per_s']:.0f} | {v['model_images_per_s']:.0f} |"
                        for c, v in meta["loader"].items())
     checks = "\n".join(f"    {line}" for line in meta["checks"])
-    acc_md = (accuracy_markdown(acc) + f"\n\nProduced by `{meta.get('accuracy_command', command)}` "
+    acc_meta = json.loads((out / "accuracy.json").read_text()) if (out / "accuracy.json").is_file() else {}
+    acc_command = acc_meta.get("command") or meta.get("accuracy_command") or "a command not recorded"
+    acc_md = (accuracy_markdown(acc) + f"\n\nProduced by `{acc_command}` "
               f"(synth-long, EfficientNet-Lite0 with ImageNet weights, {acc[0].get('epochs', '?')} "
               "epochs per task, rank 16).") if acc else (
         "Not produced yet: run `python benchmarks/speed.py --accuracy --write-docs`.")
@@ -760,6 +743,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--acc-per-class", type=int, default=24)
     p.add_argument("--acc-epochs", type=int, default=2)
     p.add_argument("--acc-data", default=None, help="synth-long folder (generated when missing)")
+    p.add_argument("--render-only", action="store_true",
+                   help="only rewrite docs/performance.md from the results already in --out")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run (vit-test, T = 1 2, batch 4, 1 repeat): checks the pipeline only")
 
@@ -778,6 +763,11 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda but no CUDA device is available")
     amp = bool(args.amp) and device.type == "cuda"
+    if args.render_only:
+        if not (out / "speed.json").is_file():
+            raise FileNotFoundError(f"--render-only: no speed results in {out} (run the benchmark first)")
+        print(f"wrote {write_docs(out, Path(args.docs), command=command)}")
+        return 0
     if not args.accuracy_only:
         speed(args, out, device, amp, command)
     if args.accuracy or args.accuracy_only:
@@ -787,12 +777,9 @@ def run(args: argparse.Namespace) -> int:
         for r in acc:
             r["epochs"] = args.acc_epochs
         _write_csv(out / "accuracy.csv", acc, list(acc[0]))
+        (out / "accuracy.json").write_text(json.dumps({"command": command,
+                                                       "date": time.strftime("%Y-%m-%d")}, indent=2))
         print(accuracy_markdown(acc))
-        meta_path = out / "speed.json"
-        if meta_path.is_file():
-            meta = json.loads(meta_path.read_text())
-            meta["accuracy_command"] = command
-            meta_path.write_text(json.dumps(meta, indent=2))
     if args.write_docs:
         path = write_docs(out, Path(args.docs), command=command)
         print(f"wrote {path}")
@@ -800,7 +787,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: str) -> None:
-    import subprocess
     import tempfile
 
     from lorax_cil.benchmarks.synth import synthesize
@@ -867,12 +853,8 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
     (out / "speed.md").write_text(md + "\n\nTargets:\n\n" + "\n".join(f"- {c.line()}" for c in checks) + "\n")
     plot(rows, out / "speed.png")
     (out / "profiles.txt").write_text("\n\n".join(profiles_out) or "no target missed\n")
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=False).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
-    meta = {"machine": machine(), "device": str(device), "amp": amp, "repeats": args.repeats,
+    commit = git_commit(Path.cwd())
+    meta = {"machine": machine_info(), "device": str(device), "amp": amp, "repeats": args.repeats,
             "warmup": args.warmup, "min_time": args.min_time, "max_T": max(tasks), "date": time.strftime("%Y-%m-%d"),
             "commit": commit, "checks": [c.line() for c in checks], "loader": loader,
             "configs": {n: f"{CONFIGS[n].backbone}, {CONFIGS[n].img_size} px, batch "
@@ -881,12 +863,7 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
             "profile_note": ("Missed targets: the profiles of the methods concerned are in "
                              "`profiles.txt` next to the CSV and summarised below.\n\n```\n"
                              + "\n\n".join(p[:3000] for p in profiles_out) + "\n```") if profiles_out else ""}
-    old = out / "speed.json"
-    if old.is_file():
-        prev = json.loads(old.read_text())
-        if "accuracy_command" in prev:
-            meta["accuracy_command"] = prev["accuracy_command"]
-    old.write_text(json.dumps(meta, indent=2))
+    (out / "speed.json").write_text(json.dumps(meta, indent=2))
     print(f"wrote {out / 'speed.csv'}, {out / 'speed.md'}, {out / 'speed.png'}")
 
 

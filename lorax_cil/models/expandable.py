@@ -27,7 +27,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
-from lorax_cil.models.base import BlockBackbone
+from lorax_cil.models.base import BlockBackbone, TaskClassCounts
 from lorax_cil.models.lora import (
     LoraSpec,
     add_lora_adapter,
@@ -133,7 +133,7 @@ def _training(modules: list[nn.Module], mode: bool) -> Iterator[None]:
             m.training = b
 
 
-class ExpandableNet(nn.Module):
+class ExpandableNet(TaskClassCounts, nn.Module):
     """A frozen trunk, one feature extractor per task, concatenated features, expanding head.
 
     Args:
@@ -208,15 +208,7 @@ class ExpandableNet(nn.Module):
             self.lora_targets = inject_mole(backbone.model, mole, block_names=backbone.spec.block_names)
             self._lora_layers = lora_layers(backbone.model)
 
-    # --- sizes ------------------------------------------------------------------------------
-    @property
-    def num_tasks(self) -> int:
-        return len(self.task_classes)
-
-    @property
-    def num_classes(self) -> int:
-        return sum(self.task_classes)
-
+    # --- sizes (num_tasks and num_classes from TaskClassCounts) ----------------------------
     @property
     def feature_dim(self) -> int:
         """Size of one extractor's feature."""

@@ -1,6 +1,6 @@
 """MoLE ablations on the synthetic data: train on one generator family, evaluate on the rest.
 
-Variants (REFERENCE.md 1.2): MoLE (shared + separate experts on the MLP of the last 3 blocks),
+Variants (after the CLIPMoLE paper's ablations): MoLE (shared + separate experts on the MLP of the last 3 blocks),
 shared only, separate only, last 1 / 2 / all blocks, attention instead of MLP, attention + MLP,
 a plain LoRA, and the UnivFD baseline (linear probe on frozen features). Every variant uses the
 same backbone, data, seed, epochs and learning rate; the threshold of each is calibrated on a

@@ -1,6 +1,6 @@
 """Pure metric functions for continual synthetic-image attribution.
 
-Every formula lives here exactly once (see ``docs/metrics.md`` and REFERENCE.md section 3).
+Every formula lives here exactly once (see ``docs/metrics.md``).
 Inputs are NumPy arrays (anything ``np.asarray`` accepts); undefined values are ``NaN``, never 0.
 
 Class semantics are always passed explicitly: ``class_is_fake[c]`` says whether class ``c`` is a

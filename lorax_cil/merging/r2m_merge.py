@@ -1,4 +1,5 @@
-"""R2M: Real-aware residual model merging (training-free), as reconstructed in REFERENCE.md 1.3.
+"""R2M: Real-aware residual model merging (training-free), as reconstructed from the paper's
+abstract and a public kit.
 
 Algorithm (each step's status is in ``docs/merging.md``):
 

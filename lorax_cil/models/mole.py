@@ -1,6 +1,6 @@
 """MoLE: a mixture of low-rank experts on the MLP layers of the last ViT blocks.
 
-Per adapted linear layer ``W0`` (Liu et al., CLIPMoLE; REFERENCE.md 1.2)::
+Per adapted linear layer ``W0`` (Liu et al., CLIPMoLE)::
 
     h = W0 x + s B A x + G_k(x) s_k B_k A_k x,   k = argmax_i G_i(x),   G = softmax(W_g x)
 

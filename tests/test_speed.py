@@ -279,3 +279,13 @@ def test_speed_benchmark_smoke(tmp_path):
     assert (out / "speed.md").is_file() and (out / "speed.png").is_file()
     assert "PASS" in res.stdout or "FAIL" in res.stdout
     assert "loader" in (out / "speed.md").read_text()
+    docs = tmp_path / "docs"  # re-rendering names the measuring command, not its own
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render-only",
+                          "--out", str(out), "--docs", str(docs)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    page = (docs / "performance.md").read_text()
+    assert "speed.py --smoke" in page and "--render-only" not in page
+    assert "Not produced yet" in page  # no accuracy trade-off in a smoke run
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render-only",
+                          "--out", str(tmp_path / "none"), "--docs", str(docs)], capture_output=True, text=True)
+    assert res.returncode != 0 and "no speed results" in res.stderr

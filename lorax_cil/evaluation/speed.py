@@ -615,6 +615,7 @@ def write_docs(out: Path, docs: Path, *, command: str) -> Path:
     loader = "\n".join(f"| {c} | {v['workers']} | {v['images_per_s']:.0f} | {v['model_images_per_s']:.0f} |"
                        for c, v in meta["loader"].items())
     checks = "\n".join(f"    {line}" for line in meta["checks"])
+    command = meta.get("command") or command  # the command that measured, not a re-render
     acc_meta = json.loads((out / "accuracy.json").read_text()) if (out / "accuracy.json").is_file() else {}
     acc_command = acc_meta.get("command") or meta.get("accuracy_command") or "a command not recorded"
     acc_md = (accuracy_markdown(acc) + f"\n\nProduced by `{acc_command}` "
@@ -875,7 +876,8 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
     plot(rows, out / "speed.png")
     (out / "profiles.txt").write_text("\n\n".join(profiles_out) or "no target missed\n")
     commit = git_commit(Path.cwd())
-    meta = {"machine": machine_info(), "device": str(device), "amp": amp, "repeats": args.repeats,
+    meta = {"command": command, "machine": machine_info(), "device": str(device), "amp": amp,
+            "repeats": args.repeats,
             "warmup": args.warmup, "min_time": args.min_time, "max_T": max(tasks), "date": time.strftime("%Y-%m-%d"),
             "commit": commit, "checks": [c.line() for c in checks], "loader": loader,
             "configs": {n: f"{CONFIGS[n].backbone}, {CONFIGS[n].img_size} px, batch "

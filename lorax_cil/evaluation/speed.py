@@ -603,6 +603,18 @@ def accuracy_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 # --- docs page ------------------------------------------------------------------------------------
+def _checks_from_rows(rows: list[dict[str, Any]], saved: list[str]) -> list[str]:
+    """The target checks recomputed from the CSV rows (the current rules), per config in row
+    order; the saved lines for configs this version does not know."""
+    lines: list[str] = []
+    for name in dict.fromkeys(r["config"] for r in rows):
+        if name in CONFIGS:
+            lines += [c.line() for c in check_targets([r for r in rows if r["config"] == name], CONFIGS[name])]
+        else:
+            lines += [line for line in saved if line.split()[1:2] == [name]]
+    return lines
+
+
 def write_docs(out: Path, docs: Path, *, command: str) -> Path:
     """docs/performance.md from the CSV / JSON files in ``out`` (and the plot, copied)."""
     import shutil
@@ -616,7 +628,7 @@ def write_docs(out: Path, docs: Path, *, command: str) -> Path:
     m = meta["machine"]
     loader = "\n".join(f"| {c} | {v['workers']} | {v['images_per_s']:.0f} | {v['model_images_per_s']:.0f} |"
                        for c, v in meta["loader"].items())
-    checks = "\n".join(f"    {line}" for line in meta["checks"])
+    checks = "\n".join(f"    {line}" for line in _checks_from_rows(rows, meta["checks"]))
     command = meta.get("command") or command  # the command that measured, not a re-render
     acc_meta = json.loads((out / "accuracy.json").read_text()) if (out / "accuracy.json").is_file() else {}
     acc_command = acc_meta.get("command") or meta.get("accuracy_command") or "a command not recorded"

@@ -633,8 +633,11 @@ def write_docs(out: Path, docs: Path, *, command: str) -> Path:
     acc_meta = json.loads((out / "accuracy.json").read_text()) if (out / "accuracy.json").is_file() else {}
     acc_command = acc_meta.get("command") or meta.get("accuracy_command") or "a command not recorded"
     acc_md = (accuracy_markdown(acc) + f"\n\nProduced by `{acc_command}` "
-              f"(synth-long, EfficientNet-Lite0 with ImageNet weights, {acc[0].get('epochs', '?')} "
-              "epochs per task, rank 16).") if acc else (
+              f"(synth-long, 12 tasks, EfficientNet-Lite0 with ImageNet weights, "
+              f"{acc[0].get('epochs', '?')} epochs per task, LoRA rank 16 on the pointwise convolutions, "
+              f"{acc_meta.get('per_class', 'the --acc-per-class default of 24')} training images per class "
+              "and task at 96 px; k counts the last of the backbone's 16 blocks, `all` is full depth). "
+              "Same data, order and seeds for every row.") if acc else (
         "Not produced yet: run `python benchmarks/speed.py --accuracy --write-docs`.")
     gpu = ("GPU figures are pending: no GPU was available when this page was generated. Produce "
            "them on a CUDA machine with `python benchmarks/speed.py --device cuda --amp "
@@ -813,7 +816,7 @@ def run(args: argparse.Namespace) -> int:
         for r in acc:
             r["epochs"] = args.acc_epochs
         _write_csv(out / "accuracy.csv", acc, list(acc[0]))
-        (out / "accuracy.json").write_text(json.dumps({"command": command,
+        (out / "accuracy.json").write_text(json.dumps({"command": command, "per_class": args.acc_per_class,
                                                        "date": time.strftime("%Y-%m-%d")}, indent=2))
         print(accuracy_markdown(acc))
     if args.write_docs:

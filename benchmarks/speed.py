@@ -17,4 +17,4 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lorax_cil.evaluation.speed import main  # noqa: E402
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(main(echo=lambda msg: print(msg, flush=True)))

@@ -21,4 +21,4 @@ def register(sub: argparse._SubParsersAction) -> None:
 def cmd_speed(args: argparse.Namespace) -> int:
     from lorax_cil.evaluation.speed import run
 
-    return run(args)
+    return run(args, echo=lambda msg: print(msg, flush=True))

@@ -24,6 +24,7 @@ import argparse
 import copy
 import csv
 import json
+import logging
 import math
 import resource
 import statistics
@@ -36,6 +37,8 @@ from typing import Any, Callable, Sequence
 from lorax_cil.evaluation.provenance import git_commit, machine_info
 
 __all__ = ["CONFIGS", "add_arguments", "run", "main"]
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -556,7 +559,8 @@ ACC_STRATEGIES = (("lorax", None), ("lorax-deep", 1), ("lorax-deep", 2), ("lorax
 
 
 def accuracy_tradeoff(out: Path, *, seeds: Sequence[int], per_class: int, epochs: int,
-                      size: int, data_dir: Path | None) -> list[dict[str, Any]]:
+                      size: int, data_dir: Path | None,
+                      echo: Callable[[str], None] = logger.info) -> list[dict[str, Any]]:
     """Final AA and BWT (multi-real) of lorax (full depth) and lorax-deep k=1,2,3 on synth-long
     with EfficientNet-Lite0 (ImageNet weights), same data and seeds for every variant."""
     from lorax_cil.benchmarks.scenarios import resolve_scenario
@@ -580,7 +584,7 @@ def accuracy_tradeoff(out: Path, *, seeds: Sequence[int], per_class: int, epochs
             }, source="speed benchmark")
             name = strategy if k is None else f"{strategy}-k{k}"
             run = Run(cfg, run_dir=out / "accuracy-runs" / f"{name}-s{seed}",
-                      progress=lambda msg: print(f"[accuracy {name} seed {seed}] {msg}", flush=True))
+                      progress=lambda msg: echo(f"[accuracy {name} seed {seed}] {msg}"))
             run.setup(resolve_scenario("synth-long", data_path=data))
             s = run.train()
             rows.append({"method": name, "k": "" if k is None else k, "seed": seed,
@@ -788,7 +792,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tiny run (vit-test, T = 1 2, batch 4, 1 repeat): checks the pipeline only")
 
 
-def run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace, echo: Callable[[str], None] = logger.info) -> int:
+    """Run the benchmark described by ``args`` (see :func:`add_arguments`); progress, checks and
+    tables go to ``echo`` (the CLI passes ``print``)."""
     import torch
 
     out = Path(args.out)
@@ -805,27 +811,28 @@ def run(args: argparse.Namespace) -> int:
     if args.render_only:
         if not (out / "speed.json").is_file():
             raise FileNotFoundError(f"--render-only: no speed results in {out} (run the benchmark first)")
-        print(f"wrote {write_docs(out, Path(args.docs), command=command)}")
+        echo(f"wrote {write_docs(out, Path(args.docs), command=command)}")
         return 0
     if not args.accuracy_only:
-        speed(args, out, device, amp, command)
+        speed(args, out, device, amp, command, echo)
     if args.accuracy or args.accuracy_only:
         acc = accuracy_tradeoff(out, seeds=args.acc_seeds, per_class=args.acc_per_class,
                                 epochs=args.acc_epochs, size=96,
-                                data_dir=Path(args.acc_data) if args.acc_data else None)
+                                data_dir=Path(args.acc_data) if args.acc_data else None, echo=echo)
         for r in acc:
             r["epochs"] = args.acc_epochs
         _write_csv(out / "accuracy.csv", acc, list(acc[0]))
         (out / "accuracy.json").write_text(json.dumps({"command": command, "per_class": args.acc_per_class,
                                                        "date": time.strftime("%Y-%m-%d")}, indent=2))
-        print(accuracy_markdown(acc))
+        echo(accuracy_markdown(acc))
     if args.write_docs:
         path = write_docs(out, Path(args.docs), command=command)
-        print(f"wrote {path}")
+        echo(f"wrote {path}")
     return 0
 
 
-def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: str) -> None:
+def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: str,
+          echo: Callable[[str], None]) -> None:
     import tempfile
 
     from lorax_cil.benchmarks.synth import synthesize
@@ -857,14 +864,13 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
                     plain_train = float(r0["train_ms_per_image"]) / float(r0["infer_ms_per_image"])
                 crows += res["rows"]
                 last = res["rows"][-1]
-                print(f"[speed] {name:<18} {method:<15} T={last['T']:<3} inference x{last['infer_ratio']:.2f}"
-                      f"  train x{_fmt(last['train_ratio'])}  peak {last['train_peak_rss_mb']:.0f} MB "
-                      f"(+{last['train_peak_rss_growth_mb']:.0f})",
-                      flush=True)
+                echo(f"[speed] {name:<18} {method:<15} T={last['T']:<3} inference x{last['infer_ratio']:.2f}"
+                     f"  train x{_fmt(last['train_ratio'])}  peak {last['train_peak_rss_mb']:.0f} MB "
+                     f"(+{last['train_peak_rss_growth_mb']:.0f})")
                 crows[-1]["_profiles"] = res["profiles"]
             cchecks = check_targets(crows, cfg)
             for c in cchecks:
-                print(c.line(), flush=True)
+                echo(c.line())
                 if not c.ok:
                     prof = next((r.get("_profiles") for r in crows if r["method"] == c.method
                                  and "_profiles" in r), None)
@@ -872,7 +878,7 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
                         kind = "train" if "training" in c.name else "infer"
                         text = prof.get(kind, "")
                         profiles_out.append(f"{c.config} {c.method} ({kind}, T={max(tasks)}), where the time goes:\n{text}")
-                        print(profiles_out[-1], flush=True)
+                        echo(profiles_out[-1])
             checks += cchecks
             for r in crows:
                 r.pop("_profiles", None)
@@ -883,7 +889,7 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
                                    batches=2 if args.smoke else 6)
             loader[name] = {"workers": workers, "images_per_s": lt,
                             "model_images_per_s": float(deep[0]["infer_images_per_s"]) if deep else float("nan")}
-            print(f"[speed] {name:<18} loader ({workers} workers) {lt:.0f} img/s", flush=True)
+            echo(f"[speed] {name:<18} loader ({workers} workers) {lt:.0f} img/s")
     _write_csv(out / "speed.csv", rows, FIELDS)
     md = markdown_table(rows)
     md += "\n\nData loader (training pipeline alone, generated images):\n\n" + "\n".join(
@@ -904,13 +910,13 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
                              "`profiles.txt` next to the CSV and summarised below.\n\n```\n"
                              + "\n\n".join(p[:3000] for p in profiles_out) + "\n```") if profiles_out else ""}
     (out / "speed.json").write_text(json.dumps(meta, indent=2))
-    print(f"wrote {out / 'speed.csv'}, {out / 'speed.md'}, {out / 'speed.png'}")
+    echo(f"wrote {out / 'speed.csv'}, {out / 'speed.md'}, {out / 'speed.png'}")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = logger.info) -> int:
     p = argparse.ArgumentParser(prog="benchmarks/speed.py", description=__doc__.split("\n\n")[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    return run(p.parse_args(argv), echo=echo)
 
 
 if __name__ == "__main__":  # pragma: no cover

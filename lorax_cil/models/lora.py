@@ -23,9 +23,9 @@ dtype). Training of the newest adapter (autograd on, dropout active) never folds
 
 A folded weight is a full copy of the layer's weight per adapter, so the cache is bounded: all
 layers together keep at most :data:`FOLD_CACHE_MB` (default 512 MB; environment variable
-``LORAX_CIL_FOLD_CACHE_MB`` or :func:`set_fold_cache_limit`). Past the bound an adapter runs unfolded (``base(x) + B(A(x))``,
-still without autograd), which costs ``r (d_in + d_out)`` extra per token instead of a copy of
-the weight; results are the same either way.
+``LORAX_CIL_FOLD_CACHE_MB`` or :func:`set_fold_cache_limit`). Past the bound an adapter runs
+unfolded (``base(x) + B(A(x))``, still without autograd), which costs ``r (d_in + d_out)``
+extra per token instead of a copy of the weight; results are the same either way.
 
 A regex target matches a module when it fully matches the module's qualified name or a dotted
 suffix of it (``attn\\.(qk|v)`` matches ``blocks.3.attn.qk`` but not ``blocks.3.attn.qkv``).
@@ -228,8 +228,6 @@ def lora_fold(enabled: bool = True, *, cache: bool = True) -> Iterator[None]:
         _FOLD.reset(token)
 
 
-#: Bound, in MB, of the folded weights cached by all LoRA layers of the process together
-#: (environment variable ``LORAX_CIL_FOLD_CACHE_MB`` at import, or :func:`set_fold_cache_limit`).
 def _env_fold_cache_mb() -> float:
     raw = os.environ.get("LORAX_CIL_FOLD_CACHE_MB", "512")
     try:
@@ -241,6 +239,8 @@ def _env_fold_cache_mb() -> float:
     return mb
 
 
+#: Bound, in MB, of the folded weights cached by all LoRA layers of the process together
+#: (environment variable ``LORAX_CIL_FOLD_CACHE_MB`` at import, or :func:`set_fold_cache_limit`).
 FOLD_CACHE_MB = _env_fold_cache_mb()
 _CACHING_LAYERS: "weakref.WeakSet[MultiLoRALayer]" = weakref.WeakSet()
 
@@ -365,7 +365,7 @@ class MultiLoRALayer(nn.Module):
         false: the caller then runs the adapter unfolded, cheaper than folding on every call."""
         a = self.adapters[index]
         key = _fold_key(self.base.weight, a.lora_A.weight, a.lora_B.weight) + (a.scaling,)
-        hit = self._fold_cache.pop(index, None)
+        hit = self._fold_cache.pop(index, None)  # a stale entry is dropped before the bound check
         if hit is not None and hit[0] == key:
             self._fold_cache[index] = hit
             return hit[1]

@@ -32,7 +32,8 @@ from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.training.memory import HerdingMemory
 from lorax_cil.utils import resolve_amp
 
-__all__ = ["ExpandableModel", "LoRAX", "ProtocolOptimizer", "resolve_amp", "cosine_warmup_lr", "train_transform_randomness", "enable_trunk_cache"]
+__all__ = ["ExpandableModel", "LoRAX", "ProtocolOptimizer", "cosine_warmup_lr",
+           "train_transform_randomness", "enable_trunk_cache"]
 
 logger = logging.getLogger(__name__)
 

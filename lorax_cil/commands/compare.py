@@ -2,7 +2,9 @@
 
 Every run goes to ``<out>/<strategy>/seed<k>/`` (finished runs are reused, partial ones
 resumed); the table (CSV + Markdown), the per-run rows and the figures go to ``<out>/``.
-Configuration precedence as in `train`: flags > ``--config`` > strategy presets > defaults.
+Configuration: flags > ``--config`` > strategy presets > defaults. The flags and the config file
+set the *shared* protocol; a strategy whose preset fixes a shared key to another value (no memory
+for ``finetune``) runs with its own value, and the command prints one line per such key.
 """
 
 from __future__ import annotations

@@ -1,7 +1,10 @@
 """`lorax-cil train` and `lorax-cil eval`.
 
 Configuration precedence: command-line flags > ``--config`` file > strategy preset > defaults.
-The resolved configuration is saved as ``config.yaml`` in the run directory.
+A key set by a flag or in the config file is never replaced by the preset: where the strategy
+fixes that key to another value (``finetune`` has no memory), the command stops (exit 2) and
+names the setting, the strategy and the strategies that accept it. The resolved configuration
+is saved as ``config.yaml`` in the run directory.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "config_from_args", "parse_set"]
+__all__ = ["register", "config_from_args", "explicit_settings", "parse_set"]
 
 #: flag name -> (section, key, type)
 FLAGS: dict[str, tuple[str, str, Any]] = {
@@ -124,6 +127,33 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return out
 
 
+def explicit_settings(args: argparse.Namespace) -> dict[str, str]:
+    """``section.key`` of every setting made on the command line or in ``--config``, mapped to
+    how it was made (for error messages)."""
+    from lorax_cil.training.config import load_config
+
+    out: dict[str, str] = {}
+    if getattr(args, "config", None):
+        for section, values in load_config(args.config).items():
+            if isinstance(values, dict):
+                out.update({f"{section}.{k}": f"{section}.{k}: {v!r} in {args.config}"
+                            for k, v in values.items()})
+    for item in getattr(args, "set", []) or []:
+        out[item.split("=", 1)[0].strip()] = f"--set {item}"
+    for flag, (section, key, _) in FLAGS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            out[f"{section}.{key}"] = f"--{flag.replace('_', '-')} {value}"
+    for attr, where, how in (("no_pretrained", "model.pretrained", "--no-pretrained"),
+                             ("strict_data", "data.strict_data", "--strict-data"),
+                             ("cache_trunk", "train.cache_trunk", "--cache-trunk")):
+        if getattr(args, attr, False):
+            out[where] = how
+    if getattr(args, "tasks", None):
+        out["data.tasks"] = "--tasks"
+    return out
+
+
 def config_from_args(args: argparse.Namespace):
     """Defaults, then the config file, then flags."""
     from lorax_cil.training.config import RunConfig, load_config, merge_config
@@ -172,13 +202,17 @@ def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from lorax_cil.benchmarks.scenarios import resolve_scenario
     from lorax_cil.training.runner import Run, resume_run
 
+    from lorax_cil.training.registry import apply_preset
+
     if args.resume:
         run = resume_run(args.resume, add_tasks=args.add_task, overrides=flag_overrides(args),
-                         progress=_progress)
+                         progress=_progress, explicit=explicit_settings(args))
     else:
         if args.add_task:
             raise ValueError("--add-task needs --resume RUN_DIR (a finished or partial run)")
         cfg = config_from_args(args)
+        explicit = explicit_settings(args)
+        apply_preset(cfg, explicit)  # a flag the strategy cannot honour stops before any work
         out = args.out or f"runs/{cfg.train.strategy}-{cfg.data.scenario}"
         if (Path(out) / "checkpoints").is_dir():
             raise ValueError(f"run directory {out} already holds checkpoints: use --resume {out} "
@@ -186,7 +220,7 @@ def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         d = cfg.data
         scenario = resolve_scenario(d.scenario, data_path=d.data_path, tasks=d.tasks)
         cfg.out = out
-        run = Run(cfg, run_dir=out, progress=_progress)
+        run = Run(cfg, run_dir=out, progress=_progress, explicit=explicit)
         run.setup(scenario)
     return run, run.train(stop_after=args.stop_after)
 

@@ -40,7 +40,7 @@ import numpy as np
 
 from lorax_cil.training.config import RunConfig, merge_config
 
-__all__ = ["TABLE_METRICS", "Comparison", "run_comparison", "config_differences",
+__all__ = ["TABLE_METRICS", "Comparison", "run_comparison", "config_differences", "preset_changes",
            "aggregate_runs", "markdown_table", "comparison_caption"]
 
 logger = logging.getLogger(__name__)
@@ -119,6 +119,9 @@ def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence
         d = cfg.data
         scenario = resolve_scenario(d.scenario, data_path=d.data_path, tasks=d.tasks)
     backbone = _preflight(cfg, strategies)
+    for s in strategies:
+        for note in preset_changes(cfg, s):
+            say(note)
     out = Path(out)
     main = dist.is_main()
     if main:
@@ -141,6 +144,24 @@ def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence
     result = _write_outputs(cfg, scenario, strategies, seeds, rows, matrices, out) if main else None
     dist.barrier()
     return result
+
+
+def preset_changes(cfg: RunConfig, strategy: str) -> list[str]:
+    """One line per shared setting that ``strategy``'s preset fixes to another value (e.g. no
+    memory for ``finetune``): a comparison shares one protocol, and a strategy that by
+    definition differs from it says so instead of changing silently."""
+    from lorax_cil.training.registry import apply_preset
+
+    shared = merge_config(cfg, {"train": {"strategy": strategy}}, source="compare")
+    fixed = apply_preset(shared)
+    out = []
+    for section in ("model", "train"):
+        a, b = getattr(shared, section), getattr(fixed, section)
+        for key in a.__dataclass_fields__:
+            if getattr(a, key) != getattr(b, key):
+                out.append(f"{strategy}: {section}.{key}={getattr(b, key)!r} (fixed by the "
+                           f"strategy; the shared value {getattr(a, key)!r} does not apply)")
+    return out
 
 
 def _check_distributed(strategies: Sequence[str]) -> None:

@@ -1,7 +1,10 @@
 """Typed run configuration, loaded from YAML with unknown-key errors.
 
-Precedence: command line > config file > strategy presets > dataclass defaults. The resolved
-configuration is saved with every run (``config.yaml``), so a run can always be reproduced.
+Precedence: command line > config file > strategy presets > dataclass defaults. A key set on the
+command line or in the config file is never replaced by a preset: a strategy that fixes the key
+to another value stops the run instead (:func:`~lorax_cil.training.registry.apply_preset`). The
+resolved configuration is saved with every run (``config.yaml``), so a run can always be
+reproduced.
 """
 
 from __future__ import annotations

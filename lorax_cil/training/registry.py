@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from lorax_cil.training.config import RunConfig
 
-__all__ = ["StrategyPreset", "register_strategy", "get_strategy", "list_strategies", "apply_preset"]
+__all__ = ["StrategyPreset", "PresetConflictError", "register_strategy", "get_strategy",
+           "list_strategies", "apply_preset", "preset_table"]
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,80 @@ def get_strategy(name: str) -> StrategyPreset:
     return _REGISTRY[name]
 
 
-def apply_preset(cfg: RunConfig) -> RunConfig:
-    """``cfg`` with the forced values of its strategy applied (a new object)."""
-    preset = get_strategy(cfg.train.strategy)
+class PresetConflictError(ValueError):
+    """An explicitly set configuration key contradicts a value the strategy's preset fixes."""
+
+
+def preset_table() -> list[tuple[str, str, str, Any, bool]]:
+    """Every preset entry as ``(strategy, section, key, value, fixed)``: ``fixed`` entries
+    (``model`` / ``train``) define the strategy; the others are ``defaults``."""
+    _ensure_builtin()
+    rows = []
+    for name, p in _REGISTRY.items():
+        rows += [(name, "model", k, v, True) for k, v in p.model.items()]
+        rows += [(name, "train", k, v, True) for k, v in p.train.items()]
+        rows += [(name, "model", k, v, False) for k, v in p.defaults.items()]
+    return rows
+
+
+def apply_preset(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> RunConfig:
+    """``cfg`` with its strategy preset applied (a new object).
+
+    Precedence: explicitly set keys > strategy preset > dataclass defaults. ``explicit`` maps the
+    ``section.key`` names the user set (command line or config file) to how they were set (e.g.
+    ``"--memory-size 40"``); ``None`` (the Python API, and runs rebuilt from a saved
+    configuration) treats no key as explicit, so the preset's values apply.
+
+    * A ``defaults`` key (e.g. ``adapt_blocks`` of ``lorax-deep``) keeps an explicit value, ``None``
+      included; otherwise it is set only when it is ``None``.
+    * A fixed ``model`` / ``train`` key defines the strategy (``finetune`` has no memory by
+      definition). An explicit value equal to the preset's is fine; a different one raises
+      :class:`PresetConflictError` naming the setting, the strategy and the registered
+      strategies that accept the value.
+    """
+    explicit = dict(explicit or {})
+    name = cfg.train.strategy
+    preset = get_strategy(name)
+    for section, forced in (("model", preset.model), ("train", preset.train)):
+        for key, value in forced.items():
+            where = f"{section}.{key}"
+            have = getattr(getattr(cfg, section), key)
+            if where in explicit and have != value:
+                wanted = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1])
+                          for k in explicit if k.split(".")[0] in ("model", "train")}
+                raise PresetConflictError(_conflict_message(name, where, value, explicit[where],
+                                                            wanted))
     model = dataclasses.replace(cfg.model, **preset.model)
     for key, value in preset.defaults.items():
-        if getattr(model, key) is None:
+        if f"model.{key}" not in explicit and getattr(model, key) is None:
             setattr(model, key, value)
     train = dataclasses.replace(cfg.train, **preset.train)
     return dataclasses.replace(cfg, model=model, train=train)
+
+
+def _forced(p: StrategyPreset) -> dict[str, Any]:
+    return {**{f"model.{k}": v for k, v in p.model.items()},
+            **{f"train.{k}": v for k, v in p.train.items()}}
+
+
+def _conflict_message(name: str, where: str, value: Any, how: str,
+                      wanted: Mapping[str, Any]) -> str:
+    """The error for ``how`` (setting ``where``) against ``name``'s fixed ``value``, naming the
+    strategies that accept every explicit setting in ``wanted``, closest to ``name`` first."""
+    preset = get_strategy(name)
+    mine = _forced(preset)
+    ranked = []
+    for order, (other, p) in enumerate(_REGISTRY.items()):
+        forced = _forced(p)
+        if other == name or any(forced.get(k, v) != v for k, v in wanted.items()):
+            continue
+        same = sum(1 for k, v in mine.items() if k != where and k in forced and forced[k] == v)
+        ranked.append((-same, order, other))
+    alternatives = [n for _, _, n in sorted(ranked)[:3]]
+    instead = (f"use --strategy {' or '.join(alternatives)} instead"
+               if alternatives else "no registered strategy accepts it")
+    return (f"{how} conflicts with strategy {name!r} ({preset.description}), which fixes "
+            f"{where}={value!r}; {instead}, or drop the setting")
 
 
 def _ensure_builtin() -> None:

@@ -22,7 +22,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -135,13 +135,18 @@ class Run:
         cfg: the resolved configuration (strategy preset already applied).
         run_dir: output folder (created).
         progress: optional callback ``progress(message)`` for the CLI.
+        explicit: the ``section.key`` settings the user made explicitly, mapped to how (e.g.
+            ``"--memory-size 40"``): they win over the strategy preset, or the run stops with
+            :class:`~lorax_cil.training.registry.PresetConflictError` (see
+            :func:`~lorax_cil.training.registry.apply_preset`). ``None``: the preset applies.
     """
 
     def __init__(self, cfg: RunConfig, *, run_dir: str | Path,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 progress: Callable[[str], None] | None = None,
+                 explicit: Mapping[str, str] | None = None) -> None:
         from lorax_cil.training.registry import apply_preset
 
-        self.cfg = apply_preset(cfg)
+        self.cfg = apply_preset(cfg, explicit)
         self.run_dir = Path(run_dir)
         say = progress or (lambda msg: logger.info("%s", msg))
         self.progress = say if dist.is_main() else (lambda msg: logger.debug("%s", msg))
@@ -440,8 +445,13 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 
 
 def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides: dict | None = None,
-               progress: Callable[[str], None] | None = None) -> Run:
-    """Rebuild a run from its latest checkpoint, optionally appending new generator tasks."""
+               progress: Callable[[str], None] | None = None,
+               explicit: Mapping[str, str] | None = None) -> Run:
+    """Rebuild a run from its latest checkpoint, optionally appending new generator tasks.
+
+    ``overrides`` (nested ``{section: {key: value}}``) are explicit settings: they win over the
+    strategy preset or stop with a message (``explicit`` names how each was set; default
+    ``section.key=value``)."""
     from lorax_cil.benchmarks.scenarios import Scenario, parse_task_spec
     from lorax_cil.training.checkpoint import load_checkpoint
     from lorax_cil.training.config import merge_config
@@ -461,7 +471,11 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
     if add_tasks:
         cfg.data.tasks = [f"{t.name}={t.path}" for t in scenario.tasks]
         cfg.data.scenario = "custom"
-    run = Run(cfg, run_dir=run_dir, progress=progress)
+    if explicit is None:
+        explicit = {f"{section}.{key}": f"{section}.{key}={value!r}"
+                    for section, values in (overrides or {}).items()
+                    if isinstance(values, Mapping) for key, value in values.items()}
+    run = Run(cfg, run_dir=run_dir, progress=progress, explicit=explicit)
     run.setup(scenario)
     run.restore(meta, tensors)
     logger.info("resumed %s after %d task(s) from %s", run_dir, run.completed, folder)

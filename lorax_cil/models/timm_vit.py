@@ -136,9 +136,22 @@ def _spec_from_model(
     )
 
 
-def wrap_timm_vit(model: nn.Module, *, name: str, weights: str = "random") -> TimmViTBackbone:
-    """Wrap an already built timm ViT-family model (its head is ignored)."""
+def wrap_timm_vit(
+    model: nn.Module,
+    *,
+    name: str,
+    weights: str = "random",
+    backbone_cls: type[TimmViTBackbone] | None = None,
+) -> TimmViTBackbone:
+    """Wrap an already built timm ViT-family model (its head is ignored).
+
+    ``backbone_cls`` picks a subclass of the detected wrapper (e.g. one with extra LoRA presets).
+    """
     cls = _backbone_class(model)
+    if backbone_cls is not None:
+        if not issubclass(backbone_cls, cls):
+            raise TypeError(f"{backbone_cls.__name__} is not a {cls.__name__}")
+        cls = backbone_cls
     block_names = tuple(f"blocks.{i}" for i in range(len(model.blocks)))
     _check_names(block_names, model)
     spec = _spec_from_model(model, name=name, weights=weights, block_names=block_names)

@@ -11,13 +11,17 @@ import sys
 from typing import Sequence
 
 from lorax_cil import __version__
+from lorax_cil.errors import USER_ERROR_TYPES, is_user_error, one_line
 
 __all__ = ["main", "build_parser"]
 
 #: Modules under ``lorax_cil.commands`` that each define ``register(subparsers)``.
-COMMAND_MODULES = ("data", "train", "demo", "detect", "merge", "compare", "predict", "bench")
+COMMAND_MODULES = (
+    "data", "train", "demo", "detect", "merge", "compare", "predict", "bench", "backbones",
+)
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+#: exceptions reported as one line with exit status 2 (see :mod:`lorax_cil.errors`).
+USER_ERRORS: tuple[type[BaseException], ...] = USER_ERROR_TYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
     )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the full traceback of an error instead of one line")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
     for name in COMMAND_MODULES:
@@ -54,15 +60,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
+    for stream in (sys.stdout, sys.stderr):
+        # File names that are not UTF-8 print as \xNN escapes instead of stopping the output.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # pragma: no cover - a stream that cannot change
+                pass
     try:
         return int(args.func(args) or 0)
-    except USER_ERRORS as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"lorax-cil {args.command}: error: {msg}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - every error ends as one line (traceback: --debug)
+        if args.debug:
+            raise
+        if is_user_error(exc):
+            print(f"lorax-cil {args.command}: error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        print(f"lorax-cil {args.command}: internal error: {type(exc).__name__}: {one_line(exc)} "
+              "(this is a defect of lorax-cil, not of your input: rerun with --debug for the "
+              "traceback and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

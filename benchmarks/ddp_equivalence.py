@@ -49,7 +49,8 @@ def train_args(a: argparse.Namespace, data: Path, dropout: float, out: Path) -> 
             "--backbone", "vit-test", "--no-pretrained", "--epochs", str(a.epochs),
             "--batch-size", str(a.batch_size), "--memory-size", str(a.memory_size),
             "--lr-first", str(a.lr), "--lr", str(a.lr),
-            "--device", "cpu", "--set", "train.warmup_epochs=1", "--set", "model.lora_r=4",
+            "--device", "cpu", "--set", "train.warmup_epochs=1",
+            "--set", "train.min_steps_per_task=0", "--set", "model.lora_r=4",
             "--set", "model.lora_alpha=8", "--set", f"model.lora_dropout={dropout}",
             "--out", str(out)]
 

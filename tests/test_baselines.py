@@ -21,7 +21,7 @@ MEMORY = 10
 
 def tiny_config(strategy: str, **train) -> RunConfig:
     t = {"strategy": strategy, "epochs": 1, "batch_size": 8, "warmup_epochs": 0,
-         "memory_size": MEMORY, "eval_batch_size": 16, "lr_first": 1e-3, "lr": 1e-3}
+         "min_steps_per_task": 0, "memory_size": MEMORY, "eval_batch_size": 16, "lr_first": 1e-3, "lr": 1e-3}
     t.update(train)
     return merge_config(RunConfig(), {
         "model": {"backbone": "vit-test", "pretrained": False, "lora_r": 4, "lora_alpha": 8,

@@ -30,6 +30,7 @@ def base_config(root, **model) -> RunConfig:
         "data": {"scenario": "custom", "data_path": str(root), "tasks": list(TASKS),
                  "crop": 32},
         "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "memory_size": 8,
+                  "min_steps_per_task": 0,
                   "eval_batch_size": 16, "lr_first": 1e-3, "lr": 1e-3},
         "baselines": {"l2p_pool_size": 4, "l2p_prompt_length": 2, "l2p_top_k": 2},
     }, source="test")

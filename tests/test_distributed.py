@@ -31,7 +31,8 @@ BUDGET = 10
 RUN_ARGS = ["--scenario", "custom", "--tasks", *TASKS, "--backbone", "vit-test",
             "--no-pretrained", "--epochs", "2", "--batch-size", "8",
             "--memory-size", str(BUDGET), "--device", "cpu",
-            "--set", "train.warmup_epochs=1", "--set", "model.lora_r=4",
+            "--set", "train.warmup_epochs=1", "--set", "train.min_steps_per_task=0",
+            "--set", "model.lora_r=4",
             "--set", "model.lora_alpha=8", "--set", "model.lora_dropout=0.0"]
 
 

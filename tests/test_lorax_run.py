@@ -24,6 +24,7 @@ def data_root(tmp_path_factory):
 
 def tiny_config(**train) -> RunConfig:
     t = {"epochs": 2, "batch_size": 8, "warmup_epochs": 1, "memory_size": 10,
+         "min_steps_per_task": 0,
          "eval_batch_size": 16}
     t.update(train)
     return merge_config(RunConfig(), {

@@ -502,7 +502,8 @@ def test_task_vectors_from_a_tiny_lorax_run(tmp_path):
         "model": {"backbone": "vit-test", "pretrained": False, "lora_r": 4, "lora_alpha": 8,
                   "lora_dropout": 0.0},
         "data": {"scenario": "custom"},
-        "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "memory_size": 2, "eval_batch_size": 8},
+        "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "memory_size": 2, "eval_batch_size": 8,
+                  "min_steps_per_task": 0},
     }, source="test")
     run = Run(cfg, run_dir=tmp_path / "run")
     run.setup(resolve_scenario("custom", data_path=data, tasks=["a", "b"]))

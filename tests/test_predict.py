@@ -33,7 +33,7 @@ def run_dir(tmp_path_factory):
                   "lora_dropout": 0.0},
         "data": {"scenario": "custom"},
         "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "memory_size": 4,
-                  "eval_batch_size": 16, "device": "cpu"},
+                  "eval_batch_size": 16, "device": "cpu", "min_steps_per_task": 0},
     }, source="test")
     run = Run(cfg, run_dir=root / "run")
     run.setup(resolve_scenario("custom", data_path=data, tasks=["a", "b"]))

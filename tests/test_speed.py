@@ -179,7 +179,7 @@ def _run(data_root, out, **train):
     from lorax_cil.training.runner import Run
 
     t = {"epochs": 2, "batch_size": 4, "warmup_epochs": 1, "memory_size": 4, "eval_batch_size": 8,
-         "num_workers": 0}
+         "num_workers": 0, "min_steps_per_task": 0}
     t.update(train)
     cfg = merge_config(RunConfig(), {
         "model": {"backbone": "vit-test", "pretrained": False, "lora_r": 4, "lora_alpha": 8,

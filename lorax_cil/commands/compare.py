@@ -50,7 +50,7 @@ def parse_seeds(text: str) -> list[int]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Under torchrun every process trains each run together; rank 0 writes and prints."""
-    from lorax_cil.commands.train import config_from_args, run_device
+    from lorax_cil.commands.train import config_from_args, progress_display, run_device
     from lorax_cil.distributed import distributed_session, is_main
     from lorax_cil.training.compare import run_comparison
 
@@ -63,7 +63,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
             print(f"[compare] {len(strategies)} strategies x {len(seeds)} seeds -> {out}",
                   flush=True)
         result = run_comparison(cfg, strategies=strategies, seeds=seeds, out=out,
-                                progress=_progress, timing_images=args.timing_images)
+                                progress=_progress, timing_images=args.timing_images,
+                                display=progress_display(args))
         if is_main():
             _print_result(result)
     return 0

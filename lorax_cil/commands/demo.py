@@ -71,7 +71,8 @@ def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
                   "lora_alpha": 16.0, "lora_dropout": 0.0},
         "train": {"strategy": strategy, "epochs": args.epochs, "batch_size": 32,
                   "eval_batch_size": 128, "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0,
-                  "min_lr": 1e-5, "memory_size": args.memory_size, "seed": args.seed},
+                  "min_lr": 1e-5, "memory_size": args.memory_size, "seed": args.seed,
+                  "min_steps_per_task": 0},
         "out": str(Path(args.out) / strategy),
     }, source="demo")
 

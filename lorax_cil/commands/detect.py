@@ -43,6 +43,8 @@ TRAIN_FLAGS: dict[str, tuple[str, str, Any]] = {
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lorax_cil.commands.train import add_quiet_flag
+
     p = sub.add_parser("detect", help="binary real/fake detectors: MoLE, LoRA, linear probe")
     dsub = p.add_subparsers(dest="detect_command", metavar="ACTION")
     dsub.required = True
@@ -63,6 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config key, e.g. --set data.hflip=false (repeatable)")
     t.add_argument("--out", help="detector folder (default: detectors/<adapter>-<sources>)")
+    add_quiet_flag(t)
     t.set_defaults(func=cmd_train)
 
     e = dsub.add_parser("eval", help="cross-generator evaluation (+ blur/JPEG robustness)")
@@ -146,11 +149,12 @@ def _say(msg: str) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a detector; under torchrun every process trains, rank 0 writes and reports."""
     from lorax_cil.distributed import distributed_session, is_main
+    from lorax_cil.commands.train import progress_display
     from lorax_cil.detection.train import train_detector
 
     cfg = detect_config_from_args(args)
     with distributed_session(cfg.train.device):
-        _, summary = train_detector(cfg, progress=_say)
+        _, summary = train_detector(cfg, progress=_say, display=progress_display(args))
         main = is_main()
     if not main:
         return 0

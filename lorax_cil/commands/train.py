@@ -57,6 +57,18 @@ def add_run_flags(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) 
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config key, e.g. --set train.warmup_epochs=1 or "
                         "--set baselines.ewc_lambda=100 (repeatable)")
+    add_quiet_flag(p)
+
+
+def add_quiet_flag(p: argparse.ArgumentParser) -> None:
+    """``-q/--quiet``: no per-epoch progress (also accepted before the command)."""
+    p.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                   help="no per-epoch progress bar or lines (and only warnings in the log)")
+
+
+def progress_display(args: argparse.Namespace) -> str:
+    """``off`` with ``-q``; else ``auto`` (a bar on a terminal, one line per epoch otherwise)."""
+    return "off" if getattr(args, "quiet", False) else "auto"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -206,7 +218,8 @@ def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
 
     if args.resume:
         run = resume_run(args.resume, add_tasks=args.add_task, overrides=flag_overrides(args),
-                         progress=_progress, explicit=explicit_settings(args))
+                         progress=_progress, explicit=explicit_settings(args),
+                         display=progress_display(args))
     else:
         if args.add_task:
             raise ValueError("--add-task needs --resume RUN_DIR (a finished or partial run)")
@@ -220,7 +233,8 @@ def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         d = cfg.data
         scenario = resolve_scenario(d.scenario, data_path=d.data_path, tasks=d.tasks)
         cfg.out = out
-        run = Run(cfg, run_dir=out, progress=_progress, explicit=explicit)
+        run = Run(cfg, run_dir=out, progress=_progress, explicit=explicit,
+                  display=progress_display(args))
         run.setup(scenario)
     return run, run.train(stop_after=args.stop_after)
 

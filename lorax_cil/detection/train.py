@@ -245,7 +245,8 @@ def _transform_config(cfg: DetectConfig, spec: Any):
                            resize=d.resize, blur_prob=d.blur_prob, jpeg_prob=d.jpeg_prob, hflip=d.hflip)
 
 
-def _epoch(det, loader, opt, device, amp: bool, state: dict, max_steps: int | None) -> dict[str, float]:
+def _epoch(det, loader, opt, device, amp: bool, state: dict, max_steps: int | None,
+           meter: Any = None) -> dict[str, float]:
     """One epoch; under torchrun the loader's batch sampler is a ``GlobalBatchSampler`` and the
     gradients are averaged over the ranks before every step."""
     import torch
@@ -276,14 +277,20 @@ def _epoch(det, loader, opt, device, amp: bool, state: dict, max_steps: int | No
         tot["bce"] += float(bce.detach()) * n
         tot["balance"] += float(aux.detach()) * n
         tot["n"] += n
+        if meter is not None:
+            meter.update(n, loss)
     if sampler is not None:  # sums over the ranks
         tot = {k: sum(t[k] for t in all_gather_objects(tot)) for k in tot}
     n = max(tot.pop("n"), 1)
     return {k: v / n for k, v in tot.items()}
 
 
-def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None = None):
+def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None = None,
+                   display: str = "auto"):
     """Train, calibrate and save a detector; returns ``(detector, summary)``.
+
+    ``display``: per-epoch progress (``auto``: a bar on a terminal, else one line per epoch;
+    ``bar``, ``lines`` or ``off``; see :class:`~lorax_cil.training.progress.EpochProgress`).
 
     The summary holds the calibration threshold and metrics, the parameter report and the
     per-epoch history. Everything is written to ``cfg.out``.
@@ -299,6 +306,7 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
     from lorax_cil.benchmarks.images import DataIssues
     from lorax_cil import distributed as dist
     from lorax_cil.benchmarks.transforms import build_transform
+    from lorax_cil.training.progress import EpochProgress
     from lorax_cil.utils import seed_everything
 
     say = progress or (lambda msg: logger.info("%s", msg))
@@ -335,13 +343,15 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
     opt = torch.optim.AdamW(det.trainable_parameters(), lr=t.lr, weight_decay=t.weight_decay)
     dist.broadcast_parameters([p for g in opt.param_groups for p in g["params"]])
     amp, state, history = resolve_amp(t.amp, device), {"step": 0}, []
+    meter = EpochProgress(display=display if dist.is_main() else "off", say=say)
     for epoch in range(t.epochs):
         t0 = time.perf_counter()
-        rec = _epoch(det, loader, opt, device, amp, state, t.max_steps)
+        meter.start_epoch(epoch, t.epochs, steps=len(loader), lr=opt.param_groups[0]["lr"])
+        rec = _epoch(det, loader, opt, device, amp, state, t.max_steps, meter)
         rec.update(epoch=epoch, steps=state["step"], seconds=round(time.perf_counter() - t0, 3))
+        shown = meter.end_epoch(f"BCE {rec['bce']:.4f}, balance {rec['balance']:.4f}")
+        rec.update(lr=shown["lr"], images_per_s=shown["images_per_s"])
         history.append(rec)
-        say(f"epoch {epoch + 1}/{t.epochs}: loss {rec['loss']:.4f} (BCE {rec['bce']:.4f}, "
-            f"balance {rec['balance']:.4f}), {rec['seconds']:.1f} s")
         if t.max_steps is not None and state["step"] >= t.max_steps:
             break
     def calibrate() -> tuple[dict[str, Any], float, dict[str, Any]]:

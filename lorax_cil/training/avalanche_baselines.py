@@ -195,7 +195,8 @@ def optimizer_settings(cfg: Any) -> dict[str, Any]:
     amp = t.amp if t.amp == "auto" else t.amp in ("true", "1", True)
     return dict(lr_first=t.lr_first * scale, lr=t.lr * scale, weight_decay=t.weight_decay,
                 warmup_epochs=t.warmup_epochs, warmup_lr=t.warmup_lr * scale,
-                min_lr=t.min_lr * scale, num_workers=t.num_workers, amp=amp)
+                min_lr=t.min_lr * scale, num_workers=t.num_workers, amp=amp,
+                min_steps_per_task=t.min_steps_per_task, warmup_steps=t.warmup_steps)
 
 
 def template_kwargs(cfg: Any, device: Any, evaluator: Any, plugins: list) -> dict[str, Any]:

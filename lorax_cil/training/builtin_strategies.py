@@ -32,6 +32,8 @@ def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins
         device=device,
         amp=t.amp if t.amp == "auto" else t.amp in ("true", "1", True),
         num_workers=t.num_workers,
+        min_steps_per_task=t.min_steps_per_task,
+        warmup_steps=t.warmup_steps,
         plugins=plugins,
         evaluator=evaluator,
     )

@@ -88,7 +88,7 @@ class Comparison:
 def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence[int],
                    out: str | Path, scenario: Any = None,
                    progress: Callable[[str], None] | None = None,
-                   timing_images: int = 128) -> Comparison | None:
+                   timing_images: int = 128, display: str = "auto") -> Comparison | None:
     """Run (or reuse) every strategy for every seed and write the comparison.
 
     Args:
@@ -100,6 +100,8 @@ def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence
         scenario: the resolved scenario (default: resolved from ``cfg.data``).
         progress: callback for progress lines.
         timing_images: evaluation images used for the inference timing.
+        display: per-epoch progress of every run (``auto``, ``bar``, ``lines``, ``off``; see
+            :class:`~lorax_cil.training.progress.EpochProgress`).
 
     Raises:
         ValueError: unknown strategy, no seed, a strategy that cannot run on the backbone, or a
@@ -132,7 +134,7 @@ def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence
         for k in seeds:
             run_cfg = merge_config(cfg, {"train": {"strategy": s, "seed": int(k)},
                                          "out": str(out / s / f"seed{k}")}, source="compare")
-            status = obtain_run(run_cfg, Path(run_cfg.out), scenario, say)
+            status = obtain_run(run_cfg, Path(run_cfg.out), scenario, say, display=display)
             if not main:
                 continue
             row, R = _collect(run_cfg, Path(run_cfg.out), images)
@@ -215,7 +217,7 @@ def _preflight(cfg: RunConfig, strategies: Sequence[str]) -> Any:
 
 
 def obtain_run(cfg: RunConfig, run_dir: Path, scenario: Any,
-               say: Callable[[str], None]) -> str:
+               say: Callable[[str], None], display: str = "auto") -> str:
     """Reuse, resume or train the run in ``run_dir``.
 
     Returns:
@@ -239,13 +241,13 @@ def obtain_run(cfg: RunConfig, run_dir: Path, scenario: Any,
         if get_strategy(cfg.train.strategy).resumable:
             say(f"{cfg.train.strategy} seed {cfg.train.seed}: resuming {run_dir}")
             runtime = {"train": {"device": cfg.train.device, "num_workers": cfg.train.num_workers}}
-            resume_run(run_dir, overrides=runtime, progress=progress).train()
+            resume_run(run_dir, overrides=runtime, progress=progress, display=display).train()
             return "resumed"
         say(f"{cfg.train.strategy} cannot resume: training {run_dir} again from the start")
         if dist.is_main():
             shutil.rmtree(run_dir)
         dist.barrier()
-    run = Run(cfg, run_dir=run_dir, progress=progress)
+    run = Run(cfg, run_dir=run_dir, progress=progress, display=display)
     run.setup(scenario)
     run.train()
     return "trained" if state == "empty" else "restarted"

@@ -83,7 +83,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    """Optimisation, memory and run-time options (defaults: the official LoRAX ones).
+    """Optimisation, memory and run-time options (defaults: the official LoRAX ones, except
+    ``min_steps_per_task``, which keeps small tasks from being starved of optimizer steps).
 
     Attributes:
         strategy: registry name (``lorax``, ``lorax-deep``, ``finetune``, ``finetune-replay``).
@@ -98,6 +99,13 @@ class TrainConfig:
         weight_decay: AdamW weight decay.
         warmup_epochs: warm-up epochs per task.
         warmup_lr: learning rate at the start of the warm-up.
+        min_steps_per_task: a task whose ``epochs`` give fewer optimizer steps than this trains
+            more epochs, until it reaches this many steps (``0``: epochs as given, the official
+            protocol). Large tasks (CDDB: hundreds of steps per epoch) are unaffected; a
+            28-image task at batch 32 gets this many steps instead of ``epochs``. The derived
+            epochs are logged and written to ``steps.jsonl`` (see docs/fewshot.md).
+        warmup_steps: warm-up in optimizer steps (rounded up to whole epochs); ``None``: the
+            warm-up is ``warmup_epochs``, scaled by the same factor when the epochs are raised.
         min_lr: end of the cosine schedule.
         head_div: divergence-loss weight.
         memory_size: total exemplar budget.
@@ -121,6 +129,8 @@ class TrainConfig:
     weight_decay: float = 1e-6
     warmup_epochs: int = 5
     warmup_lr: float = 1e-4
+    min_steps_per_task: int = 200
+    warmup_steps: int | None = None
     min_lr: float = 1e-5
     head_div: float = 0.1
     memory_size: int = 500

@@ -4,7 +4,7 @@ Run directory::
 
     config.yaml              resolved configuration
     data_manifest.json       the data the run used (counts, listing hash, data issues)
-    steps.jsonl              one JSON record per completed task
+    steps.jsonl              one JSON record per completed task (with per-epoch loss and time)
     accuracy_<metric>.csv    accuracy matrices (multi_real, binary, strict) and ap.csv
     summary.json             AA, step-average accuracy, BWT, forgetting, parameters, time
     accuracy_matrix.png, accuracy_over_steps.png
@@ -20,7 +20,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -126,6 +126,8 @@ class StepRecord:
     parameters: dict[str, Any]
     world_size: int = 1
     memory_exemplars: int | None = None
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    task_length: dict[str, Any] | None = None
 
 
 class Run:
@@ -139,11 +141,15 @@ class Run:
             ``"--memory-size 40"``): they win over the strategy preset, or the run stops with
             :class:`~lorax_cil.training.registry.PresetConflictError` (see
             :func:`~lorax_cil.training.registry.apply_preset`). ``None``: the preset applies.
+        display: per-epoch progress (:class:`~lorax_cil.training.progress.EpochProgress`):
+            ``auto`` (a bar on a terminal, else one line per epoch), ``bar``, ``lines`` or
+            ``off``. The per-epoch loss and time go to ``steps.jsonl`` in every case.
     """
 
     def __init__(self, cfg: RunConfig, *, run_dir: str | Path,
                  progress: Callable[[str], None] | None = None,
-                 explicit: Mapping[str, str] | None = None) -> None:
+                 explicit: Mapping[str, str] | None = None, display: str = "auto") -> None:
+        from lorax_cil.training.progress import resolve_display
         from lorax_cil.training.registry import apply_preset
 
         self.cfg = apply_preset(cfg, explicit)
@@ -152,6 +158,8 @@ class Run:
         self.progress = say if dist.is_main() else (lambda msg: logger.debug("%s", msg))
         self.device = dist.local_device(resolve_device(self.cfg.train.device))
         self.world_size = dist.world_size()
+        self.display = resolve_display(display) if dist.is_main() else "off"
+        self.epoch_progress = None
         self.scenario = None
         self.bench = None
         self.net = None
@@ -165,6 +173,7 @@ class Run:
         from lorax_cil.benchmarks.streams import build_cil_benchmark
         from lorax_cil.benchmarks.transforms import TransformConfig
         from lorax_cil.evaluation.metrics import AccuracyMatrix
+        from lorax_cil.training.progress import EpochProgress
         from lorax_cil.training.registry import get_strategy
 
         cfg = self.cfg
@@ -181,7 +190,8 @@ class Run:
                                          strict=d.strict_data)
         self.net = build_network(cfg, backbone).to(self.device)
         builder = get_strategy(cfg.train.strategy).builder
-        plugins = []
+        self.epoch_progress = EpochProgress(display=self.display, say=self.progress)
+        plugins: list[Any] = [self.epoch_progress]
         if dist.is_distributed():
             from lorax_cil.training.ddp import DistributedTraining
 
@@ -190,7 +200,7 @@ class Run:
             # The run writes its own logs; Avalanche's "no loggers" notice is expected here.
             warnings.filterwarnings("ignore", message="No loggers specified")
             self.strategy = builder(cfg, self.net, self.device, None, plugins)
-        if plugins:
+        if dist.is_distributed():
             _check_distributed_strategy(cfg.train.strategy, self.strategy)
         if cfg.train.cache_trunk:
             from lorax_cil.training.strategy import enable_trunk_cache
@@ -225,9 +235,13 @@ class Run:
         self.progress(f"task {j + 1}/{self.scenario.num_tasks}: {name} "
                       f"({len(exp.dataset)} images + memory)")
         seed_everything(self._task_seed(j))
+        self.epoch_progress.start_task(f"task {j + 1}/{self.scenario.num_tasks}")
         t0 = time.perf_counter()
         self.strategy.train(exp, num_workers=self.cfg.train.num_workers)
         train_s = time.perf_counter() - t0
+        length = getattr(self.strategy, "task_length", None)
+        if length is not None:
+            self.progress(f"  schedule: {length.describe()}")
         t0 = time.perf_counter()
         per_task = self.evaluate_step(j)
         eval_s = time.perf_counter() - t0
@@ -235,11 +249,14 @@ class Run:
             step=j, task=name, train_seconds=round(train_s, 3), eval_seconds=round(eval_s, 3),
             per_task=per_task, memory_per_class=self.strategy.memory.per_class(),
             parameters=self.net.parameter_report(), world_size=self.world_size,
-            memory_exemplars=self.check_memory(),
+            memory_exemplars=self.check_memory(), epochs=self.epoch_progress.take_records(),
+            task_length=length.to_dict() if length is not None else None,
         )
         self.steps.append(json.loads(json.dumps(record.__dict__, default=_jsonable)))
         if dist.is_main():
             self._write_step_outputs()
+            if length is not None and length.derived:
+                _note_derived(self.run_dir / "config.yaml", j, name, length)
         if self.cfg.train.checkpoint_every_task or j == self.scenario.num_tasks - 1:
             self.save_checkpoint()
 
@@ -418,6 +435,19 @@ def _check_distributed_strategy(name: str, strategy: Any) -> None:
                          "finetune-replay: run it with one process")
 
 
+def _note_derived(path: Path, j: int, name: str, length: Any) -> None:
+    """Append the values derived for task ``j`` to ``config.yaml`` as comments (so the file
+    still loads as the configuration the user gave)."""
+    if not path.is_file():
+        return
+    text = path.read_text(encoding="utf-8")
+    if "# derived per task" not in text:
+        text += ("# derived per task (train.min_steps_per_task / train.warmup_steps; "
+                 "steps.jsonl task_length has every field):\n")
+    text += f"# task {j} {name}: {length.describe()}\n"
+    atomic_write_text(path, text)
+
+
 def _nan_to_none(a: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in np.asarray(a)]
 
@@ -446,7 +476,7 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 
 def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides: dict | None = None,
                progress: Callable[[str], None] | None = None,
-               explicit: Mapping[str, str] | None = None) -> Run:
+               explicit: Mapping[str, str] | None = None, display: str = "auto") -> Run:
     """Rebuild a run from its latest checkpoint, optionally appending new generator tasks.
 
     ``overrides`` (nested ``{section: {key: value}}``) are explicit settings: they win over the
@@ -461,7 +491,10 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
         return (folder, *load_checkpoint(folder))
 
     folder, tensors, meta = dist.on_main(read)  # rank 0 reads; the other ranks receive it
-    cfg = RunConfig.from_dict(meta["config"], source=str(folder / "meta.json"))
+    stored = dict(meta["config"])
+    # Runs written before train.min_steps_per_task existed trained the epochs as given.
+    stored["train"] = {"min_steps_per_task": 0, **stored.get("train", {})}
+    cfg = RunConfig.from_dict(stored, source=str(folder / "meta.json"))
     if overrides:
         cfg = merge_config(cfg, overrides, source="command line")
     scenario = Scenario.from_dict(meta["scenario"])
@@ -475,7 +508,7 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
         explicit = {f"{section}.{key}": f"{section}.{key}={value!r}"
                     for section, values in (overrides or {}).items()
                     if isinstance(values, Mapping) for key, value in values.items()}
-    run = Run(cfg, run_dir=run_dir, progress=progress, explicit=explicit)
+    run = Run(cfg, run_dir=run_dir, progress=progress, explicit=explicit, display=display)
     run.setup(scenario)
     run.restore(meta, tensors)
     logger.info("resumed %s after %d task(s) from %s", run_dir, run.completed, folder)

@@ -159,7 +159,7 @@ def build_simplecil_network(cfg: Any, backbone: Any) -> PrototypeNet:
 
 
 def build_simplecil(cfg: Any, net: Any, device: Any, evaluator: Any, plugins: list) -> SimpleCIL:
-    if plugins:
+    if any(not getattr(p, "optional", False) for p in plugins):
         raise ValueError("strategy 'simplecil' trains nothing and takes no Avalanche plugins")
     return SimpleCIL(net=net, device=device, batch_size=cfg.train.eval_batch_size,
                      num_workers=cfg.train.num_workers)

@@ -30,6 +30,7 @@ from torch import nn
 
 from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.training.memory import HerdingMemory
+from lorax_cil.training.task_length import TaskLength, plan_task_length
 from lorax_cil.utils import resolve_amp
 
 __all__ = ["ExpandableModel", "LoRAX", "ProtocolOptimizer", "cosine_warmup_lr",
@@ -88,7 +89,10 @@ class ProtocolOptimizer:
 
     def setup_protocol(self, *, lr_first: float, lr: float, weight_decay: float,
                        warmup_epochs: int, warmup_lr: float, min_lr: float,
-                       num_workers: int = 0, amp: Any = "auto") -> None:
+                       num_workers: int = 0, amp: Any = "auto", min_steps_per_task: int = 0,
+                       warmup_steps: int | None = None) -> None:
+        """``min_steps_per_task`` / ``warmup_steps``: see :mod:`~lorax_cil.training.task_length`
+        (``0`` / ``None``: epochs and warm-up epochs as given, the official protocol)."""
         if lr_first <= 0 or lr <= 0:
             raise ValueError(f"learning rates must be positive, got {lr_first} and {lr}")
         self.protocol_lr = (float(lr_first), float(lr))
@@ -97,6 +101,14 @@ class ProtocolOptimizer:
         self.num_workers = int(num_workers)
         self.amp = resolve_amp(amp, self.device)
         self._epoch_in_exp = 0
+        self.requested_epochs = int(self.train_epochs)
+        self.min_steps_per_task = int(min_steps_per_task)
+        self.warmup_steps = None if warmup_steps is None else int(warmup_steps)
+        plan_task_length(0, batch_size=max(1, int(self.train_mb_size)),
+                         epochs=self.requested_epochs, warmup_epochs=self.warmup_epochs,
+                         min_steps=self.min_steps_per_task, warmup_steps=self.warmup_steps)
+        self.task_length: TaskLength | None = None
+        self._task_warmup = self.warmup_epochs
 
     def task_index(self) -> int:
         """Index of the experience being trained (0 outside training)."""
@@ -119,11 +131,24 @@ class ProtocolOptimizer:
         workers = self.num_workers if num_workers is None else num_workers
         kwargs.setdefault("persistent_workers", workers > 0)
         super().make_train_dataloader(num_workers=workers, **kwargs)
+        self.plan_task_length(len(self.adapted_dataset))
+
+    def plan_task_length(self, samples: int) -> TaskLength:
+        """Set this task's epochs and warm-up from its training-set size (see
+        :mod:`~lorax_cil.training.task_length`); the plan is kept in ``self.task_length``."""
+        plan = plan_task_length(samples, batch_size=int(self.train_mb_size),
+                                epochs=self.requested_epochs, warmup_epochs=self.warmup_epochs,
+                                min_steps=self.min_steps_per_task, warmup_steps=self.warmup_steps)
+        self.train_epochs = plan.epochs
+        self._task_warmup = plan.warmup_epochs
+        self.task_length = plan
+        logger.info("task %d: %s", self.task_index(), plan.describe())
+        return plan
 
     def _before_training_epoch(self, **kwargs: Any) -> None:
         base = self.base_lr()
         lr = cosine_warmup_lr(self._epoch_in_exp, epochs=self.train_epochs, base_lr=base,
-                              warmup_epochs=min(self.warmup_epochs, self.train_epochs - 1),
+                              warmup_epochs=min(self._task_warmup, self.train_epochs - 1),
                               warmup_lr=self.warmup_lr, min_lr=min(self.min_lr, base))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
@@ -161,6 +186,10 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         cache_trunk: compute the frozen trunk's output once per training image and experience
             and train every epoch from it (valid only when the training transform is
             deterministic; :func:`enable_trunk_cache` checks that).
+        min_steps_per_task: raise a task's epochs until it trains at least this many optimizer
+            steps (0: epochs as given); see :mod:`~lorax_cil.training.task_length`.
+        warmup_steps: warm-up in optimizer steps (``None``: ``warmup_epochs``, scaled with
+            raised epochs).
         plugins: extra Avalanche plugins.
         evaluator: Avalanche evaluation plugin.
     """
@@ -184,6 +213,8 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         amp: str | bool = "auto",
         num_workers: int = 0,
         cache_trunk: bool = False,
+        min_steps_per_task: int = 0,
+        warmup_steps: int | None = None,
         plugins: Sequence[Any] | None = None,
         evaluator: Any = default_evaluator,
     ) -> None:
@@ -210,7 +241,8 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         )
         self.setup_protocol(lr_first=lr_first, lr=lr, weight_decay=weight_decay,
                             warmup_epochs=warmup_epochs, warmup_lr=warmup_lr, min_lr=min_lr,
-                            num_workers=num_workers, amp=amp)
+                            num_workers=num_workers, amp=amp,
+                            min_steps_per_task=min_steps_per_task, warmup_steps=warmup_steps)
         self.head_div = float(head_div)
         self.cache_trunk = bool(cache_trunk)
         self.memory = HerdingMemory(

@@ -255,7 +255,7 @@ def test_expandable_mole_group_equals_each_adapter_alone_and_round_trips():
     net.add_task(2)
     net.add_task(2)
     for t in range(2):
-        for layer in net._lora_layers:
+        for layer in net.ext.layers:
             for p in layer.adapters[t].parameters():
                 torch.nn.init.normal_(p, 0, 0.2)
     net.eval()
@@ -263,7 +263,7 @@ def test_expandable_mole_group_equals_each_adapter_alone_and_round_trips():
     feats = net.features_for_herding(x)
     h = net._trunk(x)
     for t in range(2):
-        with lora_group(net._lora_layers, [t]):
+        with lora_group(net.ext.layers, [t]):
             torch.testing.assert_close(feats[:, 48 * t:48 * (t + 1)], net._tail(h), rtol=0, atol=1e-5)
     torch.manual_seed(0)
     clone = ExpandableNet.from_architecture(net.architecture(), create_backbone("vit-test"))

@@ -28,7 +28,7 @@ def lora_net(num_tasks: int = 3, adapt_blocks: int | None = None, seed: int = 0)
     for _ in range(num_tasks):
         net.add_task(2)
     with torch.no_grad():  # B starts at zero: give every adapter a non-zero update
-        for layer in net._lora_layers:
+        for layer in net.ext.layers:
             for a in layer.adapters:
                 a.lora_B.weight.normal_(0, 0.2)
     return net
@@ -40,10 +40,10 @@ def test_folded_inference_equals_unfolded_and_uses_the_cache():
     with torch.no_grad():
         with lora_fold(False):
             ref = net(x)
-        assert all(not layer._fold_cache for layer in net._lora_layers)
+        assert all(not layer._fold_cache for layer in net.ext.layers)
         folded = net(x)
     torch.testing.assert_close(folded, ref, rtol=1e-4, atol=1e-5)
-    layer = net._lora_layers[0]
+    layer = net.ext.layers[0]
     assert sorted(layer._fold_cache) == [0, 1, 2]
     cached = layer._fold_cache[1][1]
     with torch.no_grad():
@@ -56,7 +56,7 @@ def test_fold_cache_is_invalidated_when_an_adapter_changes():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         net(x)
-        for layer in net._lora_layers:
+        for layer in net.ext.layers:
             layer.adapters[2].lora_B.weight.mul_(-1.5)  # in place, as an optimiser step does
         folded = net(x)
         with lora_fold(False):
@@ -71,25 +71,25 @@ def test_fold_cache_is_bounded_and_past_the_bound_adapters_run_unfolded():
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad(), lora_fold(False):
         ref = net(x)
-    per_task = sum(layer.base.weight.numel() * 4 for layer in net._lora_layers)
+    per_task = sum(layer.base.weight.numel() * 4 for layer in net.ext.layers)
     previous = set_fold_cache_limit(0)
     try:
-        for layer in net._lora_layers:
+        for layer in net.ext.layers:
             layer.clear_fold_cache()
         with torch.no_grad():
             torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
-        assert all(not layer._fold_cache for layer in net._lora_layers)
+        assert all(not layer._fold_cache for layer in net.ext.layers)
         set_fold_cache_limit(1.5 * per_task / 2**20)  # room for one task's folded weights
         with torch.no_grad():
             torch.testing.assert_close(net(x), ref, rtol=1e-4, atol=1e-5)
-        cached = sum(layer._fold_cache_nbytes() for layer in net._lora_layers)
+        cached = sum(layer._fold_cache_nbytes() for layer in net.ext.layers)
         assert 0 < cached <= 1.5 * per_task and cached <= fold_cache_bytes()
-        assert any(len(layer._fold_cache) < 3 for layer in net._lora_layers)
+        assert any(len(layer._fold_cache) < 3 for layer in net.ext.layers)
         with pytest.raises(ValueError, match="fold cache limit"):
             set_fold_cache_limit(-1)
     finally:
         set_fold_cache_limit(previous)
-        for layer in net._lora_layers:
+        for layer in net.ext.layers:
             layer.clear_fold_cache()
 
 
@@ -117,9 +117,9 @@ def test_training_the_newest_adapter_is_unchanged_by_folding():
         with lora_fold(fold):
             loss = nn.functional.cross_entropy(net(x), y)
             loss.backward()
-        newest = [p.grad.clone() for layer in net._lora_layers for p in layer.adapters[2].parameters()]
+        newest = [p.grad.clone() for layer in net.ext.layers for p in layer.adapters[2].parameters()]
         assert all(g is not None and g.abs().sum() > 0 for g in newest)
-        assert all(p.grad is None for layer in net._lora_layers for p in layer.adapters[0].parameters())
+        assert all(p.grad is None for layer in net.ext.layers for p in layer.adapters[0].parameters())
         grads.append(newest)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
@@ -128,7 +128,7 @@ def test_training_the_newest_adapter_is_unchanged_by_folding():
 def test_trunk_once_and_old_extractors_without_autograd():
     net = lora_net(num_tasks=3, adapt_blocks=2).train()
     calls = {"trunk": 0, "groups": []}
-    trunk, features = net.trunk, net._lora_features
+    trunk, features = net.trunk, net.ext.features
 
     def counting_trunk(x):
         calls["trunk"] += 1
@@ -136,12 +136,12 @@ def test_trunk_once_and_old_extractors_without_autograd():
         assert not h.requires_grad
         return h
 
-    def recording_features(h, indices):
-        out = features(h, indices)
+    def recording_features(h, indices, **kw):
+        out = features(h, indices, **kw)
         calls["groups"].append((list(indices), [f.requires_grad for f in out]))
         return out
 
-    net.trunk, net._lora_features = counting_trunk, recording_features
+    net.trunk, net.ext.features = counting_trunk, recording_features
     net(torch.randn(2, 3, 32, 32)).sum().backward()
     assert calls["trunk"] == 1
     assert calls["groups"] == [([0, 1], [False, False]), ([2], [True])]

@@ -147,7 +147,7 @@ def _grow(net: Any, T: int) -> None:
     while net.num_tasks < T:
         net.add_task(2)
         with torch.no_grad():  # a trained-looking adapter (B is zero at initialisation)
-            for layer in net._lora_layers:
+            for layer in net.ext.layers:
                 layer.adapters[-1].lora_B.weight.normal_(0, 0.02)
 
 
@@ -187,7 +187,7 @@ def _reference_forward(net: Any, train: bool) -> Callable[[Any], Any]:
         feats = []
         with lora_fold(False):
             for t in range(net.num_tasks):
-                with lora_group(net._lora_layers, [t]), torch.set_grad_enabled(
+                with lora_group(net.ext.layers, [t]), torch.set_grad_enabled(
                         train and t == net.num_tasks - 1):
                     feats.append(bb(x))
         f = torch.cat(feats, dim=1)

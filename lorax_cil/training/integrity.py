@@ -1,0 +1,208 @@
+"""Checks that keep a run directory honest: output folders, checkpoint metadata, ``latest.json``,
+and what a resume may change.
+
+* :func:`check_out_dir`: ``--out`` must be a folder lorax-cil can write, and never the data
+  folder (or inside it): refused before anything is written.
+* :func:`read_latest_pointer`: ``checkpoints/latest.json`` names a checkpoint folder of the
+  same run (``exp_NNN``), nothing else.
+* :func:`validate_run_meta`: the keys a run checkpoint must hold, and a class count that
+  matches its scenario, checked before anything is allocated.
+* :func:`protocol_changes`: the configuration keys a ``--resume`` would change. A run's protocol
+  (backbone, seed, memory budget, schedule, transforms, ...) is fixed when it starts; a resume
+  that changes it is refused unless ``--allow-protocol-change``, and then recorded.
+* :func:`data_changes`: tasks whose data (file names and sizes of every stream) differ from
+  what they were trained on; refused on resume unless ``--allow-protocol-change``, and then
+  recorded with both hashes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from lorax_cil.errors import UserError, printable
+
+__all__ = [
+    "RESUME_FREE_KEYS",
+    "RUN_META_KEYS",
+    "check_out_dir",
+    "read_latest_pointer",
+    "validate_run_meta",
+    "protocol_changes",
+    "format_changes",
+    "data_changes",
+]
+
+#: configuration keys a resume may change without changing the protocol (where it runs, how
+#: fast, where the data now lives: moved data keep their relative names and sizes, and
+#: :func:`data_changes` compares those).
+RESUME_FREE_KEYS = frozenset({
+    "train.device", "train.num_workers", "train.eval_batch_size", "data.data_path",
+    "data.strict_data", "out",
+})
+
+#: keys of a run checkpoint's ``meta.json`` that loading and resuming read.
+RUN_META_KEYS = ("completed_tasks", "scenario", "architecture", "config", "steps", "matrices",
+                 "memory")
+
+#: the most classes one task may add (runs add 2: real and fake).
+MAX_CLASSES_PER_TASK = 1000
+
+_CHECKPOINT_NAME = re.compile(r"exp_\d{3,6}")
+
+
+def _resolved(path: str | os.PathLike) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_out_dir(out: str | os.PathLike, *, data_paths: Iterable[str | os.PathLike] = (),
+                  what: str = "--out") -> Path:
+    """Refuse an output folder that is a file, cannot be written, or is (inside) a data folder.
+
+    Nothing is created here; the folder (or its nearest existing parent) is writable.
+
+    Raises:
+        UserError: naming ``what`` and the reason.
+    """
+    target = _resolved(out)
+    shown = printable(os.fspath(out))
+    for data in data_paths:
+        if data is None:
+            continue
+        root = _resolved(data)
+        if _inside(target, root):
+            raise UserError(f"{what} {shown} is inside the data folder {printable(str(root))}: "
+                            "writing there would mix outputs with the images (and a later scan "
+                            "would take the outputs for data); choose a folder outside it")
+    existing = target
+    while not existing.exists():
+        if existing.parent == existing:
+            break
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        raise UserError(f"{what} {shown}: {printable(str(existing))} is a file, not a folder; "
+                        "choose a folder path")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{what} {shown}: cannot write in {printable(str(existing))} "
+                        "(permission denied); choose a folder you can write to")
+    try:  # a probe file in the folder (or its nearest existing parent): nothing is left behind
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise UserError(f"{what} {shown}: cannot write there ({exc.strerror or exc}); choose "
+                        "another folder") from None
+    return target
+
+
+def read_latest_pointer(checkpoints: Path) -> Path | None:
+    """The folder named by ``checkpoints/latest.json``, or ``None`` when there is no pointer.
+
+    Raises:
+        CheckpointError: the pointer is malformed, names anything but an ``exp_NNN`` folder of
+            this run, or names a checkpoint whose ``meta.json`` is missing.
+    """
+    from lorax_cil.training.checkpoint import CheckpointError
+
+    pointer = checkpoints / "latest.json"
+    if not pointer.is_file():
+        return None
+    try:
+        data = json.loads(pointer.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt {pointer}: {exc}; delete it to use the newest complete "
+                              "checkpoint folder") from None
+    name = data.get("folder") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not _CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} must name a checkpoint folder exp_NNN of this run, got "
+                              f"{name!r}; delete it to use the newest complete checkpoint folder")
+    folder = checkpoints / name
+    if folder.is_symlink() or not _inside(folder.resolve(), checkpoints.resolve()):
+        raise CheckpointError(f"{pointer} names {name}, which leads outside {checkpoints}; "
+                              "refused")
+    if not (folder / "meta.json").is_file():
+        raise CheckpointError(
+            f"the latest checkpoint {folder} (named by {pointer}) has no meta.json: it was "
+            "removed or damaged after it was written. Pass an earlier checkpoint folder "
+            "explicitly, or delete latest.json to use the newest complete one")
+    return folder
+
+
+def validate_run_meta(meta: Mapping[str, Any], folder: str | os.PathLike) -> None:
+    """Check the keys and class counts of a run checkpoint before it is built.
+
+    Raises:
+        CheckpointError: naming the missing keys, or the class count that does not fit.
+    """
+    from lorax_cil.training.checkpoint import CheckpointError
+
+    where = Path(folder) / "meta.json"
+    missing = [k for k in RUN_META_KEYS if k not in meta]
+    if missing:
+        raise CheckpointError(f"{where} lacks the key(s) {', '.join(missing)} that a run "
+                              "checkpoint holds; it was not written by `lorax-cil train`, or was "
+                              "edited")
+    arch, scenario = meta["architecture"], meta["scenario"]
+    tasks = scenario.get("tasks") if isinstance(scenario, Mapping) else None
+    classes = arch.get("task_classes") if isinstance(arch, Mapping) else None
+    done = meta["completed_tasks"]
+    if not isinstance(done, int) or isinstance(done, bool) or done < 0:
+        raise CheckpointError(f"{where}: completed_tasks must be a count, got {done!r}")
+    if not isinstance(tasks, list):
+        raise CheckpointError(f"{where}: scenario.tasks must be a list")
+    if done > len(tasks):
+        raise CheckpointError(f"{where}: {done} completed tasks but the scenario has "
+                              f"{len(tasks)}")
+    if classes is None:
+        return
+    if (not isinstance(classes, list) or not all(
+            isinstance(n, int) and not isinstance(n, bool) and 1 <= n <= MAX_CLASSES_PER_TASK
+            for n in classes)):
+        raise CheckpointError(f"{where}: architecture.task_classes must list 1 to "
+                              f"{MAX_CLASSES_PER_TASK} classes per task, got {printable(str(classes)[:80])}")
+    if len(classes) > len(tasks) or sum(classes) > 2 * len(tasks):
+        raise CheckpointError(f"{where}: architecture.task_classes ({sum(classes)} classes over "
+                              f"{len(classes)} tasks) does not fit the scenario's {len(tasks)} "
+                              "tasks of 2 classes")
+
+
+def _flatten(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, values in cfg.items():
+        if isinstance(values, Mapping):
+            for key, value in values.items():
+                out[f"{section}.{key}"] = value
+        else:
+            out[section] = values
+    return out
+
+
+def protocol_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """``{"section.key": [old, new]}`` for every protocol key (not in :data:`RESUME_FREE_KEYS`)
+    whose value differs between two resolved configurations (``RunConfig.to_dict()``)."""
+    a, b = _flatten(old), _flatten(new)
+    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys())
+            if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k)}
+
+
+def format_changes(changes: Mapping[str, list[Any]]) -> str:
+    return ", ".join(f"{k} {v[0]!r} -> {v[1]!r}" for k, v in changes.items())
+
+
+def data_changes(trained: Mapping[str, str], current: Mapping[str, str],
+                 tasks: Iterable[str]) -> list[dict[str, str]]:
+    """Tasks among ``tasks`` whose current listing hash differs from the one they were trained
+    with (tasks without a recorded hash are skipped)."""
+    out = []
+    for task in tasks:
+        before, now = trained.get(task), current.get(task)
+        if before is not None and before != now:
+            out.append({"task": task, "trained_with_sha256": before, "now_sha256": now})
+    return out

@@ -12,6 +12,7 @@ __all__: list[str] = []
 
 
 def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins: list) -> Any:
+    from lorax_cil.training.head_balance import HeadOptions
     from lorax_cil.training.strategy import LoRAX
 
     t = cfg.train
@@ -34,6 +35,7 @@ def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins
         num_workers=t.num_workers,
         min_steps_per_task=t.min_steps_per_task,
         warmup_steps=t.warmup_steps,
+        head=HeadOptions.from_config(t),
         plugins=plugins,
         evaluator=evaluator,
     )

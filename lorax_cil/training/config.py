@@ -115,6 +115,14 @@ class TrainConfig:
         amp: bfloat16 autocast on CUDA (``auto``, ``true`` or ``false``).
         checkpoint_every_task: write a checkpoint after every task.
         cache_trunk: compute the frozen trunk once per training image and task and train every
+        head_init: new head rows start ``random`` (official) or as ``prototype`` (normalised
+            class means of the new task's features); see docs/fewshot.md.
+        head_wa: weight aligning (WA) of the new classes' head rows after each task.
+        head_balanced_steps: steps of class-balanced fine-tuning of the head alone after each
+            task, on the memory plus an equal-size sample of each new class (EEIL); 0: off.
+        head_balanced_lr: learning rate of that fine-tuning.
+        readout: ``head`` (the linear head) or ``ncm`` (cosine to class means of the
+            concatenated features, kept after each task) for evaluation and prediction.
             epoch from the cached outputs (LoRAX family; refused when the training transform
             is random). Memory: one trunk output per training image.
     """
@@ -140,6 +148,11 @@ class TrainConfig:
     amp: str = "auto"
     checkpoint_every_task: bool = True
     cache_trunk: bool = False
+    head_init: str = "random"
+    head_wa: bool = False
+    head_balanced_steps: int = 0
+    head_balanced_lr: float = 1e-4
+    readout: str = "head"
 
 
 @dataclass

@@ -29,6 +29,7 @@ import torch
 
 from lorax_cil import distributed as dist
 from lorax_cil.training.config import RunConfig
+from lorax_cil.training.head_balance import check_head_options
 from lorax_cil.utils import atomic_write_text, resolve_device, seed_everything, write_json
 
 __all__ = ["Run", "resolve_device", "build_network", "build_backbone"]
@@ -78,8 +79,13 @@ def build_network(cfg: RunConfig, backbone: Any):
     if m.extractor == "lora":
         lora = LoraSpec(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                         targets=_lora_targets(backbone, m.lora_targets))
-    return ExpandableNet(backbone=backbone, extractor=m.extractor, adapt_blocks=m.adapt_blocks,
-                         lora=lora, divergence_head=m.divergence_head)
+    kwargs = dict(backbone=backbone, extractor=m.extractor, adapt_blocks=m.adapt_blocks,
+                  lora=lora, divergence_head=m.divergence_head)
+    if cfg.train.readout == "ncm":  # nearest-class-mean read-out (lorax_cil.models.heads)
+        from lorax_cil.models.heads import NCMExpandableNet
+
+        return NCMExpandableNet(**kwargs)
+    return ExpandableNet(**kwargs)
 
 
 @torch.no_grad()
@@ -200,6 +206,7 @@ class Run:
             # The run writes its own logs; Avalanche's "no loggers" notice is expected here.
             warnings.filterwarnings("ignore", message="No loggers specified")
             self.strategy = builder(cfg, self.net, self.device, None, plugins)
+        check_head_options(cfg, self.strategy)
         if dist.is_distributed():
             _check_distributed_strategy(cfg.train.strategy, self.strategy)
         if cfg.train.cache_trunk:

@@ -29,6 +29,8 @@ from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
 from lorax_cil.models.expandable import ExpandableNet
+from lorax_cil.models.heads import NCMExpandableNet
+from lorax_cil.training.head_balance import HeadBalancer, HeadOptions
 from lorax_cil.training.memory import HerdingMemory
 from lorax_cil.training.task_length import TaskLength, plan_task_length
 from lorax_cil.utils import resolve_amp
@@ -190,6 +192,9 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
             steps (0: epochs as given); see :mod:`~lorax_cil.training.task_length`.
         warmup_steps: warm-up in optimizer steps (``None``: ``warmup_epochs``, scaled with
             raised epochs).
+        head: what happens to the head around each task (prototype initialisation, balanced
+            fine-tuning, weight aligning, NCM read-out); default: the official behaviour. See
+            :mod:`~lorax_cil.training.head_balance`.
         plugins: extra Avalanche plugins.
         evaluator: Avalanche evaluation plugin.
     """
@@ -215,6 +220,7 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         cache_trunk: bool = False,
         min_steps_per_task: int = 0,
         warmup_steps: int | None = None,
+        head: HeadOptions | None = None,
         plugins: Sequence[Any] | None = None,
         evaluator: Any = default_evaluator,
     ) -> None:
@@ -244,6 +250,10 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
                             num_workers=num_workers, amp=amp,
                             min_steps_per_task=min_steps_per_task, warmup_steps=warmup_steps)
         self.head_div = float(head_div)
+        self.head_balancer = HeadBalancer(head or HeadOptions())
+        if self.head_balancer.options.readout == "ncm" and not isinstance(model.net, NCMExpandableNet):
+            raise ValueError("train.readout=ncm needs the network built with the NCM read-out "
+                             "(lorax_cil.models.heads.NCMExpandableNet)")
         self.cache_trunk = bool(cache_trunk)
         self.memory = HerdingMemory(
             max_size=int(memory_size),
@@ -316,7 +326,12 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         return loss
 
     # --- memory ----------------------------------------------------------------------------
+    def _before_training_exp(self, **kwargs: Any) -> None:
+        super()._before_training_exp(**kwargs)
+        self.head_balancer.before_task(self)  # e.g. prototype initialisation of the new rows
+
     def _after_training_exp(self, **kwargs: Any) -> None:
+        self.head_balancer.after_task(self)  # balanced fine-tuning, WA, NCM class means
         self.memory.post_adapt(self, self.experience)
         super()._after_training_exp(**kwargs)
 

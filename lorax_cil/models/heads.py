@@ -1,0 +1,128 @@
+"""Operations on the expanding attribution head, and a nearest-class-mean read-out.
+
+With frozen extractors (LoRAX) every point of forgetting is in the head: old rows keep training
+while only a few exemplars per old class are seen, so logits drift toward the new classes. The
+functions here act on the head's rows only; :mod:`lorax_cil.training.head_balance` decides when
+they run.
+
+* :func:`weight_align`: WA (Zhao et al., CVPR 2020): the new classes' rows (weights and biases)
+  are scaled by ``gamma = mean ||w_old|| / mean ||w_new||``, so the new classes' logits no longer
+  win by norm alone. Old rows are untouched.
+* :func:`set_prototype_rows`: new rows start as L2-normalised class means of the features
+  (scaled to the mean norm of the existing rows), biases at the old rows' mean bias.
+* :class:`NCMExpandableNet`: the expandable network with a nearest-class-mean read-out: in
+  evaluation and prediction, the logits are ``scale x cos(feature, class mean)`` over the
+  concatenated features (SimpleCIL's classifier on LoRAX's features); training still uses
+  the linear head. The class means are part of the checkpoint (``readout.prototypes``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lorax_cil.models.expandable import ExpandableNet, ExpandableOutput
+
+__all__ = ["weight_align", "set_prototype_rows", "cosine_logits", "NCMExpandableNet"]
+
+READOUT_KEY = "readout.prototypes"
+
+
+@torch.no_grad()
+def weight_align(head: nn.Linear, num_old: int) -> float:
+    """Scale the rows ``num_old:`` of ``head`` (weights and biases) so that their mean weight
+    norm equals that of rows ``:num_old``; returns the factor (1.0 when there is nothing to
+    align)."""
+    n = head.out_features
+    if not 0 < num_old < n:
+        return 1.0
+    norms = head.weight.detach().double().norm(dim=1)
+    new = float(norms[num_old:].mean())
+    if new == 0.0:
+        return 1.0
+    gamma = float(norms[:num_old].mean()) / new
+    head.weight[num_old:].mul_(gamma)
+    head.bias[num_old:].mul_(gamma)
+    return gamma
+
+
+@torch.no_grad()
+def set_prototype_rows(head: nn.Linear, rows: Sequence[int], means: torch.Tensor,
+                       num_old: int) -> float:
+    """Rows ``rows`` of ``head`` become the L2-normalised ``means`` (one per row) times the mean
+    norm of the old rows ``:num_old`` (of the rows being replaced when there are none); their
+    biases become the old rows' mean bias (0 without old rows). Returns the scale used."""
+    rows = list(rows)
+    if means.shape != (len(rows), head.in_features):
+        raise ValueError(f"means must be {(len(rows), head.in_features)}, got {tuple(means.shape)}")
+    w = head.weight
+    ref = w[:num_old] if num_old > 0 else w[rows]
+    scale = float(ref.detach().double().norm(dim=1).mean())
+    unit = nn.functional.normalize(means.double(), dim=1)
+    w[rows] = (unit * scale).to(w.dtype)
+    head.bias[rows] = float(head.bias[:num_old].mean()) if num_old > 0 else 0.0
+    return scale
+
+
+def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """``scale x`` cosine similarity of every feature to every prototype, ``(B, C)``."""
+    f = nn.functional.normalize(features.float(), dim=1)
+    p = nn.functional.normalize(prototypes.float(), dim=1)
+    return scale * f @ p.T
+
+
+class NCMExpandableNet(ExpandableNet):
+    """:class:`ExpandableNet` whose evaluation logits are cosine similarities to class means.
+
+    ``prototypes`` (``(num_classes, num_features)``) is filled by the training strategy after
+    every task (:mod:`lorax_cil.training.head_balance`); until then the read-out refuses to
+    predict. ``readout`` can be switched to ``"head"`` to read the linear head instead.
+
+    Args:
+        readout_scale: logits are ``readout_scale x cosine`` (predictions do not depend on it).
+        **kwargs: :class:`ExpandableNet` arguments.
+    """
+
+    def __init__(self, *, readout_scale: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if readout_scale <= 0:
+            raise ValueError(f"readout_scale must be positive, got {readout_scale}")
+        self.readout = "ncm"
+        self.readout_scale = float(readout_scale)
+        self.register_buffer("prototypes", torch.zeros(0, 0))
+
+    def set_prototypes(self, prototypes: torch.Tensor) -> None:
+        shape = (self.num_classes, self.num_features)
+        if tuple(prototypes.shape) != shape:
+            raise ValueError(f"prototypes must be {shape}, got {tuple(prototypes.shape)}")
+        self.prototypes = prototypes.detach().to(self._ref().device, torch.float32).clone()
+
+    def forward_all(self, x: torch.Tensor, *, from_trunk: bool = False) -> ExpandableOutput:
+        out = super().forward_all(x, from_trunk=from_trunk)
+        if self.training or self.readout != "ncm":
+            return out
+        if tuple(self.prototypes.shape) != (self.num_classes, self.num_features):
+            raise RuntimeError("the NCM read-out has no class means for the current classes yet "
+                               "(they are computed after each task's training)")
+        logits = cosine_logits(out.features, self.prototypes, self.readout_scale)
+        return dataclasses.replace(out, logits=logits)
+
+    def learned_state_dict(self) -> dict[str, torch.Tensor]:
+        sd = super().learned_state_dict()
+        sd[READOUT_KEY] = self.prototypes.detach().clone()
+        return sd
+
+    def load_learned_state_dict(self, sd: Mapping[str, torch.Tensor]) -> None:
+        if READOUT_KEY not in sd:
+            raise ValueError(f"checkpoint has no {READOUT_KEY!r}: it was not trained with the "
+                             "NCM read-out (train.readout=ncm)")
+        super().load_learned_state_dict({k: v for k, v in sd.items() if k != READOUT_KEY})
+        self.set_prototypes(sd[READOUT_KEY])
+
+    def architecture(self) -> dict[str, Any]:
+        record = super().architecture()
+        record["readout"] = {"kind": "ncm", "scale": self.readout_scale}
+        return record

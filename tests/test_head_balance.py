@@ -1,0 +1,159 @@
+"""Head options of the LoRAX family: WA, prototype initialisation, balanced fine-tuning, NCM."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import make_cddb_tree
+from lorax_cil.benchmarks.scenarios import resolve_scenario
+from lorax_cil.models.heads import cosine_logits, set_prototype_rows, weight_align
+from lorax_cil.training import head_balance
+from lorax_cil.training.config import RunConfig, merge_config
+from lorax_cil.training.head_balance import HeadBalancer, HeadOptions, feature_table
+from lorax_cil.training.runner import Run
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_cddb_tree(tmp_path_factory.mktemp("data"), tasks=("a", "b"), n=6, size=(36, 36),
+                          subclass_tasks=())
+
+
+def tiny_run(data_root, out, **train) -> Run:
+    t = {"epochs": 2, "batch_size": 8, "warmup_epochs": 0, "memory_size": 8, "eval_batch_size": 16,
+         "min_steps_per_task": 0, "lr": 1e-3, "lr_first": 1e-3}
+    t.update(train)
+    cfg = merge_config(RunConfig(), {
+        "model": {"backbone": "vit-test", "pretrained": False, "lora_r": 4, "lora_alpha": 8,
+                  "lora_dropout": 0.0},
+        "data": {"scenario": "custom"},
+        "train": t,
+    }, source="test")
+    run = Run(cfg, run_dir=out)
+    run.setup(resolve_scenario("custom", data_path=data_root, tasks=["a", "b"]))
+    return run
+
+
+def test_weight_align_leaves_old_rows_and_equalises_mean_norms():
+    torch.manual_seed(0)
+    head = nn.Linear(8, 6)
+    with torch.no_grad():
+        head.weight[4:] *= 5.0
+    old_w, old_b = head.weight[:4].clone(), head.bias[:4].clone()
+    new_w, new_b = head.weight[4:].clone(), head.bias[4:].clone()
+    gamma = weight_align(head, 4)
+    assert torch.equal(head.weight[:4], old_w) and torch.equal(head.bias[:4], old_b)
+    norms = head.weight.detach().norm(dim=1)
+    assert torch.isclose(norms[4:].mean(), norms[:4].mean(), rtol=1e-5)
+    assert gamma < 1 and torch.allclose(head.weight[4:], new_w * gamma)
+    assert torch.allclose(head.bias[4:], new_b * gamma)
+    assert weight_align(head, 0) == 1.0  # first task: nothing to align to
+
+
+def test_prototype_rows_are_normalised_class_means_at_the_old_rows_norm():
+    torch.manual_seed(0)
+    head = nn.Linear(5, 4)
+    old_w = head.weight[:2].detach().clone()
+    means = torch.randn(2, 5) * 3
+    scale = set_prototype_rows(head, [2, 3], means, num_old=2)
+    assert torch.equal(head.weight[:2], old_w)
+    assert scale == pytest.approx(float(old_w.norm(dim=1).mean()), rel=1e-6)
+    expected = nn.functional.normalize(means, dim=1) * scale
+    assert torch.allclose(head.weight[2:], expected, atol=1e-6)
+    assert torch.allclose(head.bias[2:], head.bias[:2].mean().expand(2))
+
+
+def test_cosine_readout_predicts_the_nearest_class_mean():
+    protos = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]])
+    x = torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.2, 3.0], [-1.0, 5.0, 0.1]])
+    assert cosine_logits(x, protos).argmax(1).tolist() == [0, 2, 1]
+
+
+def test_balanced_finetuning_changes_only_the_head(data_root, tmp_path, monkeypatch):
+    seen = {}
+    original = HeadBalancer.balanced_finetune
+
+    def spy(self, net, *args, **kwargs):
+        keep = {k: v.clone() for k, v in net.state_dict().items() if not k.startswith("head.")}
+        head = net.head.weight.detach().clone()
+        original(self, net, *args, **kwargs)
+        after = net.state_dict()
+        seen["frozen"] = all(torch.equal(v, after[k]) for k, v in keep.items())
+        seen["head_moved"] = not torch.equal(head, net.head.weight)
+        seen["labels"] = sorted(set(args[1].tolist()) | set(args[3].tolist()))
+
+    monkeypatch.setattr(HeadBalancer, "balanced_finetune", spy)
+    run = tiny_run(data_root, tmp_path / "r", head_balanced_steps=5)
+    run.train()
+    assert seen == {"frozen": True, "head_moved": True, "labels": [0, 1, 2, 3]}
+
+
+def test_prototype_init_sets_new_rows_before_training(data_root, tmp_path, monkeypatch):
+    checked = []
+    original = HeadBalancer.before_task
+
+    def spy(self, strategy):
+        original(self, strategy)
+        net = strategy.model.net
+        feats, labels = feature_table(net, strategy.experience.dataset, device="cpu")
+        first = net.num_classes - 2
+        rows = net.head.weight.detach()[first:]
+        for j, c in enumerate(range(first, net.num_classes)):
+            mean = feats[labels == c].mean(0)
+            assert torch.allclose(nn.functional.normalize(rows[j], dim=0),
+                                  nn.functional.normalize(mean, dim=0), atol=1e-5)
+        checked.append(first)
+
+    monkeypatch.setattr(HeadBalancer, "before_task", spy)
+    tiny_run(data_root, tmp_path / "r", head_init="prototype").train()
+    assert checked == [0, 2]
+
+
+def test_ncm_readout_predicts_by_class_means_and_survives_a_checkpoint(data_root, tmp_path):
+    from lorax_cil.training.evaluate import load_trained
+
+    run = tiny_run(data_root, tmp_path / "r", readout="ncm", memory_size=4)
+    run.train()
+    net = run.net.eval()
+    x = torch.stack([run.bench.test_stream[1].dataset.eval()[i][0] for i in range(4)])
+    with torch.no_grad():
+        out = net.forward_all(x)
+    expected = cosine_logits(out.features, net.prototypes)
+    assert torch.equal(out.logits.argmax(1), expected.argmax(1))
+    # new classes' means are the means over the task's images
+    feats, labels = feature_table(net, run.bench.train_stream[1].dataset, device="cpu")
+    assert torch.allclose(net.prototypes[3], feats[labels == 3].mean(0), atol=1e-5)
+    # old classes keep the block of the extractor that existed when they were learnt
+    d = net.feature_dim
+    feats0, labels0 = feature_table(net, run.bench.train_stream[0].dataset, device="cpu")
+    assert torch.allclose(net.prototypes[0, :d], feats0[labels0 == 0, :d].mean(0), atol=1e-5)
+    loaded, *_ = load_trained(run.run_dir)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).argmax(1), net(x).argmax(1))
+    assert torch.equal(loaded.prototypes, net.prototypes)
+
+
+def test_head_options_are_refused_where_they_would_be_ignored(data_root, tmp_path):
+    with pytest.raises(ValueError, match="does not use train.head_init"):
+        tiny_run(data_root, tmp_path / "r", strategy="simplecil", head_wa=True)
+
+
+@pytest.mark.parametrize("kw", [{"init": "zeros"}, {"readout": "knn"}, {"balanced_steps": -1}])
+def test_bad_head_options_raise(kw):
+    with pytest.raises(ValueError):
+        HeadOptions(**kw)
+
+
+def test_official_defaults_do_nothing(monkeypatch):
+    assert HeadOptions.from_config(RunConfig().train) == HeadOptions()
+    called = []
+    monkeypatch.setattr(head_balance, "feature_table", lambda *a, **k: called.append(1))
+
+    class S:  # after_task must return before touching the strategy
+        pass
+
+    HeadBalancer(HeadOptions()).before_task(S())
+    HeadBalancer(HeadOptions()).after_task(type("T", (), {"model": type("M", (), {"net": None})})())
+    assert called == []

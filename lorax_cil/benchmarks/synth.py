@@ -41,6 +41,8 @@ from lorax_cil.benchmarks.synth_families import FAMILIES, GeneratorFamily, famil
 
 __all__ = [
     "SYNTH_SCENARIOS",
+    "FEWSHOT",
+    "fewshot_memory_size",
     "FAMILIES",
     "GeneratorFamily",
     "SPLITS",
@@ -73,6 +75,25 @@ SYNTH_SCENARIOS: dict[str, tuple[str, ...]] = {
     "synth-hard": tuple(_LONG[i] for i in (0, 1, 6, 10, 11)),
     "synth-long": _LONG,
 }
+
+#: Few-shot variants: the same task orders, a few dozen training images per generator (what an
+#: analyst holds for a newly met generator). :func:`synthesize` writes
+#: :data:`FEWSHOT_PER_CLASS` training images per class by default (10 to 30 accepted) and
+#: :data:`FEWSHOT_VAL_PER_CLASS` evaluation images; runs use a memory of
+#: :data:`FEWSHOT_MEMORY_PER_CLASS` exemplars per class (:func:`fewshot_memory_size`).
+FEWSHOT: dict[str, str] = {"synth-easy-fewshot": "synth-easy", "synth-hard-fewshot": "synth-hard",
+                           "synth-long-fewshot": "synth-long"}
+FEWSHOT_PER_CLASS = 14
+FEWSHOT_RANGE = (10, 30)
+FEWSHOT_VAL_PER_CLASS = 50
+FEWSHOT_MEMORY_PER_CLASS = 2
+SYNTH_SCENARIOS.update({name: SYNTH_SCENARIOS[base] for name, base in FEWSHOT.items()})
+
+
+def fewshot_memory_size(scenario: str, per_class: int = FEWSHOT_MEMORY_PER_CLASS) -> int:
+    """Total exemplar budget that leaves ``per_class`` exemplars per class after the last task
+    of ``scenario`` (2 classes per task)."""
+    return 2 * len(SYNTH_SCENARIOS[scenario]) * int(per_class)
 
 SPLITS: tuple[str, ...] = ("train", "val")
 CLASS_DIRS: tuple[str, ...] = ("0_real", "1_fake")
@@ -116,7 +137,8 @@ def render_image(task: str, split: str, label: int, index: int, *, size: int = 9
     return np.rint(np.clip(img, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def synthesize(out_dir: str | os.PathLike, *, scenario: str = "synth-easy", per_class: int = 200,
+def synthesize(out_dir: str | os.PathLike, *, scenario: str = "synth-easy",
+               per_class: int | None = None,
                val_per_class: int | None = None, size: int = 96, seed: int = 0,
                workers: int | None = None, overwrite: bool = False) -> Path:
     """Generate (or reuse) a synthetic scenario in the CDDB folder layout.
@@ -124,8 +146,10 @@ def synthesize(out_dir: str | os.PathLike, *, scenario: str = "synth-easy", per_
     Args:
         out_dir: output folder; created when missing.
         scenario: one of :data:`SYNTH_SCENARIOS`.
-        per_class: train images per class (real, fake) and task.
-        val_per_class: val images per class and task; default ``max(1, per_class // 2)``.
+        per_class: train images per class (real, fake) and task; default 200, and
+            :data:`FEWSHOT_PER_CLASS` (14) for a ``*-fewshot`` scenario, which accepts 10 to 30.
+        val_per_class: val images per class and task; default ``max(1, per_class // 2)``
+            (:data:`FEWSHOT_VAL_PER_CLASS` for a ``*-fewshot`` scenario).
         size: image side in pixels (>= 32).
         seed: dataset seed (>= 0); the output is bit-identical for identical arguments.
         workers: worker processes; default ``min(2, cpu count)``; 1 runs in-process.
@@ -178,9 +202,16 @@ def _int_option(name: str, value: Any, minimum: int) -> int:
 def _config(scenario: str, per_class: Any, val_per_class: Any, size: Any, seed: Any) -> dict:
     if scenario not in SYNTH_SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; valid: {', '.join(SYNTH_SCENARIOS)}")
+    fewshot = scenario in FEWSHOT
+    if per_class is None:
+        per_class = FEWSHOT_PER_CLASS if fewshot else 200
     per_class = _int_option("per_class", per_class, 1)
+    lo, hi = FEWSHOT_RANGE
+    if fewshot and not lo <= per_class <= hi:
+        raise ValueError(f"per_class (--per-class) of a few-shot scenario must be in [{lo}, {hi}], "
+                         f"got {per_class}; use {FEWSHOT[scenario]!r} for more images per class")
     if val_per_class is None:
-        val_per_class = max(1, per_class // 2)
+        val_per_class = FEWSHOT_VAL_PER_CLASS if fewshot else max(1, per_class // 2)
     val_per_class = _int_option("val_per_class", val_per_class, 1)
     size = _int_option("size", size, 32)
     seed = _int_option("seed", seed, 0)

@@ -17,8 +17,11 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = dsub.add_parser("synth", help="write the synthetic embedded dataset (CDDB layout)")
     s.add_argument("--out", required=True, help="output folder")
-    s.add_argument("--scenario", default="synth-easy", help="synth-easy, synth-hard or synth-long")
-    s.add_argument("--per-class", type=int, default=200, help="train images per class")
+    s.add_argument("--scenario", default="synth-easy",
+                   help="synth-easy, synth-hard, synth-long or their -fewshot variants")
+    s.add_argument("--per-class", type=int, default=None,
+                   help="train images per class (default 200; 14 for the -fewshot scenarios, "
+                        "which take 10 to 30)")
     s.add_argument("--val-per-class", type=int, default=None, help="val images per class")
     s.add_argument("--size", type=int, default=96, help="image size in pixels")
     s.add_argument("--seed", type=int, default=0)

@@ -17,6 +17,7 @@ import numpy as np
 from lorax_cil.benchmarks.folders import scan_task_split
 from lorax_cil.benchmarks.images import DataIssues, ImageLoadError, load_rgb, probe_image
 from lorax_cil.benchmarks.scenarios import Scenario
+from lorax_cil.errors import UserError, printable
 
 __all__ = [
     "Sample",
@@ -78,13 +79,21 @@ def probe_samples(
             info = probe_image(s.path)
         except ImageLoadError as exc:
             if strict:
-                raise
+                raise strict_data_error(s.path, exc) from None
             issues.add_unreadable(s.path, str(exc.__cause__ or exc))
             continue
         if min_size is not None and min(info.width, info.height) < min_size:
             issues.add_small(s.path, (info.width, info.height))
         kept.append(s)
     return kept
+
+
+def strict_data_error(path: str, exc: ImageLoadError) -> UserError:
+    """The refusal of ``data.strict_data`` (``--strict-data``) for one unreadable file."""
+    reason = printable(str(exc.__cause__ or exc))
+    return UserError(f"unreadable image {printable(path)} ({reason}); data.strict_data "
+                     "(--strict-data) stops at the first one: remove or replace the file, or "
+                     "train without --strict-data to skip unreadable files")
 
 
 def carve_calibration(
@@ -154,7 +163,7 @@ class ImageSampleDataset:
             return load_rgb(s.path)
         except ImageLoadError as exc:
             if self.strict:
-                raise
+                raise strict_data_error(s.path, exc) from None
             self.issues.add_unreadable(s.path, str(exc.__cause__ or exc))
         same = self._by_label[s.label]
         start = same.index(index)
@@ -167,9 +176,10 @@ class ImageSampleDataset:
             except ImageLoadError as exc:
                 self.issues.add_unreadable(cand.path, str(exc.__cause__ or exc))
                 continue
-            self.issues.add_substituted()
+            self.issues.add_substituted(s.path, cand.path)
             return img
-        raise ImageLoadError(f"no readable image left in class {s.label} ({s.generator})")
+        raise ImageLoadError(f"no readable image left in class {s.label} ({s.generator}): "
+                             f"every file of the class failed to decode")
 
     def __getitem__(self, index: int):
         img = self.load(index)

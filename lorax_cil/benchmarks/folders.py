@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from lorax_cil.errors import printable
+
 __all__ = [
     "IMAGE_EXTENSIONS",
     "CDDB_CLASS_DIRS",
@@ -59,16 +61,40 @@ def is_image_file(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
+def _scandir(folder: str | os.PathLike) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except PermissionError as exc:
+        raise DataLayoutError(f"cannot read folder {printable(os.fspath(folder))}: permission "
+                              "denied (check its permissions)") from exc
+    except NotADirectoryError as exc:
+        raise DataLayoutError(f"not a folder: {printable(os.fspath(folder))}") from exc
+    except OSError as exc:
+        raise DataLayoutError(f"cannot read folder {printable(os.fspath(folder))}: "
+                              f"{exc.strerror or exc}") from exc
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:  # a symlink loop, or a link into a folder that cannot be read
+        return False
+
+
 def list_subdirs(folder: str | os.PathLike) -> list[str]:
     """Sorted names of the sub-folders of ``folder`` (hidden ones skipped)."""
-    with os.scandir(folder) as it:
-        return sorted(e.name for e in it if e.is_dir() and not e.name.startswith("."))
+    return sorted(e.name for e in _scandir(folder) if not e.name.startswith(".") and _is_dir(e))
 
 
 def list_images(folder: str | os.PathLike) -> list[str]:
-    """Sorted absolute paths of the image files directly inside ``folder``."""
-    with os.scandir(folder) as it:
-        names = sorted(e.name for e in it if e.is_file() and is_image_file(e.name))
+    """Sorted absolute paths of the entries with an image extension directly inside ``folder``.
+
+    Every such entry that is not a folder is listed, including dangling links, symlink loops,
+    FIFOs and unreadable files: the readers (:func:`~lorax_cil.benchmarks.images.probe_image`)
+    then report each one as unreadable, by name, instead of it vanishing from the counts.
+    """
+    names = sorted(e.name for e in _scandir(folder) if is_image_file(e.name) and not _is_dir(e))
     base = os.path.abspath(folder)
     return [os.path.join(base, n) for n in names]
 

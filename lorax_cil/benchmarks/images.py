@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
 from dataclasses import dataclass, field
 from typing import Any
+
+from lorax_cil.errors import printable
 
 __all__ = ["ImageLoadError", "ImageInfo", "DataIssues", "load_rgb", "probe_image"]
 
@@ -51,20 +55,49 @@ def _to_rgb(img: Any) -> Any:
     return img.convert("RGB")
 
 
+def _errors() -> tuple[type[BaseException], ...]:
+    from PIL import Image, UnidentifiedImageError
+
+    # DecompressionBombError: a header announcing more than 2 x Image.MAX_IMAGE_PIXELS pixels
+    # (a "decompression bomb") is refused before any pixel is decoded.
+    return (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _check_regular_file(path: str) -> None:
+    """Refuse what must never be opened as an image: FIFOs and devices (opening one can block
+    forever), folders, dangling links and symlink loops. Raises OSError naming the reason."""
+    st = os.stat(path)  # follows links: a loop raises ELOOP, a dangling link ENOENT
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO (named pipe)"
+                if stat.S_ISFIFO(st.st_mode) else "a socket" if stat.S_ISSOCK(st.st_mode)
+                else "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode)
+                else "not a regular file")
+        raise OSError(f"{kind}, not an image file")
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # "Permission denied", "Too many levels of symbolic links", ...
+    return str(exc) or type(exc).__name__
+
+
 def load_rgb(path: str) -> Any:
     """Fully decode ``path`` and return an RGB ``PIL.Image``.
 
     Raises:
-        ImageLoadError: the file is missing, not an image, truncated or otherwise unreadable.
+        ImageLoadError: the file is missing, not a regular file (FIFO, device, folder, dangling
+            or looping link), not an image, a decompression bomb, truncated or otherwise
+            unreadable.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
+        _check_regular_file(path)
         with Image.open(path) as img:
             img.load()
             return _to_rgb(img)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise ImageLoadError(f"cannot read image {path}: {exc}") from exc
+    except _errors() as exc:
+        raise ImageLoadError(f"cannot read image {printable(path)}: {_reason(exc)}") from exc
 
 
 def probe_image(path: str) -> ImageInfo:
@@ -73,13 +106,14 @@ def probe_image(path: str) -> ImageInfo:
     Raises:
         ImageLoadError: the header cannot be parsed.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     try:
+        _check_regular_file(path)
         with Image.open(path) as img:
             return ImageInfo(path, int(img.width), int(img.height), str(img.format), img.mode)
-    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as exc:
-        raise ImageLoadError(f"cannot read image header of {path}: {exc}") from exc
+    except _errors() as exc:
+        raise ImageLoadError(f"cannot read image header of {printable(path)}: {_reason(exc)}") from exc
 
 
 @dataclass
@@ -90,11 +124,13 @@ class DataIssues:
         unreadable: files that could not be read (path -> reason); they are skipped.
         small: files smaller than the crop (path -> (width, height)); they are resized first.
         substituted: loads that failed at training time and were replaced by another sample.
+        substituted_files: the files that failed at load time (path -> the file used instead).
     """
 
     unreadable: dict[str, str] = field(default_factory=dict)
     small: dict[str, tuple[int, int]] = field(default_factory=dict)
     substituted: int = 0
+    substituted_files: dict[str, str] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add_unreadable(self, path: str, reason: str) -> None:
@@ -102,23 +138,39 @@ class DataIssues:
             first = path not in self.unreadable
             self.unreadable[path] = reason
         if first:
-            logger.warning("skipping unreadable image %s (%s)", path, reason)
+            logger.warning("skipping unreadable image %s (%s)", printable(path), printable(reason))
 
     def add_small(self, path: str, size: tuple[int, int]) -> None:
         with self._lock:
             self.small[path] = size
 
-    def add_substituted(self) -> None:
+    def add_substituted(self, path: str | None = None, replacement: str | None = None) -> None:
         with self._lock:
             self.substituted += 1
+            if path is not None:
+                first = path not in self.substituted_files
+                self.substituted_files[path] = replacement or ""
+            else:
+                first = False
+        if first:
+            logger.warning("image %s failed to decode; %s was used in its place", printable(path),
+                           printable(replacement or "another sample"))
 
     def summary(self) -> dict[str, Any]:
-        """JSON-serialisable counts plus the first few offending paths."""
+        """JSON-serialisable counts plus the first few offending paths (non-UTF-8 bytes of file
+        names shown as ``\\xNN``)."""
         with self._lock:
             return {
                 "unreadable": len(self.unreadable),
-                "unreadable_files": sorted(self.unreadable)[:50],
+                "unreadable_files": [printable(p) for p in sorted(self.unreadable)[:50]],
                 "smaller_than_crop": len(self.small),
-                "smaller_than_crop_files": sorted(self.small)[:20],
+                "smaller_than_crop_files": [printable(p) for p in sorted(self.small)[:20]],
                 "substituted_at_load": self.substituted,
+                "substituted_files": {printable(p): printable(r) for p, r in
+                                      sorted(self.substituted_files.items())[:50]},
             }
+
+    def total(self) -> int:
+        """Unreadable plus substituted files (small images are not an issue of correctness)."""
+        with self._lock:
+            return len(self.unreadable.keys() | self.substituted_files.keys())

@@ -258,13 +258,15 @@ def _write_json(path: Path, obj: Any) -> None:
 def _clear_previous(out: Path, config: dict, overwrite: bool) -> None:
     """Remove what an earlier synth run (or, with ``overwrite``, the new tasks) left in ``out``."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir {str(out)!r} exists and is not a folder")
+        raise ValueError(f"out_dir {str(out)!r} exists and is not a folder (--out must name a "
+                         "folder)")
     previous = [d for d in (_read_json(out / _META), _read_json(out / _PARTIAL))
                 if isinstance(d, dict) and d.get("generator") == _GENERATOR]
     if out.is_dir() and any(out.iterdir()) and not previous and not overwrite:
         raise FileExistsError(
             f"out_dir {str(out)!r} is not empty and holds no synthetic dataset (no {_META}); "
-            "choose an empty folder or pass overwrite=True")
+            "choose an empty folder or pass --overwrite (overwrite=True; only the scenario's "
+            "task folders are then replaced)")
     stale = set(config["tasks"])
     for d in previous:
         stale.update(t for t in d.get("tasks", []) if t in FAMILIES)  # never trust paths

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any, Sequence
 from lorax_cil.benchmarks.folders import DataLayoutError, list_subdirs, scan_task_split
 from lorax_cil.benchmarks.images import ImageLoadError, load_rgb, probe_image
 from lorax_cil.benchmarks.scenarios import Scenario, resolve_scenario
+from lorax_cil.errors import printable
 
 __all__ = ["MANIFEST_VERSION", "VerifyReport", "verify_data", "data_manifest", "discover_scenario"]
 
@@ -103,13 +105,22 @@ def _shortcut_warnings(task: str, split: str, fmt: dict, size: dict) -> list[str
 
 
 def _hash_update(h: Any, rel: str, path: str, content: bool) -> None:
-    h.update(rel.encode("utf-8") + b"\0")
-    if content:
-        with open(path, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
-    else:
-        h.update(str(os.path.getsize(path)).encode() + b"\0")
+    """Add one file (its relative name, and its size or bytes) to a listing hash. The name is
+    hashed as the bytes on disk (also when they are not UTF-8); a file that cannot be read
+    (dangling link, symlink loop, FIFO, no permission) is hashed as such, never opened."""
+    h.update(os.fsencode(rel) + b"\0")
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError("not a regular file")
+        if content:
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(block)
+        else:
+            h.update(str(st.st_size).encode() + b"\0")
+    except OSError:
+        h.update(b"<unreadable>\0")
 
 
 def verify_data(
@@ -158,12 +169,12 @@ def verify_data(
                     if decode:
                         load_rgb(r.path)
                 except ImageLoadError as exc:
-                    report.unreadable.append((r.path, str(exc.__cause__ or exc)))
+                    report.unreadable.append((printable(r.path), printable(str(exc.__cause__ or exc))))
                     continue
                 fmt[r.is_fake][info.format] += 1
                 size[r.is_fake][(info.width, info.height)] += 1
                 if min(info.width, info.height) < crop_size:
-                    report.small.append((r.path, info.width, info.height))
+                    report.small.append((printable(r.path), info.width, info.height))
             report.warnings.extend(_shortcut_warnings(task.name, split, fmt, size))
             tasks[task.name][split] = {
                 "real": sum(c["real"] for c in by_sub.values()),
@@ -188,6 +199,7 @@ def verify_data(
 def data_manifest(samples: dict[str, list[list[Any]]], scenario: Scenario) -> dict[str, Any]:
     """A cheap manifest of the samples a run actually used (paths and byte sizes hashed)."""
     h = hashlib.sha256()
+    per_task_h = {t.name: hashlib.sha256() for t in scenario.tasks}
     counts: dict[str, dict[str, dict[str, int]]] = {}
     for stream in sorted(samples):
         counts[stream] = {}
@@ -195,15 +207,18 @@ def data_manifest(samples: dict[str, list[list[Any]]], scenario: Scenario) -> di
             fake = 0
             for s in per_task:
                 rel = os.path.relpath(s.path, os.path.dirname(task.path))
-                h.update(stream.encode() + b"\0")
-                _hash_update(h, rel, s.path, False)
+                for target in (h, per_task_h[task.name]):
+                    target.update(stream.encode() + b"\0")
+                    _hash_update(target, rel, s.path, False)
                 fake += s.is_fake
             counts[stream][task.name] = {"real": len(per_task) - fake, "fake": fake}
     return {
         "manifest_version": MANIFEST_VERSION,
         "scenario": scenario.name,
         "task_order": scenario.task_names,
-        "task_paths": {t.name: t.path for t in scenario.tasks},
+        "task_paths": {t.name: printable(t.path) for t in scenario.tasks},
         "counts": counts,
         "listing_sha256": h.hexdigest(),
+        # per task: every stream's relative paths and byte sizes (what a resume compares)
+        "task_listing_sha256": {name: th.hexdigest() for name, th in per_task_h.items()},
     }

@@ -10,7 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["seed_everything", "resolve_device", "resolve_amp", "atomic_write_bytes", "atomic_write_text", "write_json", "sha256_file"]
+__all__ = ["seed_everything", "resolve_device", "resolve_amp", "atomic_write_bytes", "atomic_write_text", "write_json", "sha256_file",
+           "strict_from_dict"]
 
 
 def seed_everything(seed: int) -> None:
@@ -37,6 +38,11 @@ def resolve_device(name: str) -> Any:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import re
+
+    if not isinstance(name, str) or not re.fullmatch(r"cpu|mps|cuda(:\d+)?", name):
+        raise ValueError(f"unknown device {name!r} (--device / train.device): use auto, cpu, "
+                         "cuda, cuda:N or mps")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"train.device={name!r} but no CUDA device is available")
@@ -71,9 +77,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.errno is not None and exc.filename is None:
+            # name the file that could not be written (a full disk: ENOSPC); the previous
+            # content of ``path`` is untouched
+            raise OSError(exc.errno, exc.strerror or os.strerror(exc.errno), str(path)) from exc
         raise
     return path
 
@@ -95,3 +105,25 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def strict_from_dict(cls: Any, d: Any, *, ignore: tuple[str, ...] = (), **convert: Any) -> Any:
+    """``cls(**d)`` for a dataclass ``cls`` that refuses unknown keys.
+
+    Args:
+        ignore: keys that records carry but the constructor does not take (derived values).
+        convert: ``key=function`` applied to that key's value when present (JSON lists back
+            to tuples, nested records to their dataclass).
+
+    Raises:
+        ValueError: ``"<Class>: unknown keys [...]; valid: [...]"``.
+    """
+    valid = sorted(cls.__dataclass_fields__)
+    d = {k: v for k, v in dict(d).items() if k not in ignore}
+    unknown = sorted(set(d) - set(valid))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown keys {unknown}; valid: {valid}")
+    for key, fn in convert.items():
+        if key in d:
+            d[key] = fn(d[key])
+    return cls(**d)

@@ -113,6 +113,47 @@ def method_options_from_args(args: argparse.Namespace, method: str) -> dict[str,
     return out
 
 
+def _check_options(args: argparse.Namespace) -> None:
+    """Refuse bad values with the option's name, and an --out that is one of the inputs."""
+    import math
+
+    def bad(flag: str, want: str, value: Any) -> ValueError:
+        return ValueError(f"{flag} expects {want}, got {value!r}")
+
+    thr = str(args.threshold)
+    if thr != "mean":
+        try:
+            value = float(thr)
+        except ValueError:
+            raise bad("--threshold", "'mean' or a number in [0, 1]", args.threshold) from None
+        if not 0.0 <= value <= 1.0:
+            raise bad("--threshold", "'mean' or a number in [0, 1]", args.threshold)
+    checks = {
+        "lam": ("--lam", "a finite number", lambda v: math.isfinite(v)),
+        "top_k": ("--top-k", "a fraction in (0, 1]", lambda v: 0.0 < v <= 1.0),
+        "p": ("--p", "a drop probability in [0, 1)", lambda v: 0.0 <= v < 1.0),
+        "k": ("--k", "an integer >= 1", lambda v: v >= 1),
+        "alpha": ("--alpha", "a finite number", lambda v: math.isfinite(v)),
+        "batch_size": ("--batch-size", "an integer >= 1", lambda v: v >= 1),
+    }
+    for dest, (flag, want, ok) in checks.items():
+        value = getattr(args, dest, None)
+        if value is not None and not ok(value):
+            raise bad(flag, want, value)
+    rho = getattr(args, "rho", None)
+    if rho is not None and not 0.0 < rho <= 1.0:
+        raise bad("--rho", "a number in (0, 1] or 'none'", rho)
+    out = Path(args.out).expanduser().resolve()
+    for flag, folders in (("--specialists", args.specialists), ("--add", args.add),
+                          ("--from", [args.from_dir] if args.from_dir else None)):
+        for folder in folders or ():
+            src = Path(folder).expanduser().resolve()
+            if out == src or src in out.parents:
+                raise ValueError(f"--out {args.out} is {'inside ' if out != src else ''}the "
+                                 f"{flag} folder {folder}: the merge would overwrite its own input "
+                                 "(even with --overwrite); choose another --out")
+
+
 def cmd_merge(args: argparse.Namespace) -> int:
     from lorax_cil.merging.detectors import merge_detector_folders
 
@@ -122,6 +163,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError("--add and --from go together: --add NEW --from MERGED_DIR")
     if not args.specialists and not args.add:
         raise ValueError("give --specialists DIR [DIR ...] or --add DIR --from MERGED_DIR")
+    _check_options(args)
     method = args.method.replace("-", "_") if args.method else None
     if method is None and not args.from_dir:
         method = "r2m"

@@ -45,6 +45,28 @@ def _check(args: argparse.Namespace) -> None:
         raise ValueError(f"--threshold must be in [0, 1], got {args.threshold}")
 
 
+def _check_out(out: str, items: list, model: str) -> None:
+    """Refuse an ``--out`` that would overwrite an input image, a model file or a folder."""
+    import os
+    from pathlib import Path
+
+    target = Path(out).expanduser().resolve()
+    if target.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name")
+    for item in items:
+        if item.error is None and Path(item.path).resolve() == target:
+            raise ValueError(f"--out {out} is one of the input images ({item.path}); writing the "
+                             "results there would destroy it: choose another file")
+    model_dir = Path(model).expanduser().resolve()
+    if target == model_dir or model_dir in target.parents:
+        raise ValueError(f"--out {out} is inside the model folder {model}; choose a file "
+                         "outside it")
+    parent = target.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ValueError(f"--out {out}: cannot write in {parent} (missing folder or no "
+                         "permission)")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from lorax_cil.inference.inputs import iter_input_paths
     from lorax_cil.inference.loading import load
@@ -52,11 +74,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     _check(args)
     items = list(iter_input_paths(args.paths))  # paths only: nothing is decoded yet
+    if args.out:
+        _check_out(args.out, items, args.model)
+    load_cli_plugins(args)
     predictor = load(args.model, device=args.device)
     header = predictor.describe()
     if args.threshold is not None:
         header.update(threshold=args.threshold, threshold_source="--threshold")
-    out = open(args.out, "w", encoding="utf-8", newline="") if args.out else sys.stdout
+    # file names that are not UTF-8 are written as \xNN escapes instead of stopping the output
+    out = (open(args.out, "w", encoding="utf-8", errors="backslashreplace", newline="")
+           if args.out else sys.stdout)
     errors = 0
     try:
         writer = open_row_writer(out, args.format, predictor.columns(args.top_k), header)

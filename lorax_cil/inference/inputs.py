@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -35,8 +36,24 @@ class InputItem:
 
 
 def walk_images(folder: str | os.PathLike) -> Iterator[str]:
-    """Image files under ``folder``, recursively, in sorted order (hidden entries skipped)."""
+    """Image files under ``folder``, recursively, in sorted order (hidden entries skipped).
+
+    Links to folders are followed, each real folder at most once: a symlink loop (a link to
+    the folder itself or to a parent) can neither repeat images nor make the walk endless.
+    Entries that are not regular files (FIFOs, devices, dangling links) are listed too; reading
+    them gives an error row instead of blocking.
+    """
+    seen: set[tuple[int, int]] = set()
     for root, dirs, files in os.walk(folder, followlinks=True):
+        try:
+            st = os.stat(root)
+        except OSError:
+            dirs[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            dirs[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         for name in sorted(files):
             if not name.startswith(".") and is_image_file(name):
@@ -47,6 +64,17 @@ def _not_an_image(path: str) -> str:
     ext = os.path.splitext(path)[1] or "(none)"
     return (f"not an image file (extension {ext}); supported extensions: "
             f"{', '.join(sorted(IMAGE_EXTENSIONS))}")
+
+
+def _not_readable(path: str) -> str:
+    """Why an existing path that is neither a regular file nor a folder cannot be predicted."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:  # dangling link, symlink loop, no permission
+        return f"cannot read: {exc.strerror or exc}"
+    if stat.S_ISFIFO(st.st_mode):
+        return "a FIFO (named pipe), not an image file"
+    return "not a regular file (device or socket), not an image file"
 
 
 def _expand_glob(pattern: str) -> Iterator[InputItem]:
@@ -87,6 +115,8 @@ def iter_input_paths(specs: Iterable[str | os.PathLike]) -> Iterator[InputItem]:
                 yield InputItem(text, "the folder holds no image files")
         elif path.is_file():
             yield InputItem(text, None if is_image_file(text) else _not_an_image(text))
+        elif os.path.lexists(text):
+            yield InputItem(text, _not_readable(text))
         elif _GLOB_CHARS & set(text):
             yield from _expand_glob(text)
         else:

@@ -73,25 +73,47 @@ def image_to_pil(image: Any) -> Any:
     Tensors are ``(C, H, W)``, arrays ``(H, W, C)`` or ``(H, W)``; C is 1, 3 or 4 (alpha is
     composited on white). Floating-point values are in ``[0, 1]`` (as ``ToTensor`` makes them),
     integer values in ``[0, 255]``. The result then goes through the model's evaluation transform.
+
+    Raises:
+        ValueError: an empty image (0 pixels), NaN or infinite values, or values outside the
+            range of their type (nothing is clipped silently).
     """
     from PIL import Image
 
     from lorax_cil.benchmarks.images import _to_rgb
 
     if isinstance(image, Image.Image):
+        if image.width < 1 or image.height < 1:
+            raise ValueError(f"the image is empty ({image.width}x{image.height} pixels)")
         return _to_rgb(image)
     if type(image).__module__.startswith("torch"):
         if image.ndim != 3:
             raise ValueError(f"an image tensor must be (C, H, W), got shape {tuple(image.shape)}")
-        image = image.detach().cpu().permute(1, 2, 0).numpy()
+        image = image.detach().cpu().float().permute(1, 2, 0).numpy() \
+            if image.is_floating_point() else image.detach().cpu().permute(1, 2, 0).numpy()
     arr = np.asarray(image)
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]
     if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[2] not in (3, 4)):
         raise ValueError(f"an image array must be (H, W), (H, W, 3) or (H, W, 4), got {arr.shape}")
+    if arr.shape[0] < 1 or arr.shape[1] < 1:
+        raise ValueError(f"the image is empty (shape {arr.shape})")
+    if arr.dtype == bool or not (np.issubdtype(arr.dtype, np.floating)
+                                 or np.issubdtype(arr.dtype, np.integer)):
+        raise ValueError(f"an image array must hold numbers, got dtype {arr.dtype}")
     if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ValueError("the image holds NaN or infinite values")
+        lo, hi = float(arr.min()), float(arr.max())
+        if lo < -1e-3 or hi > 1.0 + 1e-3:  # float error of upstream arithmetic is tolerated
+            raise ValueError(f"a floating-point image must hold values in [0, 1], got "
+                             f"[{lo:g}, {hi:g}] (scale it, e.g. divide 0-255 values by 255)")
         arr = np.rint(np.clip(arr, 0.0, 1.0) * 255.0)
-    return _to_rgb(Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)))
+    else:
+        lo, hi = int(arr.min()), int(arr.max())
+        if lo < 0 or hi > 255:
+            raise ValueError(f"an integer image must hold values in [0, 255], got [{lo}, {hi}]")
+    return _to_rgb(Image.fromarray(arr.astype(np.uint8)))
 
 
 def _is_batch(obj: Any) -> bool:

@@ -2,8 +2,8 @@
 
 A checkpoint is a folder with ``tensors.safetensors`` and ``meta.json``. ``meta.json`` records
 the format name and version, the SHA-256 of the tensor file and the SHA-256 of its own canonical
-JSON (``meta_sha256``, so an edited threshold or configuration is refused too; files written
-before it existed load without that check); it is written last, atomically, so it acts as the
+JSON (``meta_sha256``, mandatory: an edited threshold or configuration, or a metadata file with
+the checksum removed, is refused too); it is written last, atomically, so it acts as the
 commit marker: an interrupted save leaves the previous checkpoint intact and a half-written one
 is detected (missing or mismatching checksum) with a clear message.
 """
@@ -90,7 +90,12 @@ def read_checkpoint_meta(folder: str | os.PathLike) -> dict[str, Any]:
             f"{meta_path} has format version {version!r}; this lorax-cil reads versions up to "
             f"{CHECKPOINT_VERSION}: upgrade lorax-cil"
         )
-    if "meta_sha256" in meta and meta["meta_sha256"] != _meta_digest(meta):
+    if "meta_sha256" not in meta:
+        raise CheckpointError(
+            f"{meta_path} has no meta_sha256 checksum, so edits to it (task names, threshold, "
+            "configuration) could not be detected; refused. Use the checkpoint as it was saved"
+        )
+    if meta["meta_sha256"] != _meta_digest(meta):
         raise CheckpointError(
             f"checksum mismatch for {meta_path}: the metadata was modified after saving"
         )

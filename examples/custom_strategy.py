@@ -1,4 +1,12 @@
-"""Add your own strategy to the registry and compare it (Avalanche's MAS, in under 60 lines).
+"""Your own strategy as a plugin: Avalanche's MAS, registered here, used from the command line.
+
+This file is a plugin module: importing it registers the strategy ``mas``. Any `lorax-cil`
+command can use it with ``--plugin``:
+
+    lorax-cil compare --plugin examples/custom_strategy.py --strategies finetune,mas ...
+    lorax-cil predict --model runs/compare-custom/mas/seed0 images/   # plugin recorded by the run
+
+Run directly, it makes a small synthetic dataset and runs that comparison:
 
     python examples/custom_strategy.py
 """
@@ -10,11 +18,8 @@ import argparse
 import torch
 from avalanche.training.supervised import MAS
 
-from lorax_cil.benchmarks.synth import synthesize
 from lorax_cil.training.avalanche_baselines import (
     ProtocolOptimizer, optimizer_settings, template_kwargs)
-from lorax_cil.training.compare import run_comparison
-from lorax_cil.training.config import RunConfig, merge_config
 from lorax_cil.training.registry import register_strategy
 from lorax_cil.training.run_protocol import NoMemory
 from lorax_cil.training.strategy import ExpandableModel
@@ -36,22 +41,23 @@ def build_mas(cfg, net, device, evaluator, plugins):
                        **template_kwargs(cfg, device, evaluator, plugins))
 
 
-def main() -> None:
+def main() -> int:
+    from lorax_cil.benchmarks.synth import synthesize
+    from lorax_cil.cli import main as lorax_cil
+
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default="data/example-synth-hard-32px")
     p.add_argument("--out", default="runs/compare-custom")
     args = p.parse_args()
     synthesize(args.data, scenario="synth-hard", per_class=12, val_per_class=6, size=32, seed=0)
-    cfg = merge_config(RunConfig(), {
-        "data": {"scenario": "synth-hard", "data_path": args.data, "crop": 32},
-        "model": {"backbone": "vit-test", "pretrained": False},
-        "train": {"epochs": 1, "batch_size": 16, "lr_first": 1e-3, "lr": 1e-3,
-                  "warmup_epochs": 0, "memory_size": 50},
-    }, source="example")
-    result = run_comparison(cfg, strategies=["finetune", "mas"], seeds=[0], out=args.out,
-                            timing_images=16)
-    print(f"{result.caption}\n\n{result.table_markdown}")
+    return lorax_cil([  # the same as typing `lorax-cil compare --plugin <this file> ...`
+        "compare", "--plugin", __file__, "--strategies", "finetune,mas", "--seeds", "0",
+        "--scenario", "synth-hard", "--data-path", args.data, "--crop", "32",
+        "--backbone", "vit-test", "--no-pretrained", "--epochs", "1", "--batch-size", "16",
+        "--lr-first", "1e-3", "--lr", "1e-3", "--memory-size", "50",
+        "--set", "train.warmup_epochs=0", "--set", "train.min_steps_per_task=0",
+        "--timing-images", "16", "--out", args.out])
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

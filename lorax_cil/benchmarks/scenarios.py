@@ -19,6 +19,7 @@ __all__ = [
     "CDDB_SCENARIOS",
     "TaskSource",
     "Scenario",
+    "register_scenario",
     "scenario_names",
     "scenario_tasks",
     "resolve_scenario",
@@ -36,23 +37,49 @@ CDDB_SCENARIOS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Scenarios registered with :func:`register_scenario` (plugins, user code).
+_REGISTERED: dict[str, tuple[str, ...]] = {}
+
+
 def _synth_scenarios() -> dict[str, tuple[str, ...]]:
     from lorax_cil.benchmarks.synth import SYNTH_SCENARIOS
 
     return dict(SYNTH_SCENARIOS)
 
 
+def register_scenario(name: str, tasks: Sequence[str]) -> tuple[str, ...]:
+    """Register a named scenario: an ordered list of task folder names under ``--data-path``.
+
+    Usable as ``--scenario NAME`` by every command once the registering module is loaded (e.g.
+    as a plugin, see :mod:`lorax_cil.plugins`). Registering the same name again with the same
+    tasks is a no-op; another task list, or a built-in name, raises ``ValueError``.
+    """
+    order = tuple(str(t) for t in tasks)
+    if not name or name == "custom" or name in CDDB_SCENARIOS or name in _synth_scenarios():
+        raise ValueError(f"scenario name {name!r} is reserved (built-in or 'custom')")
+    if not order or len(set(order)) != len(order):
+        raise ValueError(f"scenario {name!r}: tasks must be a non-empty list without repeats, "
+                         f"got {list(order)}")
+    if _REGISTERED.get(name, order) != order:
+        raise ValueError(f"scenario {name!r} is already registered with tasks "
+                         f"{list(_REGISTERED[name])}")
+    _REGISTERED[name] = order
+    return order
+
+
 def scenario_names() -> list[str]:
-    """All scenario names: the CDDB ones, the synthetic ones and ``custom``."""
-    return sorted(CDDB_SCENARIOS) + sorted(_synth_scenarios()) + ["custom"]
+    """All scenario names: the CDDB ones, the synthetic ones, registered ones and ``custom``."""
+    return (sorted(CDDB_SCENARIOS) + sorted(_synth_scenarios()) + sorted(_REGISTERED)
+            + ["custom"])
 
 
 def scenario_tasks(name: str) -> tuple[str, ...]:
     """The ordered task names of a named scenario (not ``custom``)."""
-    table = {**CDDB_SCENARIOS, **_synth_scenarios()}
+    table = {**CDDB_SCENARIOS, **_synth_scenarios(), **_REGISTERED}
     if name not in table:
         raise ValueError(
-            f"unknown scenario {name!r}; valid scenarios: {', '.join(scenario_names())}"
+            f"unknown scenario {name!r}; valid scenarios: {', '.join(scenario_names())} "
+            "(a scenario registered in your own module needs --plugin MODULE)"
         )
     return table[name]
 

@@ -47,6 +47,8 @@ def _rho(text: str) -> float | None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lorax_cil.commands.train import add_plugin_flag
+
     p = sub.add_parser(
         "merge", help="merge specialist detectors into one detector (R2M, TIES, DARE, ...)",
         description="Merge detectors trained from the same backbone weights ('detect train' with "
@@ -58,10 +60,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="specialists to add to the merged detector given with --from")
     p.add_argument("--from", dest="from_dir", default=None, metavar="MERGED_DIR",
                    help="a merged detector: re-merge its sources plus --add (R2M reuses its Gram cache)")
-    p.add_argument("--method", default=None, choices=METHODS,
-                   help="merge method (default r2m; with --from: the recorded one)")
+    p.add_argument("--method", default=None,
+                   help=f"merge method: {', '.join(METHODS)} or one registered by a --plugin "
+                        "(default r2m; with --from: the recorded one)")
     p.add_argument("--out", required=True, help="merged detector folder")
     p.add_argument("--overwrite", action="store_true", help="replace a detector already in --out")
+    add_plugin_flag(p)
     g = p.add_argument_group("method options (defaults: docs/merging.md; with --from: the recorded ones)")
     g.add_argument("--lam", type=float, default=None,
                    help="task-arithmetic / dare: scale of the summed task vectors; ties: scale of the merge")
@@ -171,6 +175,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
         from lorax_cil.merging.detectors import _read_meta
 
         method = (_read_meta(Path(args.from_dir), "merged detector").get("merge") or {}).get("method", "r2m")
+    from lorax_cil.commands.train import load_cli_plugins
+    from lorax_cil.merging.result import get_merge_method
+
+    load_cli_plugins(args)
+    get_merge_method(method)  # unknown names list the valid ones
     options = method_options_from_args(args, method)
     summary = merge_detector_folders(
         args.add or args.specialists, out=args.out, method=method, options=options,

@@ -15,6 +15,8 @@ __all__ = ["register", "cmd_predict"]
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from lorax_cil.commands.train import add_plugin_flag
+
     p = sub.add_parser(
         "predict", help="attribute images with a trained run or detector",
         description="Attribute images with a trained run (LoRAX or a baseline) or a binary "
@@ -35,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="threads reading images ahead of the model (0: none; default: 2)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_plugin_flag(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -68,6 +71,7 @@ def _check_out(out: str, items: list, model: str) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    from lorax_cil.commands.train import load_cli_plugins
     from lorax_cil.inference.inputs import iter_input_paths
     from lorax_cil.inference.loading import load
     from lorax_cil.inference.writers import open_row_writer
@@ -76,6 +80,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     items = list(iter_input_paths(args.paths))  # paths only: nothing is decoded yet
     if args.out:
         _check_out(args.out, items, args.model)
+    load_cli_plugins(args)
     load_cli_plugins(args)
     predictor = load(args.model, device=args.device)
     header = predictor.describe()

@@ -57,7 +57,24 @@ def add_run_flags(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) 
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="set any config key, e.g. --set train.warmup_epochs=1 or "
                         "--set baselines.ewc_lambda=100 (repeatable)")
+    add_plugin_flag(p)
     add_quiet_flag(p)
+
+
+def add_plugin_flag(p: argparse.ArgumentParser) -> None:
+    """``--plugin MODULE`` (repeatable): a module or ``.py`` file registering strategies,
+    backbones, scenarios or merge methods (see :mod:`lorax_cil.plugins`)."""
+    p.add_argument("--plugin", action="append", default=[], metavar="MODULE",
+                   help="import a plugin module (dotted name or .py path) that registers "
+                        "strategies, backbones, scenarios or merge methods (repeatable; "
+                        "recorded in the run's config.yaml)")
+
+
+def load_cli_plugins(args: argparse.Namespace) -> list[str]:
+    """Load the ``--plugin`` modules (and the installed entry-point plugins)."""
+    from lorax_cil.plugins import load_plugins
+
+    return load_plugins(getattr(args, "plugin", None) or [])
 
 
 def add_quiet_flag(p: argparse.ArgumentParser) -> None:
@@ -91,6 +108,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--tasks", nargs="+", default=None)
     e.add_argument("--eval-split", default=None, help="split to evaluate (default: the run's)")
     e.add_argument("--out", default=None, help="JSON file for the results")
+    add_plugin_flag(e)
     e.set_defaults(func=cmd_eval)
 
 
@@ -136,6 +154,8 @@ def flag_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
         out.setdefault("train", {})["cache_trunk"] = True
     for section, values in parse_set(getattr(args, "set", [])).items():
         out.setdefault(section, {}).update(values)
+    if getattr(args, "plugin", None):
+        out["plugins"] = load_cli_plugins(args)
     return out
 
 
@@ -170,10 +190,19 @@ def config_from_args(args: argparse.Namespace):
     """Defaults, then the config file, then flags."""
     from lorax_cil.training.config import RunConfig, load_config, merge_config
 
+    from lorax_cil.plugins import load_plugins
+
     cfg = RunConfig()
     if getattr(args, "config", None):
         cfg = merge_config(cfg, load_config(args.config), source=args.config)
-    return merge_config(cfg, flag_overrides(args), source="command line")
+        cfg.plugins = load_plugins(cfg.plugins, needed_by=args.config)
+    overrides = flag_overrides(args)
+    if "plugins" in overrides:  # --plugin adds to the config file's plugins
+        overrides["plugins"] = cfg.plugins + [p for p in overrides["plugins"]
+                                              if p not in cfg.plugins]
+    cfg = merge_config(cfg, overrides, source="command line")
+    cfg.plugins = load_plugins(cfg.plugins)
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -261,6 +290,7 @@ def print_run_report(run: Any, summary: dict[str, Any]) -> None:
 def cmd_eval(args: argparse.Namespace) -> int:
     from lorax_cil.training.evaluate import evaluate_run
 
+    load_cli_plugins(args)
     result = evaluate_run(args.run, scenario=args.scenario, data_path=args.data_path,
                           tasks=args.tasks, eval_split=args.eval_split, out=args.out)
     for task, r in result["per_task"].items():

@@ -77,6 +77,9 @@ def register_merge_method(name: str) -> Callable:
 def _load_builtins() -> None:
     import lorax_cil.merging.methods  # noqa: F401  (registers the baselines)
     import lorax_cil.merging.r2m_merge  # noqa: F401
+    from lorax_cil.plugins import load_entry_point_plugins
+
+    load_entry_point_plugins()
 
 
 def merge_method_names() -> list[str]:
@@ -88,7 +91,8 @@ def get_merge_method(name: str) -> Callable[..., "MergeResult"]:
     """The registered merge function; unknown names raise ``ValueError`` listing the valid ones."""
     _load_builtins()
     if name not in _METHODS:
-        raise ValueError(f"unknown merge method {name!r}; valid: {sorted(_METHODS)}")
+        raise ValueError(f"unknown merge method {name!r}; valid: {sorted(_METHODS)} (a method "
+                         "registered in your own module needs --plugin MODULE)")
     return _METHODS[name]
 
 

@@ -97,17 +97,23 @@ def backbone_weight_source(name: str) -> str:
     return ""
 
 
-def _lookup(name: str) -> BackboneFactory:
+def _lookup(name: str, *, plugins_loaded: bool = False) -> BackboneFactory:
     if name in _NAMED:
         return _NAMED[name]
     for pat, factory in _PATTERNS.items():
         if fnmatch.fnmatchcase(name, pat):
             return factory
+    if not plugins_loaded:
+        from lorax_cil.plugins import load_entry_point_plugins
+
+        if load_entry_point_plugins():  # installed plugins may register it
+            return _lookup(name, plugins_loaded=True)
     raise ValueError(
         f"unknown backbone {name!r}. Registered names: {sorted(_NAMED)}; patterns: "
         f"{list(_PATTERNS)}. Any timm model name of the ViT family (VisionTransformer, DeiT, "
         "ConViT) works with the 'timm:' prefix (e.g. 'timm:vit_small_patch16_224.augreg_in21k'), "
-        "and any open_clip ViT model with the 'open_clip:' prefix."
+        "and any open_clip ViT model with the 'open_clip:' prefix. A backbone registered in "
+        "your own module needs --plugin MODULE."
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 from lorax_cil.training.config import RunConfig
 from lorax_cil.training.registry import register_strategy
 
-__all__: list[str] = []
+__all__ = ["build_lorax_family", "lr_scale"]
 
 
 def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins: list) -> Any:
@@ -39,6 +39,12 @@ def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins
         plugins=plugins,
         evaluator=evaluator,
     )
+
+
+#: The builder of the LoRAX family and the fine-tuning baselines (one :class:`LoRAX` strategy
+#: configured by the preset): register it under a new name with your own preset, e.g.
+#: ``register_strategy("my-lorax", description=..., model={"extractor": "lora"})(build_lorax_family)``.
+build_lorax_family = _lorax_family
 
 
 def lr_scale(t: Any) -> float:

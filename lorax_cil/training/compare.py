@@ -59,7 +59,7 @@ TABLE_METRICS: tuple[tuple[str, str, float, str], ...] = (
     ("infer_ms", "inference ms/img", 1.0, ".3f"),
 )
 #: Config keys that do not change results (ignored when checking a run directory).
-RUNTIME_KEYS = ("out", "train.device", "train.num_workers")
+RUNTIME_KEYS = ("out", "plugins", "train.device", "train.num_workers")
 
 
 @dataclass
@@ -109,7 +109,9 @@ def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence
     """
     from lorax_cil import distributed as dist
     from lorax_cil.benchmarks.scenarios import resolve_scenario
+    from lorax_cil.plugins import load_plugins
 
+    cfg = merge_config(cfg, {"plugins": load_plugins(cfg.plugins)}, source="compare")
     say = progress or (lambda msg: logger.info("%s", msg))
     if not dist.is_main():
         say = lambda msg: logger.debug("%s", msg)  # noqa: E731
@@ -235,6 +237,9 @@ def obtain_run(cfg: RunConfig, run_dir: Path, scenario: Any,
     # rank 0 reads the run directory and decides; every rank follows (no shared disk needed)
     state = dist.on_main(lambda: _run_state(run_dir, apply_preset(cfg), scenario))
     if state == "finished":
+        from lorax_cil.training.integrity import check_finished_run_data
+
+        dist.on_main(lambda: check_finished_run_data(run_dir, apply_preset(cfg), scenario))
         return "reused"
     progress = (lambda m: say(f"{cfg.train.strategy} seed {cfg.train.seed}: {m}"))
     if state == "partial":
@@ -322,8 +327,7 @@ def _timing_images(cfg: RunConfig, backbone: Any, scenario: Any, limit: int):
     from lorax_cil.training.timing import evaluation_images
 
     spec, d = backbone.spec, cfg.data
-    tcfg = TransformConfig(size=d.crop or spec.input_size, mean=tuple(spec.mean),
-                           std=tuple(spec.std), resize=d.resize)
+    tcfg = TransformConfig.for_backbone(spec, d, augment=False)
     bench = build_cil_benchmark(scenario, transform_config=tcfg, eval_split=d.eval_split,
                                 strict=d.strict_data)
     return evaluation_images(bench.test_stream, limit=limit)

@@ -191,13 +191,15 @@ class BaselineConfig:
 
 @dataclass
 class RunConfig:
-    """Everything a run needs. ``out`` is the run directory."""
+    """Everything a run needs. ``out`` is the run directory; ``plugins`` the plugin modules
+    (names or ``.py`` paths, see :mod:`lorax_cil.plugins`) that register what it uses."""
 
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
     out: str = "runs/run"
+    plugins: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -239,6 +241,14 @@ def merge_sections(base: Any, updates: Mapping[str, Any], *, sections: Sequence[
     for section, values in updates.items():
         if section == "out":
             out.out = str(values)
+            continue
+        if section == "plugins" and hasattr(out, "plugins"):
+            if values is None:
+                values = []
+            if isinstance(values, str) or not all(isinstance(v, str) for v in values):
+                raise ValueError(f"{source}: plugins must be a list of module names or .py paths, "
+                                 f"got {values!r}")
+            out.plugins = list(values)
             continue
         if section not in sections:
             raise ValueError(

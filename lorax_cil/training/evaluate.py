@@ -13,6 +13,7 @@ __all__ = ["load_trained", "evaluate_run"]
 def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple[Any, Any, Any, dict]:
     """``(net, cfg, scenario, meta)`` from a run directory or one checkpoint folder."""
     from lorax_cil.benchmarks.scenarios import Scenario
+    from lorax_cil.plugins import load_plugins
     from lorax_cil.training.checkpoint import load_checkpoint
     from lorax_cil.training.config import RunConfig
     from lorax_cil.training.registry import apply_preset
@@ -21,7 +22,9 @@ def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple
     path = Path(run_or_checkpoint)
     folder = path if (path / "meta.json").is_file() else latest_checkpoint(path)
     tensors, meta = load_checkpoint(folder)
-    cfg = apply_preset(RunConfig.from_dict(meta["config"], source=str(folder / "meta.json")))
+    cfg = RunConfig.from_dict(meta["config"], source=str(folder / "meta.json"))
+    load_plugins(cfg.plugins, needed_by=f"run {path}")  # what registered its strategy, backbone
+    cfg = apply_preset(cfg)
     net = build_network(cfg, build_backbone(cfg))
     for n in meta["architecture"]["task_classes"]:
         net.add_task(n)

@@ -90,7 +90,9 @@ def get_strategy(name: str) -> StrategyPreset:
     """The preset registered as ``name``; unknown names list the valid ones."""
     _ensure_builtin()
     if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; valid strategies: {', '.join(sorted(_REGISTRY))}")
+        raise ValueError(f"unknown strategy {name!r}; valid strategies: "
+                         f"{', '.join(sorted(_REGISTRY))} (a strategy registered in your own "
+                         "module needs --plugin MODULE or the config key plugins:)")
     return _REGISTRY[name]
 
 
@@ -181,6 +183,9 @@ def _ensure_builtin() -> None:
         return
     import importlib
 
+    from lorax_cil.plugins import load_entry_point_plugins
+
     _builtins_loaded = True
     for module in _BUILTIN_MODULES:
         importlib.import_module(module)
+    load_entry_point_plugins()

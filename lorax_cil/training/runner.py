@@ -16,6 +16,7 @@ and evaluation are split over the ranks, and only rank 0 writes files (and print
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -155,8 +156,13 @@ class Run:
     def __init__(self, cfg: RunConfig, *, run_dir: str | Path,
                  progress: Callable[[str], None] | None = None,
                  explicit: Mapping[str, str] | None = None, display: str = "auto") -> None:
+        from lorax_cil.plugins import load_plugins
         from lorax_cil.training.progress import resolve_display
         from lorax_cil.training.registry import apply_preset
+
+        # the run's plugins register what its configuration names (strategy, backbone, ...)
+        cfg = dataclasses.replace(cfg, plugins=load_plugins(cfg.plugins,
+                                                            needed_by=f"run {run_dir}"))
 
         self.cfg = apply_preset(cfg, explicit)
         self.run_dir = Path(run_dir)

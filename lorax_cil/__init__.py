@@ -13,20 +13,10 @@ trained run or detector for prediction::
 
 from __future__ import annotations
 
-from typing import Any
+from lorax_cil.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
 __all__ = ["__version__", "load"]
 
-
-def __getattr__(name: str) -> Any:
-    if name == "load":
-        from lorax_cil.inference.loading import load
-
-        return load
-    raise AttributeError(f"module 'lorax_cil' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, {"load": "inference.loading"}, globals())

@@ -5,8 +5,7 @@ Names are resolved lazily, so ``import lorax_cil.benchmarks`` stays cheap.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorax_cil.lazy import lazy_exports
 
 _EXPORTS = {
     "scan_task_split": "folders",
@@ -37,8 +36,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'lorax_cil.benchmarks' has no attribute {name!r}")
-    module = importlib.import_module(f"lorax_cil.benchmarks.{_EXPORTS[name]}")
-    return getattr(module, name)
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

@@ -52,6 +52,21 @@ class TransformConfig:
     hflip: bool = False
     interpolation: str = "bilinear"
 
+    @classmethod
+    def for_backbone(cls, spec: Any, data: Any = None, *, augment: bool = True, crop: int | None = None,
+                     resize: int | None = None) -> "TransformConfig":
+        """The pre-processing of a backbone (``spec``: its ``BackboneSpec``): its input size and
+        normalisation. ``data`` (a configuration section with ``crop``, ``resize`` and, with
+        ``augment``, ``blur_prob``, ``jpeg_prob``, ``hflip``) or ``crop`` / ``resize`` override
+        the size and resize."""
+        opts: dict[str, Any] = {}
+        if data is not None:
+            crop, resize = data.crop, data.resize
+            if augment:
+                opts = dict(blur_prob=data.blur_prob, jpeg_prob=data.jpeg_prob, hflip=data.hflip)
+        return cls(size=crop or spec.input_size, mean=tuple(spec.mean), std=tuple(spec.std),
+                   resize=resize, **opts)
+
     def __post_init__(self) -> None:
         if self.size < 1:
             raise ValueError(f"transform size must be positive, got {self.size}")

@@ -11,8 +11,7 @@ Importing this package is cheap; the names below are loaded (with torch) on firs
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorax_cil.lazy import lazy_exports
 
 __all__ = [
     "AdapterConfig",
@@ -41,8 +40,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        module = importlib.import_module(f"lorax_cil.detection.{_WHERE[name]}")
-        return getattr(module, name)
-    raise AttributeError(f"module 'lorax_cil.detection' has no attribute {name!r}")
+__getattr__, __dir__ = lazy_exports(__name__, _WHERE, globals())

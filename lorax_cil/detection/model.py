@@ -43,6 +43,7 @@ from lorax_cil.models.base import BlockBackbone
 from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.models.lora import LoraSpec, MultiLoRALayer, dense_delta
 from lorax_cil.models.mole import MoleSpec, mole_target_regex
+from lorax_cil.utils import strict_from_dict
 
 __all__ = [
     "ADAPTERS",
@@ -106,10 +107,7 @@ class BackboneRecipe:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "BackboneRecipe":
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"BackboneRecipe: unknown keys {unknown}")
-        return cls(**d)
+        return strict_from_dict(cls, d)
 
 
 @dataclass(frozen=True)

@@ -246,7 +246,7 @@ def _eval_transform(detector: Any, crop: int | None, resize: int | None, extra: 
     from lorax_cil.benchmarks.transforms import TransformConfig, build_transform
 
     s = detector.backbone.spec
-    cfg = TransformConfig(size=crop or s.input_size, mean=tuple(s.mean), std=tuple(s.std), resize=resize)
+    cfg = TransformConfig.for_backbone(s, crop=crop, resize=resize)
     return build_transform(cfg, train=False, extra=extra)
 
 

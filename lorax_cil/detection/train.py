@@ -241,8 +241,7 @@ def _transform_config(cfg: DetectConfig, spec: Any):
     from lorax_cil.benchmarks.transforms import TransformConfig
 
     d = cfg.data
-    return TransformConfig(size=d.crop or spec.input_size, mean=tuple(spec.mean), std=tuple(spec.std),
-                           resize=d.resize, blur_prob=d.blur_prob, jpeg_prob=d.jpeg_prob, hflip=d.hflip)
+    return TransformConfig.for_backbone(spec, d)
 
 
 def _epoch(det, loader, opt, device, amp: bool, state: dict, max_steps: int | None,

@@ -15,8 +15,7 @@ Importing this package is cheap; the names below are loaded (with torch where ne
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorax_cil.lazy import lazy_exports
 
 _EXPORTS = {
     "load": "loading",
@@ -34,14 +33,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lorax_cil.inference' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lorax_cil.inference.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

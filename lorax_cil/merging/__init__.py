@@ -8,8 +8,7 @@ torch) on first access.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from lorax_cil.lazy import lazy_exports
 
 _EXPORTS = {
     "TaskVector": "task_vectors",
@@ -45,14 +44,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module 'lorax_cil.merging' has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"lorax_cil.merging.{module}"), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS, globals())

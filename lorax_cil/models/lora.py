@@ -46,6 +46,9 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
+from lorax_cil.models.state import copy_state_strict
+from lorax_cil.utils import strict_from_dict
+
 __all__ = [
     "LoraSpec",
     "LoraAdapter",
@@ -59,6 +62,10 @@ __all__ = [
     "lora_layers",
     "inject_lora",
     "add_lora_adapter",
+    "named_adapter_layers",
+    "add_adapter_to_all",
+    "adapter_modules",
+    "adapter_tensors",
     "adapter_parameters",
     "count_adapter_parameters",
     "freeze_adapter",
@@ -135,11 +142,7 @@ class LoraSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "LoraSpec":
-        d = {k: v for k, v in d.items() if k != "scaling"}
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"LoraSpec: unknown keys {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
-        return cls(**d)
+        return strict_from_dict(cls, d, ignore=("scaling",))
 
 
 class LoraAdapter(nn.Module):
@@ -578,38 +581,52 @@ def inject_lora(
     return names
 
 
-def _named_wrappers(root: nn.Module) -> list[tuple[str, MultiLoRALayer]]:
-    return [(n, m) for n, m in root.named_modules() if isinstance(m, MultiLoRALayer)]
+def named_adapter_layers(root: nn.Module, layer_type: type | None = None) -> list[tuple[str, "MultiLoRALayer"]]:
+    """``(name, layer)`` of every adapter wrapper of ``layer_type`` under ``root`` (default: every
+    Multi-LoRA wrapper; :mod:`lorax_cil.models.mole` passes ``MoleLinear``); raises when none."""
+    layer_type = layer_type or MultiLoRALayer
+    found = [(n, m) for n, m in root.named_modules() if isinstance(m, layer_type)]
+    if not found:
+        raise ValueError(f"no {layer_type.__name__} layers found: inject the adapters first")
+    return found
 
 
-def _wrappers_or_raise(root: nn.Module) -> list[tuple[str, MultiLoRALayer]]:
-    wrappers = _named_wrappers(root)
-    if not wrappers:
-        raise ValueError("no Multi-LoRA layers found: call inject_lora first")
-    return wrappers
-
-
-def add_lora_adapter(root: nn.Module, spec: LoraSpec) -> int:
-    """Add one adapter to every wrapper under ``root``; returns the common adapter index."""
-    wrappers = _wrappers_or_raise(root)
+def add_adapter_to_all(root: nn.Module, spec: Any, layer_type: type | None = None) -> int:
+    """Add one adapter built from ``spec`` to every wrapper under ``root``; returns its index."""
+    wrappers = named_adapter_layers(root, layer_type)
     counts = {m.num_adapters for _, m in wrappers}
     if len(counts) != 1:
         raise RuntimeError(f"wrappers hold different numbers of adapters: {sorted(counts)}")
     return [m.add_adapter(spec) for _, m in wrappers][0]
 
 
-def _adapters(root: nn.Module, index: int) -> list[tuple[str, LoraAdapter]]:
+def adapter_modules(root: nn.Module, index: int, layer_type: type | None = None) -> list[tuple[str, nn.Module]]:
+    """``(layer name, adapter)`` of adapter ``index`` in every wrapper under ``root``."""
     out = []
-    for name, m in _wrappers_or_raise(root):
+    for name, m in named_adapter_layers(root, layer_type):
         if not 0 <= index < m.num_adapters:
             raise IndexError(f"adapter {index} does not exist in {name!r} ({m.num_adapters} adapters)")
         out.append((name, m.adapters[index]))
     return out
 
 
+def adapter_tensors(root: nn.Module, index: int, layer_type: type | None = None) -> dict[str, torch.Tensor]:
+    """Adapter ``index`` as ``{"<layer>.<parameter>": parameter}`` (the live tensors).
+
+    Keys do not contain the adapter index, so a state loads into any slot.
+    """
+    return {f"{name}.{pname}": p for name, a in adapter_modules(root, index, layer_type)
+            for pname, p in a.named_parameters()}
+
+
+def add_lora_adapter(root: nn.Module, spec: LoraSpec) -> int:
+    """Add one adapter to every wrapper under ``root``; returns the common adapter index."""
+    return add_adapter_to_all(root, spec)
+
+
 def adapter_parameters(root: nn.Module, index: int) -> list[nn.Parameter]:
     """The parameters of adapter ``index`` in every wrapper under ``root``."""
-    return [p for _, a in _adapters(root, index) for p in a.parameters()]
+    return [p for _, a in adapter_modules(root, index) for p in a.parameters()]
 
 
 def count_adapter_parameters(root: nn.Module, index: int) -> int:
@@ -618,7 +635,7 @@ def count_adapter_parameters(root: nn.Module, index: int) -> int:
 
 def freeze_adapter(root: nn.Module, index: int) -> None:
     """Make adapter ``index`` a fixed function: ``requires_grad=False`` and no dropout."""
-    for _, a in _adapters(root, index):
+    for _, a in adapter_modules(root, index):
         a.frozen = True
         for p in a.parameters():
             p.requires_grad_(False)
@@ -630,27 +647,12 @@ def adapter_state_dict(root: nn.Module, index: int) -> dict[str, torch.Tensor]:
     Keys do not contain the adapter index, so a state loads into any slot. Tensors are detached
     copies.
     """
-    sd: dict[str, torch.Tensor] = {}
-    for name, a in _adapters(root, index):
-        sd[f"{name}.lora_A.weight"] = a.lora_A.weight.detach().clone()
-        sd[f"{name}.lora_B.weight"] = a.lora_B.weight.detach().clone()
-    return sd
+    return {k: v.detach().clone() for k, v in adapter_tensors(root, index).items()}
 
 
 def load_adapter_state_dict(root: nn.Module, index: int, sd: Mapping[str, torch.Tensor]) -> None:
     """Copy ``sd`` (from :func:`adapter_state_dict`) into adapter ``index``; keys must match."""
-    targets = {}
-    for name, a in _adapters(root, index):
-        targets[f"{name}.lora_A.weight"] = a.lora_A.weight
-        targets[f"{name}.lora_B.weight"] = a.lora_B.weight
-    missing, unexpected = sorted(set(targets) - set(sd)), sorted(set(sd) - set(targets))
-    if missing or unexpected:
-        raise ValueError(f"adapter state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for key, param in targets.items():
-            if sd[key].shape != param.shape:
-                raise ValueError(f"adapter state {key!r}: shape {tuple(sd[key].shape)} != {tuple(param.shape)}")
-            param.copy_(sd[key])
+    copy_state_strict(adapter_tensors(root, index), sd, "adapter")
 
 
 def dense_delta(layer: nn.Module, index: int) -> torch.Tensor:

@@ -34,7 +34,16 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorax_cil.models.lora import LoraAdapter, MultiLoRALayer, MultiLoRALinear, lora_group
+from lorax_cil.models.lora import (
+    LoraAdapter,
+    MultiLoRALayer,
+    MultiLoRALinear,
+    add_adapter_to_all,
+    adapter_tensors,
+    lora_group,
+)
+from lorax_cil.models.state import copy_state_strict
+from lorax_cil.utils import strict_from_dict
 
 __all__ = [
     "MOLE_TARGETS",
@@ -129,13 +138,7 @@ class MoleSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MoleSpec":
-        unknown = sorted(set(d) - set(cls.__dataclass_fields__))
-        if unknown:
-            raise ValueError(f"MoleSpec: unknown keys {unknown}; valid: {sorted(cls.__dataclass_fields__)}")
-        d = dict(d)
-        if "expert_ranks" in d:
-            d["expert_ranks"] = tuple(int(r) for r in d["expert_ranks"])
-        return cls(**d)
+        return strict_from_dict(cls, d, expert_ranks=lambda ranks: tuple(int(r) for r in ranks))
 
 
 # --- load-balancing loss ------------------------------------------------------------------------
@@ -356,20 +359,9 @@ def mole_layers(root: nn.Module) -> list[MoleLinear]:
     return [m for m in root.modules() if isinstance(m, MoleLinear)]
 
 
-def _named_mole(root: nn.Module) -> list[tuple[str, MoleLinear]]:
-    found = [(n, m) for n, m in root.named_modules() if isinstance(m, MoleLinear)]
-    if not found:
-        raise ValueError("no MoLE layers found: call inject_mole first")
-    return found
-
-
 def add_mole_adapter(root: nn.Module, spec: MoleSpec) -> int:
     """Add one MoLE adapter to every :class:`MoleLinear` under ``root``; returns its index."""
-    layers = _named_mole(root)
-    counts = {m.num_adapters for _, m in layers}
-    if len(counts) != 1:
-        raise RuntimeError(f"MoLE layers hold different numbers of adapters: {sorted(counts)}")
-    return [m.add_adapter(spec) for _, m in layers][0]
+    return add_adapter_to_all(root, spec, MoleLinear)
 
 
 @contextlib.contextmanager
@@ -379,33 +371,15 @@ def mole_active(root: nn.Module, index: int = 0) -> Iterator[None]:
         yield
 
 
-def _adapter_tensors(root: nn.Module, index: int) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for name, layer in _named_mole(root):
-        if not 0 <= index < layer.num_adapters:
-            raise IndexError(f"MoLE adapter {index} does not exist in {name!r} ({layer.num_adapters})")
-        for pname, p in layer.adapters[index].named_parameters():
-            out[f"{name}.{pname}"] = p
-    return out
-
-
 def mole_adapter_state_dict(root: nn.Module, index: int) -> dict[str, torch.Tensor]:
     """MoLE adapter ``index`` as ``{"<layer>.<param>": tensor}`` (detached copies).
 
     ``<param>`` is ``shared.lora_A.weight``, ``experts.<i>.lora_B.weight``, ``router.weight``,
     ...; keys carry no adapter index, so a state loads into any slot.
     """
-    return {k: v.detach().clone() for k, v in _adapter_tensors(root, index).items()}
+    return {k: v.detach().clone() for k, v in adapter_tensors(root, index, MoleLinear).items()}
 
 
 def load_mole_adapter_state_dict(root: nn.Module, index: int, sd: Mapping[str, torch.Tensor]) -> None:
     """Copy ``sd`` (from :func:`mole_adapter_state_dict`) into adapter ``index``; keys must match."""
-    target = _adapter_tensors(root, index)
-    missing, unexpected = sorted(set(target) - set(sd)), sorted(set(sd) - set(target))
-    if missing or unexpected:
-        raise ValueError(f"MoLE adapter state mismatch: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    with torch.no_grad():
-        for k, p in target.items():
-            if sd[k].shape != p.shape:
-                raise ValueError(f"MoLE adapter state {k!r}: shape {tuple(sd[k].shape)} != {tuple(p.shape)}")
-            p.copy_(sd[k])
+    copy_state_strict(adapter_tensors(root, index, MoleLinear), sd, "MoLE adapter")

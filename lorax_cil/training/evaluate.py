@@ -67,8 +67,7 @@ def evaluate_run(
     sc = trained if scenario is None else resolve_scenario(scenario, data_path=data_path,
                                                            tasks=tasks)
     spec = net.backbone.spec
-    tcfg = TransformConfig(size=cfg.data.crop or spec.input_size, mean=tuple(spec.mean),
-                           std=tuple(spec.std), resize=cfg.data.resize)
+    tcfg = TransformConfig.for_backbone(spec, cfg.data, augment=False)
     split = eval_split or cfg.data.eval_split
     bench = build_cil_benchmark(sc, transform_config=tcfg, eval_split=split)
     table = np.array(trained.class_is_fake[: net.num_classes])

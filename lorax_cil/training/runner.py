@@ -193,9 +193,7 @@ class Run:
         backbone = build_backbone(cfg)
         spec = backbone.spec
         d = cfg.data
-        tcfg = TransformConfig(size=d.crop or spec.input_size, mean=tuple(spec.mean),
-                               std=tuple(spec.std), resize=d.resize, blur_prob=d.blur_prob,
-                               jpeg_prob=d.jpeg_prob, hflip=d.hflip)
+        tcfg = TransformConfig.for_backbone(spec, d)
         self.scenario = scenario
         self.bench = build_cil_benchmark(scenario, transform_config=tcfg, eval_split=d.eval_split,
                                          calib_fraction=d.calib_fraction, seed=cfg.train.seed,

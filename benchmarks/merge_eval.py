@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorax_cil.evaluation.provenance import cpu_name, git_commit
+from lorax_cil.bench.provenance import cpu_name, git_commit
 
 METHODS = ("average", "task_arithmetic", "ties", "dare", "r2m")
 SEEN = ("nn-upsample", "spectral-peaks", "jpeg-blocks", "blend-seam")

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lorax_cil.evaluation.provenance import git_commit
+from lorax_cil.bench.provenance import git_commit
 
 VARIANTS: dict[str, tuple[str, dict]] = {
     "mole": ("MoLE: shared r=8 + experts 4/8/16, MLP, last 3 blocks", {}),

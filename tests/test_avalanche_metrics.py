@@ -22,7 +22,7 @@ from avalanche.logging import (  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from avalanche.training.supervised import Naive  # noqa: E402
 
-from lorax_cil.evaluation.avalanche_metrics import (  # noqa: E402
+from lorax_cil.training.avalanche_metrics import (  # noqa: E402
     AttributionMetric,
     attribution_metrics,
 )

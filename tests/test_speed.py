@@ -235,7 +235,7 @@ def test_timed_pair_repeats_short_calls_and_alternates_with_the_reference():
     """Each timed sample repeats a short call until it lasts min_time; calls alternate with ref."""
     import time
 
-    from lorax_cil.evaluation.speed import timed_pair
+    from lorax_cil.bench.speed import timed_pair
 
     calls = []
 

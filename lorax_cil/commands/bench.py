@@ -12,13 +12,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     which = p.add_subparsers(dest="bench", metavar="BENCHMARK")
     which.required = True
     s = which.add_parser("speed", help="inference / training cost and memory vs number of tasks")
-    from lorax_cil.evaluation.speed import add_arguments
+    from lorax_cil.bench.speed import add_arguments
 
     add_arguments(s)
     s.set_defaults(func=cmd_speed)
 
 
 def cmd_speed(args: argparse.Namespace) -> int:
-    from lorax_cil.evaluation.speed import run
+    from lorax_cil.bench.speed import run
 
     return run(args, echo=lambda msg: print(msg, flush=True))

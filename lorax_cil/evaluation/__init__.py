@@ -1,9 +1,9 @@
 """Evaluation: pure metrics over predictions and accuracy matrices, reports and plots.
 
-Importing this package is cheap (NumPy only). pandas and matplotlib are imported inside the
-report and plot functions; the Avalanche plugin metrics live in
-:mod:`lorax_cil.evaluation.avalanche_metrics`, which imports avalanche and torch and is therefore
-not imported here.
+This package imports only NumPy and its own modules (``tests/test_layers.py`` checks it):
+pandas and matplotlib are imported inside the report and plot functions. The Avalanche plugin
+metrics, which need avalanche and torch, live in :mod:`lorax_cil.training.avalanche_metrics`;
+the speed benchmark in :mod:`lorax_cil.bench.speed`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Speed and memory of LoRAX execution strategies against one plain frozen pass.
 
-``benchmarks/speed.py`` and ``lorax-cil bench speed`` run :func:`main`. For every backbone config
+``benchmarks/speed.py`` and ``lorax-cil bench speed`` run :func:`run`. For every backbone config
 and number of tasks ``T`` it measures, in one process tree, after warm-up, the median of repeats:
 
 * ``plain``: one frozen backbone pass (the floor of inference) and one plain fine-tuning step of
@@ -34,9 +34,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lorax_cil.evaluation.provenance import git_commit, machine_info
+from lorax_cil.bench.provenance import git_commit, machine_info
 
-__all__ = ["CONFIGS", "add_arguments", "run", "main"]
+__all__ = ["CONFIGS", "add_arguments", "run", "render_page", "write_page", "timed_pair"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,14 +80,15 @@ def _sync(device: Any) -> None:
 def _loops(fn: Callable[[], Any], device: Any, min_time: float) -> int:
     """Calls of ``fn`` per timed sample so that one sample lasts at least ``min_time`` seconds
     (as ``timeit``'s autorange: millisecond calls are otherwise dominated by timer and scheduler
-    noise)."""
+    noise). One call is timed with ``torch.utils.benchmark.Timer`` (after its warm-up calls,
+    synchronising CUDA, at the current thread count)."""
     if min_time <= 0:
         return 1
-    _sync(device)
-    t0 = time.perf_counter()
-    fn()
-    _sync(device)
-    once = max(time.perf_counter() - t0, 1e-6)
+    import torch
+    from torch.utils.benchmark import Timer
+
+    timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    once = max(timer.timeit(1).mean, 1e-6)
     return max(1, math.ceil(min_time / once))
 
 
@@ -95,7 +96,10 @@ def timed_pair(fn: Callable[[], Any], ref: Callable[[], Any], *, repeats: int, w
                device: Any, min_time: float = 0.0) -> tuple[float, float]:
     """Median seconds per call of ``fn`` and of ``ref``, sampled alternately (load drift on a
     shared machine hits both alike, so their ratio is stable). Each sample runs a function enough
-    times to last ``min_time`` seconds and is divided by that count."""
+    times to last ``min_time`` seconds and is divided by that count.
+
+    The samples themselves are timed here rather than with ``Timer.timeit``, which runs untimed
+    warm-up calls before every sample and would break the strict alternation."""
     for _ in range(warmup):
         fn()
         ref()
@@ -620,15 +624,23 @@ def _checks_from_rows(rows: list[dict[str, Any]], saved: list[str]) -> list[str]
     return lines
 
 
-def write_docs(out: Path, docs: Path, *, command: str) -> Path:
-    """docs/performance.md from the CSV / JSON files in ``out`` (and the plot, copied)."""
+def write_page(out: Path, page: Path, *, command: str) -> Path:
+    """Write the results page to ``page`` (an explicit path: the library never picks a docs
+    folder) and its plot to ``img/performance-speed.png`` beside it, from the files in ``out``."""
     import shutil
 
-    meta = json.loads((out / "speed.json").read_text())
-    rows = _read_csv(out / "speed.csv")
-    img = docs / "img" / "performance-speed.png"
+    img = page.parent / "img" / "performance-speed.png"
     img.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "speed.png", img)
+    page.write_text(render_page(out, command=command), encoding="utf-8")
+    return page
+
+
+def render_page(out: Path, *, command: str) -> str:
+    """The markdown of the performance page from the CSV / JSON files in ``out`` (the plot is
+    referenced as ``img/performance-speed.png``)."""
+    meta = json.loads((out / "speed.json").read_text())
+    rows = _read_csv(out / "speed.csv")
     acc = _read_csv(out / "accuracy.csv") if (out / "accuracy.csv").is_file() else []
     m = meta["machine"]
     loader = "\n".join(f"| {c} | {v['workers']} | {v['images_per_s']:.0f} | {v['model_images_per_s']:.0f} |"
@@ -744,9 +756,7 @@ every epoch from the cached outputs.
 - On CPU the adapters' tails run one after another on the shared trunk output; on CUDA they run
   as one batch (`ExpandableNet.max_group_size` caps it when GPU memory is short).
 """
-    path = docs / "performance.md"
-    path.write_text(text, encoding="utf-8")
-    return path
+    return text
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
@@ -778,8 +788,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-train", action="store_true", help="inference only")
     p.add_argument("--loader-workers", type=int, default=2, help="workers of the loader throughput")
     p.add_argument("--out", default="benchmarks/results/speed", help="output folder")
-    p.add_argument("--write-docs", action="store_true", help="write docs/performance.md")
-    p.add_argument("--docs", default="docs", help="docs folder for --write-docs")
+    p.add_argument("--page", default=None, metavar="PATH",
+                   help="also write the results page (markdown) to PATH, its plot to img/ beside it "
+                        "(benchmarks/speed.py --write-docs: docs/performance.md)")
     p.add_argument("--accuracy", action="store_true",
                    help="also run the accuracy trade-off on synth-long (minutes)")
     p.add_argument("--accuracy-only", action="store_true", help="only the accuracy trade-off")
@@ -788,7 +799,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--acc-epochs", type=int, default=2)
     p.add_argument("--acc-data", default=None, help="synth-long folder (generated when missing)")
     p.add_argument("--render-only", action="store_true",
-                   help="only rewrite docs/performance.md from the results already in --out")
+                   help="only rewrite the --page from the results already in --out")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run (vit-test, T = 1 2, batch 4, 1 repeat): checks the pipeline only")
 
@@ -812,7 +823,9 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = logger.info) -> 
     if args.render_only:
         if not (out / "speed.json").is_file():
             raise FileNotFoundError(f"--render-only: no speed results in {out} (run the benchmark first)")
-        echo(f"wrote {write_docs(out, Path(args.docs), command=command)}")
+        if not args.page:
+            raise ValueError("--render-only rewrites a page: give --page PATH")
+        echo(f"wrote {write_page(out, Path(args.page), command=command)}")
         return 0
     if not args.accuracy_only:
         speed(args, out, device, amp, command, echo)
@@ -826,9 +839,8 @@ def run(args: argparse.Namespace, echo: Callable[[str], None] = logger.info) -> 
         (out / "accuracy.json").write_text(json.dumps({"command": command, "per_class": args.acc_per_class,
                                                        "date": time.strftime("%Y-%m-%d")}, indent=2))
         echo(accuracy_markdown(acc))
-    if args.write_docs:
-        path = write_docs(out, Path(args.docs), command=command)
-        echo(f"wrote {path}")
+    if args.page:
+        echo(f"wrote {write_page(out, Path(args.page), command=command)}")
     return 0
 
 
@@ -912,13 +924,3 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
                              + "\n\n".join(p[:3000] for p in profiles_out) + "\n```") if profiles_out else ""}
     (out / "speed.json").write_text(json.dumps(meta, indent=2))
     echo(f"wrote {out / 'speed.csv'}, {out / 'speed.md'}, {out / 'speed.png'}")
-
-
-def main(argv: Sequence[str] | None = None, echo: Callable[[str], None] = logger.info) -> int:
-    p = argparse.ArgumentParser(prog="benchmarks/speed.py", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv), echo=echo)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    raise SystemExit(main())

@@ -50,7 +50,8 @@ def parse_seeds(text: str) -> list[int]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Under torchrun every process trains each run together; rank 0 writes and prints."""
-    from lorax_cil.commands.train import config_from_args, progress_display, run_device
+    from lorax_cil.commands.train import (check_loggers, config_from_args, progress_display,
+                                          run_device)
     from lorax_cil.distributed import distributed_session, is_main
     from lorax_cil.training.compare import run_comparison
 
@@ -64,7 +65,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                   flush=True)
         result = run_comparison(cfg, strategies=strategies, seeds=seeds, out=out,
                                 progress=_progress, timing_images=args.timing_images,
-                                display=progress_display(args))
+                                display=progress_display(args), loggers=check_loggers(args))
         if is_main():
             _print_result(result)
     return 0

@@ -59,6 +59,28 @@ def add_run_flags(p: argparse.ArgumentParser, *, exclude: tuple[str, ...] = ()) 
                         "--set baselines.ewc_lambda=100 (repeatable)")
     add_plugin_flag(p)
     add_quiet_flag(p)
+    p.add_argument("--logger", action="append", default=[], type=_logger_spec,
+                   metavar="KIND[:DIR]",
+                   help="experiment logger: tensorboard[:DIR], csv[:DIR] or wandb[:PROJECT] "
+                        "(repeatable; default folders inside the run directory)")
+
+
+def _logger_spec(text: str):
+    from lorax_cil.training.loggers import parse_logger_spec
+
+    try:
+        return parse_logger_spec(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def check_loggers(args: argparse.Namespace) -> list:
+    """The ``--logger`` specs, after checking that their packages import (before any work)."""
+    from lorax_cil.training.loggers import check_logger_packages
+
+    specs = list(getattr(args, "logger", None) or [])
+    check_logger_packages(specs)
+    return specs
 
 
 def add_plugin_flag(p: argparse.ArgumentParser) -> None:
@@ -248,13 +270,14 @@ def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     if args.resume:
         run = resume_run(args.resume, add_tasks=args.add_task, overrides=flag_overrides(args),
                          progress=_progress, explicit=explicit_settings(args),
-                         display=progress_display(args))
+                         display=progress_display(args), loggers=check_loggers(args))
     else:
         if args.add_task:
             raise ValueError("--add-task needs --resume RUN_DIR (a finished or partial run)")
         cfg = config_from_args(args)
         explicit = explicit_settings(args)
         apply_preset(cfg, explicit)  # a flag the strategy cannot honour stops before any work
+        check_loggers(args)
         out = args.out or f"runs/{cfg.train.strategy}-{cfg.data.scenario}"
         if (Path(out) / "checkpoints").is_dir():
             raise ValueError(f"run directory {out} already holds checkpoints: use --resume {out} "
@@ -263,7 +286,7 @@ def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         scenario = resolve_scenario(d.scenario, data_path=d.data_path, tasks=d.tasks)
         cfg.out = out
         run = Run(cfg, run_dir=out, progress=_progress, explicit=explicit,
-                  display=progress_display(args))
+                  display=progress_display(args), loggers=check_loggers(args))
         run.setup(scenario)
     return run, run.train(stop_after=args.stop_after)
 

@@ -88,7 +88,8 @@ class Comparison:
 def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence[int],
                    out: str | Path, scenario: Any = None,
                    progress: Callable[[str], None] | None = None,
-                   timing_images: int = 128, display: str = "auto") -> Comparison | None:
+                   timing_images: int = 128, display: str = "auto",
+                   loggers: Sequence[Any] = ()) -> Comparison | None:
     """Run (or reuse) every strategy for every seed and write the comparison.
 
     Args:
@@ -102,6 +103,8 @@ def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence
         timing_images: evaluation images used for the inference timing.
         display: per-epoch progress of every run (``auto``, ``bar``, ``lines``, ``off``; see
             :class:`~lorax_cil.training.progress.EpochProgress`).
+        loggers: experiment loggers of every run (:mod:`lorax_cil.training.loggers`); a given
+            folder gets one sub-folder per run, ``<DIR>/<strategy>/seed<k>``.
 
     Raises:
         ValueError: unknown strategy, no seed, a strategy that cannot run on the backbone, or a
@@ -136,7 +139,8 @@ def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence
         for k in seeds:
             run_cfg = merge_config(cfg, {"train": {"strategy": s, "seed": int(k)},
                                          "out": str(out / s / f"seed{k}")}, source="compare")
-            status = obtain_run(run_cfg, Path(run_cfg.out), scenario, say, display=display)
+            status = obtain_run(run_cfg, Path(run_cfg.out), scenario, say, display=display,
+                                loggers=_per_run_loggers(loggers, s, k))
             if not main:
                 continue
             row, R = _collect(run_cfg, Path(run_cfg.out), images)
@@ -148,6 +152,19 @@ def run_comparison(cfg: RunConfig, *, strategies: Sequence[str], seeds: Sequence
     result = _write_outputs(cfg, scenario, strategies, seeds, rows, matrices, out) if main else None
     dist.barrier()
     return result
+
+
+def _per_run_loggers(loggers: Sequence[Any], strategy: str, seed: int) -> list[Any]:
+    """``tensorboard:DIR`` -> ``tensorboard:DIR/<strategy>/seed<k>`` (W&B projects stay)."""
+    from lorax_cil.training.loggers import LoggerSpec, parse_logger_spec
+
+    out = []
+    for spec in loggers:
+        spec = spec if isinstance(spec, LoggerSpec) else parse_logger_spec(spec)
+        if spec.target and spec.kind != "wandb":
+            spec = LoggerSpec(spec.kind, str(Path(spec.target) / strategy / f"seed{seed}"))
+        out.append(spec)
+    return out
 
 
 def preset_changes(cfg: RunConfig, strategy: str) -> list[str]:
@@ -219,7 +236,8 @@ def _preflight(cfg: RunConfig, strategies: Sequence[str]) -> Any:
 
 
 def obtain_run(cfg: RunConfig, run_dir: Path, scenario: Any,
-               say: Callable[[str], None], display: str = "auto") -> str:
+               say: Callable[[str], None], display: str = "auto",
+               loggers: Sequence[Any] = ()) -> str:
     """Reuse, resume or train the run in ``run_dir``.
 
     Returns:
@@ -246,13 +264,14 @@ def obtain_run(cfg: RunConfig, run_dir: Path, scenario: Any,
         if get_strategy(cfg.train.strategy).resumable:
             say(f"{cfg.train.strategy} seed {cfg.train.seed}: resuming {run_dir}")
             runtime = {"train": {"device": cfg.train.device, "num_workers": cfg.train.num_workers}}
-            resume_run(run_dir, overrides=runtime, progress=progress, display=display).train()
+            resume_run(run_dir, overrides=runtime, progress=progress, display=display,
+                       loggers=loggers).train()
             return "resumed"
         say(f"{cfg.train.strategy} cannot resume: training {run_dir} again from the start")
         if dist.is_main():
             shutil.rmtree(run_dir)
         dist.barrier()
-    run = Run(cfg, run_dir=run_dir, progress=progress, display=display)
+    run = Run(cfg, run_dir=run_dir, progress=progress, display=display, loggers=loggers)
     run.setup(scenario)
     run.train()
     return "trained" if state == "empty" else "restarted"

@@ -88,7 +88,7 @@ class EpochProgress:
         if not self._task_start or epoch == 0:
             self._task_start = time.perf_counter()
         self._epoch = {"epoch": int(epoch), "epochs": int(epochs), "lr": lr, "images": 0,
-                       "loss_sum": 0.0, "loss_n": 0, "start": time.perf_counter()}
+                       "batches": 0, "loss_sum": 0.0, "loss_n": 0, "start": time.perf_counter()}
         if self.display == "bar":
             from tqdm.auto import tqdm
 
@@ -103,6 +103,7 @@ class EpochProgress:
             return
         value = float(loss.detach()) if hasattr(loss, "detach") else float(loss)
         e["images"] += int(n)
+        e["batches"] += 1
         e["loss_sum"] += value * int(n)
         e["loss_n"] += int(n)
         if self._bar is not None:
@@ -121,7 +122,8 @@ class EpochProgress:
             self._bar.close()
             self._bar = None
         rec = {"epoch": e["epoch"], "loss": e["loss_sum"] / e["loss_n"] if e["loss_n"] else None,
-               "lr": e["lr"], "images": e["images"], "seconds": round(seconds, 3),
+               "lr": e["lr"], "images": e["images"], "batches": e["batches"],
+               "seconds": round(seconds, 3),
                "images_per_s": round(e["images"] / seconds, 2) if seconds > 0 else None}
         self.records.append(rec)
         if self.display == "lines":

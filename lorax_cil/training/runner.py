@@ -151,11 +151,16 @@ class Run:
         display: per-epoch progress (:class:`~lorax_cil.training.progress.EpochProgress`):
             ``auto`` (a bar on a terminal, else one line per epoch), ``bar``, ``lines`` or
             ``off``. The per-epoch loss and time go to ``steps.jsonl`` in every case.
+        loggers: experiment loggers, ``tensorboard[:DIR]``, ``csv[:DIR]`` or
+            ``wandb[:PROJECT]`` (strings or :class:`~lorax_cil.training.loggers.LoggerSpec`;
+            see :mod:`lorax_cil.training.loggers`). Off by default.
     """
 
     def __init__(self, cfg: RunConfig, *, run_dir: str | Path,
                  progress: Callable[[str], None] | None = None,
-                 explicit: Mapping[str, str] | None = None, display: str = "auto") -> None:
+                 explicit: Mapping[str, str] | None = None, display: str = "auto",
+                 loggers: Sequence[Any] = ()) -> None:
+        from lorax_cil.training.loggers import LoggerSpec, parse_logger_spec
         from lorax_cil.plugins import load_plugins
         from lorax_cil.training.progress import resolve_display
         from lorax_cil.training.registry import apply_preset
@@ -172,6 +177,9 @@ class Run:
         self.world_size = dist.world_size()
         self.display = resolve_display(display) if dist.is_main() else "off"
         self.epoch_progress = None
+        self.logger_specs = [s if isinstance(s, LoggerSpec) else parse_logger_spec(s)
+                             for s in loggers]
+        self.run_loggers = None
         self.scenario = None
         self.bench = None
         self.net = None
@@ -202,6 +210,13 @@ class Run:
         builder = get_strategy(cfg.train.strategy).builder
         self.epoch_progress = EpochProgress(display=self.display, say=self.progress)
         plugins: list[Any] = [self.epoch_progress]
+        evaluator = None
+        if self.logger_specs and dist.is_main():
+            from lorax_cil.training.loggers import RunLoggers
+
+            self.run_loggers = RunLoggers(self.logger_specs, run_dir=self.run_dir,
+                                          run_name=self.run_dir.name, config=cfg.to_dict())
+            evaluator = self.run_loggers.evaluator()
         if dist.is_distributed():
             from lorax_cil.training.ddp import DistributedTraining
 
@@ -209,7 +224,7 @@ class Run:
         with warnings.catch_warnings():
             # The run writes its own logs; Avalanche's "no loggers" notice is expected here.
             warnings.filterwarnings("ignore", message="No loggers specified")
-            self.strategy = builder(cfg, self.net, self.device, None, plugins)
+            self.strategy = builder(cfg, self.net, self.device, evaluator, plugins)
         check_head_options(cfg, self.strategy)
         if dist.is_distributed():
             _check_distributed_strategy(cfg.train.strategy, self.strategy)
@@ -264,6 +279,10 @@ class Run:
             task_length=length.to_dict() if length is not None else None,
         )
         self.steps.append(json.loads(json.dumps(record.__dict__, default=_jsonable)))
+        if self.run_loggers is not None:
+            before = sum(len(s.get("epochs") or ()) for s in self.steps[:-1])
+            self.run_loggers.log_step(j, self.matrices, self.scenario.task_names, record.epochs,
+                                      first_epoch=before)
         if dist.is_main():
             self._write_step_outputs()
             if length is not None and length.derived:
@@ -369,6 +388,9 @@ class Run:
         from lorax_cil.training.model_card import write_model_card
 
         summary = self.summary()
+        if self.run_loggers is not None:
+            self.run_loggers.close()
+            self.run_loggers = None
         write_json(self.run_dir / "summary.json", summary)
         caption = (f"{self.cfg.train.strategy} on {self.scenario.name}, backbone "
                    f"{self.cfg.model.backbone}, memory {self.cfg.train.memory_size}, "
@@ -433,6 +455,10 @@ class Run:
             for c in sorted(set(targets)):
                 by_class[c] = ds.subset([i for i, y in enumerate(targets) if y == c])
         self.strategy.memory.restore(meta["memory"], by_class, self.bench.paths_of)
+        clock = getattr(self.strategy, "clock", None)
+        if clock is not None:  # logged iteration numbers continue where the run stopped
+            clock.train_iterations = sum(e.get("batches", 0) for s in self.steps
+                                         for e in s.get("epochs") or ())
 
 
 def _check_distributed_strategy(name: str, strategy: Any) -> None:
@@ -487,7 +513,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path:
 
 def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides: dict | None = None,
                progress: Callable[[str], None] | None = None,
-               explicit: Mapping[str, str] | None = None, display: str = "auto") -> Run:
+               explicit: Mapping[str, str] | None = None, display: str = "auto",
+               loggers: Sequence[Any] = ()) -> Run:
     """Rebuild a run from its latest checkpoint, optionally appending new generator tasks.
 
     ``overrides`` (nested ``{section: {key: value}}``) are explicit settings: they win over the
@@ -519,7 +546,8 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
         explicit = {f"{section}.{key}": f"{section}.{key}={value!r}"
                     for section, values in (overrides or {}).items()
                     if isinstance(values, Mapping) for key, value in values.items()}
-    run = Run(cfg, run_dir=run_dir, progress=progress, explicit=explicit, display=display)
+    run = Run(cfg, run_dir=run_dir, progress=progress, explicit=explicit, display=display,
+              loggers=loggers)
     run.setup(scenario)
     run.restore(meta, tensors)
     logger.info("resumed %s after %d task(s) from %s", run_dir, run.completed, folder)

@@ -25,6 +25,7 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "read_checkpoint_meta",
+    "latest_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "lorax-cil-checkpoint"
@@ -123,3 +124,18 @@ def load_checkpoint(folder: str | os.PathLike, *, device: str = "cpu") -> tuple[
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"cannot read {tpath}: {exc}") from exc
     return tensors, meta
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
+    """The newest complete checkpoint folder of a run directory (``checkpoints/latest.json``,
+    else the last ``checkpoints/exp_*`` holding a ``meta.json``)."""
+    from lorax_cil.training.integrity import read_latest_pointer
+
+    ck = Path(run_dir) / "checkpoints"
+    folder = read_latest_pointer(ck)  # refuses a malformed pointer or one leading elsewhere
+    if folder is not None:
+        return folder
+    found = sorted(p for p in ck.glob("exp_*") if (p / "meta.json").is_file()) if ck.is_dir() else []
+    if not found:
+        raise CheckpointError(f"no checkpoint in {ck}: nothing to resume")
+    return found[-1]

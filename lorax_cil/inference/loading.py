@@ -78,7 +78,7 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``path`` is neither a model folder nor a run directory.
     """
-    from lorax_cil.training.runner import latest_checkpoint
+    from lorax_cil.training.checkpoint import latest_checkpoint
 
     p = Path(path)
     if not p.exists():
@@ -94,8 +94,8 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
 def model_kind_of(meta: Mapping[str, Any]) -> str | None:
     """The ``kind`` of a checkpoint's metadata (run checkpoints are recognised by their keys)."""
     kind = meta.get("kind")
-    if kind is None and any(k in meta for k in ("scenario", "architecture", "completed_tasks")):
-        return RUN_KIND  # a run checkpoint (its loader names the keys it lacks, if any)
+    if kind is None and "scenario" in meta and "architecture" in meta:
+        return RUN_KIND
     return kind
 
 

@@ -19,12 +19,13 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from lorax_cil import __version__
 from lorax_cil.utils import atomic_write_text
 
-__all__ = ["MODEL_CARD", "write_model_card", "run_model_card", "detector_model_card"]
+__all__ = ["MODEL_CARD", "write_model_card", "run_model_card", "register_model_card", "format_value",
+           "markdown_table", "counts_table", "is_synthetic", "common_limits", "card_header"]
 
 MODEL_CARD = "MODEL_CARD.md"
 
@@ -43,19 +44,44 @@ Definitions (full formulas: `docs/metrics.md` of the lorax-cil documentation, "M
   best earlier accuracy. Undefined values are NaN.
 """
 
-DETECTOR_METRIC_DEFINITIONS = """\
-Definitions (full formulas: `docs/metrics.md` of the lorax-cil documentation, "Detection
-scores"): **AP** is the average precision of `P(fake)` (positive class = fake), **AUC** the ROC
-AUC; **acc@thr** / **real_acc@thr** / **fake_acc@thr** are the accuracies when `P(fake) >=
-threshold` means fake; `@0.5` uses 0.5 instead. Undefined values are NaN.
-"""
+#: Model folders with a ``meta.json`` whose card a package above training renders: ``kind`` ->
+#: renderer or ``"module:function"`` (imported on first use, as the strategy registry loads its
+#: built-in modules). The binary detectors' card is in :mod:`lorax_cil.detection.model_card`.
+DETECTOR = "lorax-cil/detector"
+_FOLDER_CARDS: dict[str, Any] = {DETECTOR: "lorax_cil.detection.model_card:detector_model_card"}
+
+
+def register_model_card(kind: str, renderer: Callable[[Path], str]) -> None:
+    """Render the card of model folders whose ``meta.json`` has ``"kind": kind`` with
+    ``renderer(folder) -> markdown`` (used by :func:`write_model_card`)."""
+    _FOLDER_CARDS[kind] = renderer
+
+
+def _folder_card(kind: str | None) -> Callable[[Path], str]:
+    renderer = _FOLDER_CARDS.get(kind, _FOLDER_CARDS[DETECTOR])
+    if isinstance(renderer, str):
+        import importlib
+
+        module, _, name = renderer.partition(":")
+        renderer = getattr(importlib.import_module(module), name)
+    return renderer
+
+
+def _meta_kind(path: Path) -> str | None:
+    """The ``kind`` of a model folder's ``meta.json`` (``None`` when unreadable: the detector
+    card then reports what is wrong with it)."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, OSError):
+        return None
+    return meta.get("kind") if isinstance(meta, dict) else None
 
 
 def _read_json(path: Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
-def _fmt(v: Any, pct: bool = False) -> str:
+def format_value(v: Any, pct: bool = False) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "NaN"
     if isinstance(v, float):
@@ -63,13 +89,13 @@ def _fmt(v: Any, pct: bool = False) -> str:
     return str(v)
 
 
-def _table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
+def markdown_table(rows: list[tuple[Any, ...]], header: tuple[str, ...]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def _counts_table(counts: Mapping[str, Mapping[str, Mapping[str, int]]],
+def counts_table(counts: Mapping[str, Mapping[str, Mapping[str, int]]],
                   paths: Mapping[str, str]) -> str:
     order = {"train": 0, "calibration": 1, "test": 2}
     streams = sorted(counts, key=lambda s: (order.get(s, 3), s))
@@ -77,15 +103,15 @@ def _counts_table(counts: Mapping[str, Mapping[str, Mapping[str, int]]],
     header = ("task", *[f"{s} real / fake" for s in streams], "folder")
     rows = [(t, *[f"{counts[s].get(t, {}).get('real', 0)} / {counts[s].get(t, {}).get('fake', 0)}"
                   for s in streams], f"`{paths.get(t, '?')}`") for t in tasks]
-    return _table(rows, header)
+    return markdown_table(rows, header)
 
 
-def _is_synthetic(paths: Mapping[str, str], scenario: str) -> bool:
+def is_synthetic(paths: Mapping[str, str], scenario: str) -> bool:
     return scenario.startswith("synth") or any(
         (Path(p).parent / "synth.json").is_file() for p in paths.values())
 
 
-def _common_limits(*, synthetic: bool, random_backbone: bool, min_count: int | None) -> list[str]:
+def common_limits(*, synthetic: bool, random_backbone: bool, min_count: int | None) -> list[str]:
     out = []
     if synthetic:
         out.append("Trained on the embedded **synthetic** dataset (procedural images with "
@@ -100,7 +126,7 @@ def _common_limits(*, synthetic: bool, random_backbone: bool, min_count: int | N
     return out
 
 
-def _header(title: str, folder: Path) -> str:
+def card_header(title: str, folder: Path) -> str:
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     return (f"# Model card: {title}\n\nWritten by lorax-cil {__version__} on {when}. "
             f"Use it with `lorax-cil predict --model {folder} IMAGES...` or "
@@ -128,7 +154,7 @@ def _run_model_section(cfg: Mapping, ck: Mapping, summary: Mapping, weights_tag:
                        f"{ck.get('format_version')}), tensors SHA-256 `{ck.get('tensors_sha256')}`"
          if ck else "none written yet"),
     ]
-    return "## Model\n\n" + _table(rows, ("", "")) + "\n"
+    return "## Model\n\n" + markdown_table(rows, ("", "")) + "\n"
 
 
 def _run_protocol_section(cfg: Mapping, order: list[str]) -> str:
@@ -148,46 +174,35 @@ def _run_protocol_section(cfg: Mapping, order: list[str]) -> str:
                            f"p={d.get('jpeg_prob')}, flips {d.get('hflip')}"),
         ("calibration fraction", d.get("calib_fraction")),
     ]
-    return "## Protocol\n\n" + _table(rows, ("", "")) + "\n"
+    return "## Protocol\n\n" + markdown_table(rows, ("", "")) + "\n"
 
 
 def _run_metrics_section(summary: Mapping, steps: list[Mapping]) -> str:
-    rows = [(kind, *[_fmt(summary.get(f"{kind}_{k}"), pct=True)
+    rows = [(kind, *[format_value(summary.get(f"{kind}_{k}"), pct=True)
                      for k in ("aa", "step_average_accuracy", "bwt", "forgetting")])
             for kind in ("multi_real", "binary", "strict")]
     out = ("## Metrics\n\nAfter the last completed task "
            f"({summary.get('completed_tasks')} of {len(summary.get('task_order', []))}), on the "
            f"`{summary.get('eval_split')}` split:\n\n"
-           + _table(rows, ("accuracy", "AA", "step-average", "BWT", "forgetting")) + "\n")
+           + markdown_table(rows, ("accuracy", "AA", "step-average", "BWT", "forgetting")) + "\n")
     per_task = (steps[-1].get("per_task") if steps else None) or {}
     if per_task:
-        rows = [(name, *[_fmt(r.get(k), pct=k != "ap") for k in ("multi_real", "binary",
+        rows = [(name, *[format_value(r.get(k), pct=k != "ap") for k in ("multi_real", "binary",
                                                                   "strict", "ap")], r.get("n"))
                 for name, r in per_task.items()]
         out += ("Per task after the last task:\n\n"
-                + _table(rows, ("task", "multi-real", "binary", "strict", "AP", "images")) + "\n")
+                + markdown_table(rows, ("task", "multi-real", "binary", "strict", "AP", "images")) + "\n")
     return out + METRIC_DEFINITIONS + "\n"
 
 
 def _run_data_section(manifest: Mapping) -> str:
     counts, paths = manifest.get("counts", {}), manifest.get("task_paths", {})
-    issues = manifest.get("data_issues") or {}
-    unreadable = issues.get("unreadable", 0)
-    substituted = issues.get("substituted_files") or {}
-    named = "".join(f"\n- skipped: `{p}`" for p in issues.get("unreadable_files", [])[:20])
-    named += "".join(f"\n- failed to decode at load time, `{r}` used in its place: `{p}`"
-                     for p, r in list(substituted.items())[:20])
-    changes = manifest.get("data_changes") or []
-    changed = "".join(f"\n- task `{c.get('task')}` changed after it was trained (listing "
-                      f"SHA-256 `{c.get('trained_with_sha256')}` -> `{c.get('now_sha256')}`)"
-                      for c in changes)
+    unreadable = (manifest.get("data_issues") or {}).get("unreadable", 0)
     return (f"## Data\n\nScenario `{manifest.get('scenario')}`; data manifest "
             f"(`data_manifest.json`) listing SHA-256 `{manifest.get('listing_sha256')}` (paths "
             "and byte sizes of every image used). Images per task and stream:\n\n"
-            + _counts_table(counts, paths) + "\n"
-            f"Data issues: {unreadable} unreadable file(s) skipped, {len(substituted)} file(s) "
-            f"that failed to decode at load time replaced by another image of their class (left "
-            f"out of the evaluation counts).{named}{changed}\n\n")
+            + counts_table(counts, paths) + "\n"
+            f"Data issues: {unreadable} unreadable file(s) skipped.\n\n")
 
 
 def _run_limits(cfg: Mapping, manifest: Mapping, weights_tag: str | None) -> list[str]:
@@ -196,7 +211,7 @@ def _run_limits(cfg: Mapping, manifest: Mapping, weights_tag: str | None) -> lis
     random_bb = (weights_tag == "random") if weights_tag else (not m.get("pretrained")
                                                                and not m.get("weights"))
     mins = [c.get(k, 0) for c in counts.get("train", {}).values() for k in ("real", "fake")]
-    limits = _common_limits(synthetic=_is_synthetic(paths, manifest.get("scenario") or ""),
+    limits = common_limits(synthetic=is_synthetic(paths, manifest.get("scenario") or ""),
                             random_backbone=random_bb, min_count=min(mins) if mins else None)
     return limits + [
         "Closed set: it attributes images only to the generators it was trained on. An image "
@@ -216,7 +231,7 @@ def run_model_card(run_dir: str | os.PathLike, *, weights_tag: str | None = None
     import yaml
 
     from lorax_cil.training.checkpoint import CheckpointError, read_checkpoint_meta
-    from lorax_cil.training.runner import latest_checkpoint
+    from lorax_cil.training.checkpoint import latest_checkpoint
 
     run_dir = Path(run_dir)
     try:
@@ -231,114 +246,10 @@ def run_model_card(run_dir: str | os.PathLike, *, weights_tag: str | None = None
     steps = ([json.loads(x) for x in steps_file.read_text().splitlines() if x.strip()]
              if steps_file.is_file() else list(ck.get("steps") or []))
     limits = _run_limits(cfg, manifest, weights_tag)
-    return (_header(run_dir.resolve().name, run_dir)
+    return (card_header(run_dir.resolve().name, run_dir)
             + _run_model_section(cfg, ck, summary, weights_tag) + _run_data_section(manifest)
             + _run_protocol_section(cfg, summary.get("task_order") or [])
             + _run_metrics_section(summary, steps)
-            + "## Known limits\n\n" + "".join(f"- {x}\n" for x in limits))
-
-
-# --- detectors --------------------------------------------------------------------------------
-def _detector_model_section(meta: Mapping) -> str:
-    bb, ad = meta.get("backbone", {}), meta.get("adapter", {})
-    recipe, params = bb.get("recipe", {}), meta.get("parameters", {})
-    mole = ad.get("mole", {})
-    adapter = (f"`{ad.get('kind')}`: blocks {mole.get('blocks') or 'all'}, targets "
-               f"`{mole.get('targets')}`" + (f", shared rank {mole.get('shared_rank')}, expert "
-                                              f"ranks {mole.get('expert_ranks')}"
-                                              if ad.get("kind") == "mole" else
-                                              f", rank {ad.get('lora_rank')}"
-                                              if ad.get("kind") == "lora" else ""))
-    frac = params.get("fraction_with_head")
-    rows = [
-        ("backbone", f"`{bb.get('name')}` ({bb.get('family')}, frozen)"),
-        ("weights tag", f"`{bb.get('weights')}` (recipe: pretrained={recipe.get('pretrained')}, "
-                        f"weights={recipe.get('weights')}, seed={recipe.get('seed')})"),
-        ("backbone fingerprint", f"`{bb.get('fingerprint_sha256')}` (checked at load)"),
-        ("adapter", adapter),
-        ("head", "one logit; `sigmoid(logit) = P(fake)`"),
-        ("parameters", f"{params.get('trainable', '?')} trainable of {params.get('total', '?')}"
-                       + (f" ({100 * frac:.4f} % incl. head)" if frac is not None else "")),
-        ("tensors", f"`tensors.safetensors` SHA-256 `{meta.get('tensors_sha256')}` (format "
-                    f"version {meta.get('format_version')}, detector version "
-                    f"{meta.get('detector_version')})"),
-    ]
-    return "## Model\n\n" + _table(rows, ("", "")) + "\n"
-
-
-def _detector_protocol_section(meta: Mapping) -> str:
-    training = meta.get("training") or {}
-    cfg = training.get("config") or {}
-    d, t = cfg.get("data", {}), cfg.get("train", {})
-    cal = meta.get("calibration") or {}
-    tf = training.get("transform") or {}
-    rows = [
-        ("sources", ", ".join(f"`{s.get('name')}`" for s in training.get("sources", []))),
-        ("epochs / steps", f"{t.get('epochs')} / {training.get('steps')}"),
-        ("batch size, learning rate", f"{t.get('batch_size')}, {t.get('lr')} (AdamW, weight "
-                                      f"decay {t.get('weight_decay')})"),
-        ("seed", t.get("seed")),
-        ("pre-processing", f"crop {tf.get('size')}, resize {tf.get('resize')}; train-time blur "
-                           f"p={tf.get('blur_prob')}, JPEG p={tf.get('jpeg_prob')}, flips "
-                           f"{tf.get('hflip')}"),
-        ("threshold", f"{_fmt(meta.get('threshold'))}, rule `{cal.get('rule')}` on "
-                      f"{cal.get('n_real')} real + {cal.get('n_fake')} fake calibration images "
-                      f"({cal.get('split')}, fraction {d.get('calib_fraction')})"),
-    ]
-    return "## Protocol\n\n" + _table(rows, ("", "")) + "\n"
-
-
-def _merge_section(merge: Mapping) -> str:
-    rows = [("method", f"`{merge.get('method')}`"),
-            ("options", ", ".join(f"{k}={v}" for k, v in (merge.get("options") or {}).items()) or "none"),
-            ("threshold", (merge.get("threshold") or {}).get("description"))]
-    rows += [(f"source `{s.get('name')}`", f"{s.get('adapter')} detector `{s.get('path')}`, tensors "
-              f"SHA-256 `{s.get('tensors_sha256')}`, threshold {_fmt(s.get('threshold'))}")
-             for s in merge.get("sources", [])]
-    return ("## Merge\n\nMade by `lorax-cil merge` from specialists trained from the same backbone "
-            "weights; the merged backbone weights are folded in, the head is the mean of the "
-            "specialists' heads.\n\n" + _table(rows, ("", "")) + "\n")
-
-
-def detector_model_card(folder: str | os.PathLike) -> str:
-    """The Markdown card of a binary detector folder (see the module doc)."""
-    from lorax_cil.detection.model import read_detector_meta
-
-    folder = Path(folder)
-    meta = read_detector_meta(folder)
-    manifest = meta.get("data_manifest") or {}
-    counts, paths = manifest.get("counts", {}), manifest.get("task_paths", {})
-    data = ("## Data\n\nSource generators and their data manifest: listing SHA-256 "
-            f"`{manifest.get('listing_sha256')}`. Images per source (training and the "
-            "calibration split carved from the training images):\n\n"
-            + _counts_table(counts, paths) + "\n")
-    metrics = (meta.get("calibration") or {}).get("metrics") or {}
-    keys = [k for k in ("ap", "auc", "acc@thr", "real_acc@thr", "fake_acc@thr", "acc@0.5")
-            if k in metrics]
-    metric_text = ("## Metrics\n\nOn the calibration split (held-out **source** training "
-                   "images, the data the threshold was chosen on):\n\n"
-                   + _table([(k, _fmt(metrics[k])) for k in keys], ("metric", "value")) + "\n"
-                   + DETECTOR_METRIC_DEFINITIONS + "\n")
-    recipe = meta.get("backbone", {}).get("recipe", {})
-    mins = [c.get(k, 0) for c in counts.get("train", {}).values() for k in ("real", "fake")]
-    random_bb = not recipe.get("pretrained") and not recipe.get("weights")
-    limits = _common_limits(synthetic=_is_synthetic(paths, manifest.get("scenario") or ""),
-                            random_backbone=random_bb,
-                            min_count=min(mins) if mins else None)
-    limits += [
-        "The metrics above are **in-distribution** (source generators, calibration split). "
-        "Performance on **unseen generators** must be measured with `lorax-cil detect eval`.",
-        "The calibrated threshold may not transfer to other generators, image sizes or "
-        "post-processing; AP/AUC do not depend on it.",
-        "A binary detector does not attribute: `prediction` is only `fake` or `real`.",
-    ]
-    merge = meta.get("merge")
-    if merge:
-        limits.append("A merged detector was not trained: its weights combine the specialists' "
-                      "(method and sources above); measure it with `lorax-cil detect eval`.")
-    return (_header(folder.resolve().name, folder) + _detector_model_section(meta)
-            + (_merge_section(merge) if merge else "") + data
-            + _detector_protocol_section(meta) + metric_text
             + "## Known limits\n\n" + "".join(f"- {x}\n" for x in limits))
 
 
@@ -356,7 +267,7 @@ def write_model_card(folder: str | os.PathLike, *, weights_tag: str | None = Non
     """
     folder = Path(folder)
     if (folder / "meta.json").is_file():
-        text = detector_model_card(folder)
+        text = _folder_card(_meta_kind(folder / "meta.json"))(folder)
     elif (folder / "checkpoints").is_dir() or (folder / "summary.json").is_file():
         text = run_model_card(folder, weights_tag=weights_tag)
     else:

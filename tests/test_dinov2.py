@@ -183,3 +183,16 @@ def test_backbones_command_lists_sources_and_preset_counts(capsys) -> None:
     assert "lorax-paper" in table and f"{12 * 64 * (384 + 1152):,}" in table
     assert main(["backbones", "convit_base"]) == 0
     assert "2,457,600" in capsys.readouterr().out  # the paper's ConViT-base extractor
+
+
+def test_crop_different_from_vit_input_is_refused_naming_both_flags(tmp_path) -> None:
+    from lorax_cil.training.config import RunConfig, merge_config
+    from lorax_cil.training.runner import build_backbone
+
+    cfg = merge_config(RunConfig(), {"data": {"crop": 56},
+                                     "model": {"backbone": "vit-test", "pretrained": False}},
+                       source="test")
+    with pytest.raises(ValueError, match=r"--crop.*--img-size\) 56"):
+        build_backbone(cfg)
+    cfg.model.img_size = 56
+    assert build_backbone(cfg).spec.input_size == 56

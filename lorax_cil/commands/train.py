@@ -25,6 +25,7 @@ FLAGS: dict[str, tuple[str, str, Any]] = {
     "calib_fraction": ("data", "calib_fraction", float),
     "backbone": ("model", "backbone", str),
     "weights": ("model", "weights", str),
+    "img_size": ("model", "img_size", int),
     "adapt_blocks": ("model", "adapt_blocks", int),
     "lora_r": ("model", "lora_r", int),
     "lora_alpha": ("model", "lora_alpha", float),
@@ -118,6 +119,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--add-task", action="append", default=[], metavar="NAME=PATH",
                    help="with --resume: append a new generator task (repeatable)")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many tasks")
+    p.add_argument("--allow-protocol-change", action="store_true",
+                   help="with --resume: accept flags that change the run's protocol (backbone, "
+                        "seed, memory size, ...) and changed training data of trained tasks; "
+                        "both are recorded in the checkpoints, summary.json and "
+                        "data_manifest.json (without it a resume refuses them)")
     p.add_argument("--cache-trunk", action="store_true",
                    help="sets train.cache_trunk: compute the frozen trunk once per training image "
                         "(needs a deterministic training transform)")
@@ -254,7 +260,9 @@ def run_device(args: argparse.Namespace) -> str:
     elif getattr(args, "config", None):
         source = Path(args.config)
     if source is not None and source.is_file():
-        data = yaml.safe_load(source.read_text(encoding="utf-8")) or {}
+        from lorax_cil.training.config import load_config
+
+        data = load_config(source)  # names the file when it is not UTF-8 or not YAML
         device = (data.get("train") or {}).get("device") if isinstance(data, dict) else None
         if device:
             return str(device)
@@ -263,17 +271,26 @@ def run_device(args: argparse.Namespace) -> str:
 
 def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from lorax_cil.benchmarks.scenarios import resolve_scenario
+    from lorax_cil.training.integrity import check_out_dir
     from lorax_cil.training.runner import Run, resume_run
 
     from lorax_cil.training.registry import apply_preset
 
+    if args.stop_after is not None and args.stop_after < 1:
+        raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")
     if args.resume:
+        if args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+            raise ValueError(f"--out {args.out} differs from --resume {args.resume}: a resumed run "
+                             "writes to its own folder; leave out --out")
         run = resume_run(args.resume, add_tasks=args.add_task, overrides=flag_overrides(args),
+                         allow_protocol_change=args.allow_protocol_change,
                          progress=_progress, explicit=explicit_settings(args),
                          display=progress_display(args), loggers=check_loggers(args))
     else:
         if args.add_task:
             raise ValueError("--add-task needs --resume RUN_DIR (a finished or partial run)")
+        if args.allow_protocol_change:
+            raise ValueError("--allow-protocol-change only applies with --resume RUN_DIR")
         cfg = config_from_args(args)
         explicit = explicit_settings(args)
         apply_preset(cfg, explicit)  # a flag the strategy cannot honour stops before any work
@@ -284,6 +301,7 @@ def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
                              "to continue it, or choose another --out")
         d = cfg.data
         scenario = resolve_scenario(d.scenario, data_path=d.data_path, tasks=d.tasks)
+        check_out_dir(out, data_paths=[d.data_path, *(t.path for t in scenario.tasks)])
         cfg.out = out
         run = Run(cfg, run_dir=out, progress=_progress, explicit=explicit,
                   display=progress_display(args), loggers=check_loggers(args))

@@ -32,6 +32,7 @@ from lorax_cil import distributed as dist
 from lorax_cil.training.checkpoint import latest_checkpoint
 from lorax_cil.training.config import RunConfig
 from lorax_cil.training.head_balance import check_head_options
+from lorax_cil.training.integrity import data_changes, format_changes, protocol_changes
 from lorax_cil.utils import atomic_write_text, resolve_device, seed_everything, write_json
 
 __all__ = ["Run", "resolve_device", "build_network", "build_backbone"]
@@ -53,13 +54,31 @@ def build_backbone(cfg: RunConfig):
     m = cfg.model
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        return create_backbone(m.backbone, pretrained=m.pretrained, weights=m.weights,
-                               img_size=m.img_size)
+        backbone = create_backbone(m.backbone, pretrained=m.pretrained, weights=m.weights,
+                                   img_size=m.img_size)
+    crop = cfg.data.crop
+    if crop and backbone.spec.family in TOKEN_FAMILIES and crop != backbone.spec.input_size:
+        raise ValueError(
+            f"data.crop (--crop) {crop} differs from the {backbone.spec.input_size} px input of "
+            f"{m.backbone}: a ViT is built for the size it is fed; pass model.img_size "
+            f"(--img-size) {crop}, or leave --crop unset"
+        )
+    return backbone
+
+
+#: Backbone families whose input size is fixed at construction (position embeddings).
+TOKEN_FAMILIES = ("timm", "open_clip")
 
 
 def _lora_targets(backbone: Any, targets: str) -> str:
+    """``auto``: the backbone's ``lorax-paper`` preset when it declares one (ConViT, DINOv2),
+    else the family default of :data:`AUTO_TARGETS`."""
     if targets != "auto":
         return targets
+    from lorax_cil.models.backbones import lora_target_presets
+
+    if "lorax-paper" in lora_target_presets(backbone):
+        return "lorax-paper"
     family = backbone.spec.family
     if family == "timm" and "convit" in backbone.spec.name:
         family = "convit"
@@ -181,6 +200,10 @@ class Run:
         self.logger_specs = [s if isinstance(s, LoggerSpec) else parse_logger_spec(s)
                              for s in loggers]
         self.run_loggers = None
+        #: what resumes changed and which data each task was trained on (see integrity.py)
+        self.history: dict[str, Any] = {"protocol_changes": [], "data_changes": [],
+                                        "trained_data_sha256": {}}
+        self._manifest: dict[str, Any] | None = None
         self.scenario = None
         self.bench = None
         self.net = None
@@ -226,9 +249,9 @@ class Run:
             # The run writes its own logs; Avalanche's "no loggers" notice is expected here.
             warnings.filterwarnings("ignore", message="No loggers specified")
             self.strategy = builder(cfg, self.net, self.device, evaluator, plugins)
-        check_head_options(cfg, self.strategy)
         if dist.is_distributed():
             _check_distributed_strategy(cfg.train.strategy, self.strategy)
+        check_head_options(cfg, self.strategy)
         if cfg.train.cache_trunk:
             from lorax_cil.training.strategy import enable_trunk_cache
 
@@ -242,17 +265,24 @@ class Run:
         return len(self.steps)
 
     def train(self, *, stop_after: int | None = None) -> dict[str, Any]:
-        """Train every remaining task (or up to ``stop_after`` tasks in total); return summary."""
-        if dist.is_main():
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            self._write_static()
-        total = self.scenario.num_tasks if stop_after is None else min(stop_after,
-                                                                        self.scenario.num_tasks)
-        for j in range(self.completed, total):
-            self._train_step(j)
-        summary = self.summary()
-        if dist.is_main():
-            self.finish()
+        """Train every remaining task (or up to ``stop_after`` tasks in total); return summary.
+
+        The run directory is locked meanwhile (:class:`~lorax_cil.training.lock.RunLock`): a
+        second process writing to it is refused."""
+        from contextlib import nullcontext
+
+        from lorax_cil.training.lock import RunLock
+
+        with RunLock(self.run_dir) if dist.is_main() else nullcontext():
+            if dist.is_main():
+                self._write_static()
+            total = self.scenario.num_tasks if stop_after is None else min(stop_after,
+                                                                            self.scenario.num_tasks)
+            for j in range(self.completed, total):
+                self._train_step(j)
+            summary = self.summary()
+            if dist.is_main():
+                self.finish()
         dist.barrier()
         return summary
 
@@ -333,6 +363,8 @@ class Run:
                                                   device=self.device,
                                                   num_workers=self.cfg.train.num_workers,
                                                   sharded=True)
+            keep = self.decoded_mask("test", i)
+            pred, probs, labels = pred[keep], probs[keep], labels[keep]
             tasks = np.full(labels.shape, i)
             res = evaluate_predictions(pred, labels, probs, tasks, table[labels], table)[i]
             for m in METRICS:
@@ -348,11 +380,37 @@ class Run:
 
         atomic_write_text(self.run_dir / "config.yaml",
                           yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
-        manifest = data_manifest(self.bench.samples, self.scenario)
+        if self._manifest is None:
+            self._manifest = data_manifest(self.bench.samples, self.scenario)
+        self._write_manifest()
+
+    def data_listing(self) -> dict[str, str]:
+        """Per task, the listing hash of its data as it is now (every stream)."""
+        from lorax_cil.benchmarks.verify import data_manifest
+
+        if self._manifest is None:
+            self._manifest = data_manifest(self.bench.samples, self.scenario)
+        return dict(self._manifest["task_listing_sha256"])
+
+    def decoded_mask(self, stream: str, task: int) -> np.ndarray:
+        """Which samples of a stream's task decoded (``False``: the file failed to decode at
+        load time and another image was used in its place; metrics leave those out)."""
+        bad = self.bench.issues.substituted_files
+        return np.array([s.path not in bad for s in self.bench.samples[stream][task]], dtype=bool)
+
+    def _write_manifest(self) -> None:
+        """data_manifest.json: the data, what each task was trained on, every data issue met
+        so far (unreadable and substituted files, by name) and data changes seen on resume."""
+        manifest = dict(self._manifest or {})
         manifest["data_issues"] = self.bench.issues.summary()
+        manifest["trained_data_sha256"] = dict(self.history["trained_data_sha256"])
+        manifest["data_changes"] = list(self.history["data_changes"])
         write_json(self.run_dir / "data_manifest.json", manifest)
 
     def _write_step_outputs(self) -> None:
+        self.history["trained_data_sha256"][self.steps[-1]["task"]] = \
+            self.data_listing()[self.steps[-1]["task"]]
+        self._write_manifest()
         atomic_write_text(self.run_dir / "steps.jsonl",
                           "".join(json.dumps(s, sort_keys=True) + "\n" for s in self.steps))
         for m, mat in self.matrices.items():
@@ -381,6 +439,10 @@ class Run:
         if self.steps:
             params = self.steps[-1]["parameters"]
             out["parameters"] = params
+        issues = self.bench.issues.summary() if self.bench is not None else {}
+        out["data_issues"] = {k: issues.get(k, 0) for k in ("unreadable", "substituted_at_load")}
+        out["protocol_changes"] = list(self.history["protocol_changes"])
+        out["data_changes"] = list(self.history["data_changes"])
         return out
 
     def finish(self) -> dict[str, Any]:
@@ -431,6 +493,9 @@ class Run:
             "rng": {"policy": "reseed-per-task", "seed": self.cfg.train.seed,
                     "next_task_seed": self._task_seed(self.completed)},
             "class_order": self.scenario.class_names[: self.net.num_classes],
+            "trained_data_sha256": dict(self.history["trained_data_sha256"]),
+            "protocol_changes": list(self.history["protocol_changes"]),
+            "data_changes": list(self.history["data_changes"]),
         }
         save_checkpoint(folder, self.net.learned_state_dict(), meta)
         write_json(self.run_dir / "checkpoints" / "latest.json", {"folder": folder.name})
@@ -438,6 +503,10 @@ class Run:
     def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Load a checkpoint written by :meth:`save_checkpoint` into a set-up run."""
         arch = meta["architecture"]
+        for key in self.history:
+            value = meta.get(key)
+            if isinstance(value, type(self.history[key])):
+                self.history[key] = type(value)(value)
         for n in arch.get("task_classes", [2] * meta["completed_tasks"]):
             self.net.add_task(n)
         self.net.load_learned_state_dict(tensors)
@@ -499,13 +568,21 @@ def _jsonable(o: Any) -> Any:
 def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides: dict | None = None,
                progress: Callable[[str], None] | None = None,
                explicit: Mapping[str, str] | None = None, display: str = "auto",
-               loggers: Sequence[Any] = ()) -> Run:
+               loggers: Sequence[Any] = (),
+               allow_protocol_change: bool = False) -> Run:
     """Rebuild a run from its latest checkpoint, optionally appending new generator tasks.
 
     ``overrides`` (nested ``{section: {key: value}}``) are explicit settings: they win over the
     strategy preset or stop with a message (``explicit`` names how each was set; default
-    ``section.key=value``)."""
+    ``section.key=value``).
+
+    A resume keeps the run's protocol: an override that changes it (backbone, seed, memory
+    size, crop, ...) and training data that changed since a task was trained on it are refused
+    with a message naming them, unless ``allow_protocol_change``, which records both in the
+    checkpoints, ``summary.json`` and ``data_manifest.json``."""
     from lorax_cil.benchmarks.scenarios import Scenario, parse_task_spec
+    from lorax_cil.errors import UserError
+    from lorax_cil.training.integrity import validate_run_meta
     from lorax_cil.training.checkpoint import load_checkpoint
     from lorax_cil.training.config import merge_config
 
@@ -514,12 +591,20 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
         return (folder, *load_checkpoint(folder))
 
     folder, tensors, meta = dist.on_main(read)  # rank 0 reads; the other ranks receive it
+    validate_run_meta(meta, folder)
     stored = dict(meta["config"])
     # Runs written before train.min_steps_per_task existed trained the epochs as given.
     stored["train"] = {"min_steps_per_task": 0, **stored.get("train", {})}
     cfg = RunConfig.from_dict(stored, source=str(folder / "meta.json"))
     if overrides:
         cfg = merge_config(cfg, overrides, source="command line")
+    changes = protocol_changes(RunConfig.from_dict(stored, source="checkpoint").to_dict(),
+                               cfg.to_dict())
+    if changes and not allow_protocol_change:
+        raise UserError(f"--resume {run_dir} would change the protocol of the run in progress: "
+                        f"{format_changes(changes)}. Start a new run (another --out) to use these "
+                        "settings, or pass --allow-protocol-change to continue with them (the "
+                        "change is recorded in the checkpoints and summary.json)")
     scenario = Scenario.from_dict(meta["scenario"])
     for spec in add_tasks:
         task = parse_task_spec(spec, cfg.data.data_path)
@@ -534,6 +619,22 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
     run = Run(cfg, run_dir=run_dir, progress=progress, explicit=explicit, display=display,
               loggers=loggers)
     run.setup(scenario)
+    done = scenario.task_names[: meta["completed_tasks"]]
+    changed = data_changes(meta.get("trained_data_sha256") or {}, run.data_listing(), done)
+    if changed and not allow_protocol_change:
+        raise UserError(
+            f"--resume {run_dir}: the data of already trained task(s) "
+            f"{', '.join(c['task'] for c in changed)} changed since they were trained (file names "
+            "or sizes differ from the record in the checkpoint). Restore the data, start a new "
+            "run, or pass --allow-protocol-change to continue (both hashes are recorded per task "
+            "in data_manifest.json)")
     run.restore(meta, tensors)
+    if changes:
+        run.history["protocol_changes"].append({"after_task": meta["completed_tasks"],
+                                                "changes": changes})
+        logger.warning("protocol changed on resume: %s", format_changes(changes))
+    for c in changed:
+        run.history["data_changes"].append({**c, "after_task": meta["completed_tasks"]})
+        logger.warning("the data of task %s changed since it was trained", c["task"])
     logger.info("resumed %s after %d task(s) from %s", run_dir, run.completed, folder)
     return run

@@ -204,6 +204,7 @@ class HeadBalancer:
         n, batch = len(y), min(o.balanced_batch, len(y))
         order = torch.randperm(n)
         pos = 0
+        loss = torch.zeros(())
         with torch.enable_grad():
             for _ in range(o.balanced_steps):
                 if pos + batch > n:
@@ -217,7 +218,7 @@ class HeadBalancer:
         for p, f in zip(params, flags):
             p.requires_grad_(f)
         logger.info("head: balanced fine-tuning, %d steps on %d samples (%d per class), loss %.4f",
-                    o.balanced_steps, n, per_class, float(loss))
+                    o.balanced_steps, n, per_class, loss.item())
 
     @torch.no_grad()
     def update_prototypes(self, net: Any, new_feats: torch.Tensor, new_labels: torch.Tensor,

@@ -107,9 +107,10 @@ class EpochProgress:
         e["loss_sum"] += value * int(n)
         e["loss_n"] += int(n)
         if self._bar is not None:
+            n = self._bar.n + 1
+            if n == 1 or n % 5 == 0 or n == self._bar.total:
+                self._bar.set_postfix_str(self._postfix(done=n), refresh=False)
             self._bar.update(1)
-            if self._bar.n == 1 or self._bar.n % 5 == 0 or self._bar.n == self._bar.total:
-                self._bar.set_postfix_str(self._postfix(), refresh=False)
 
     def end_epoch(self, extra: str = "") -> dict[str, Any]:
         """Close the epoch; returns (and keeps) its record. ``extra`` is appended to the line."""
@@ -141,25 +142,27 @@ class EpochProgress:
         out, self.records = self.records, []
         return out
 
-    def _task_left(self) -> float:
-        """Estimated seconds left in the task: elapsed time per finished batch fraction."""
+    def _task_left(self, done: int | None = None) -> float:
+        """Estimated seconds left in the task: elapsed time per finished batch fraction
+        (``done``: batches finished in this epoch, default the bar's count)."""
         e = self._epoch
         if e is None or not e["epochs"]:
             return 0.0
         done_epochs = e["epoch"]
         total = self._bar.total if self._bar is not None else None
-        frac = (self._bar.n / total) if (self._bar is not None and total) else 1.0
+        n = done if done is not None else (self._bar.n if self._bar is not None else 0)
+        frac = (n / total) if (self._bar is not None and total) else 1.0
         done = done_epochs + frac
         elapsed = time.perf_counter() - self._task_start
         return elapsed / done * (e["epochs"] - done) if done > 0 else 0.0
 
-    def _postfix(self) -> str:
+    def _postfix(self, done: int | None = None) -> str:
         e = self._epoch
         loss = e["loss_sum"] / e["loss_n"] if e["loss_n"] else float("nan")
         rate = e["images"] / max(time.perf_counter() - e["start"], 1e-9)
         lr = "" if e["lr"] is None else f" lr={e['lr']:.3g}"
         return (f"loss={loss:.4f}{lr} {rate:.1f} img/s "
-                f"task left {_fmt_seconds(self._task_left())}")
+                f"task left {_fmt_seconds(self._task_left(done))}")
 
     # --- Avalanche plugin hooks ---------------------------------------------------------------
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:

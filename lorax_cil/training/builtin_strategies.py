@@ -1,5 +1,5 @@
-"""The built-in strategies: LoRAX, LoRAX on the last blocks, LoRAX with MoLE extractors, and the
-two fine-tuning baselines."""
+"""The built-in strategies: LoRAX, LoRAX on the last blocks, LoRAX with class-attention task
+tokens, LoRAX with MoLE extractors, and the two fine-tuning baselines."""
 
 from __future__ import annotations
 
@@ -74,6 +74,38 @@ register_strategy(
     description="LoRAX with LoRA only in the last k blocks; the frozen trunk runs once",
     model={"extractor": "lora"},
     defaults={"adapt_blocks": 3},
+)(_lorax_family)
+
+def _class_attention_network(cfg: RunConfig, backbone: Any) -> Any:
+    """The expandable network with class-attention extractors (``lorax-ca``): ``model.lora_r``,
+    ``lora_alpha`` and ``lora_dropout`` set the LoRA of the task tokens; the adapted layers are
+    fixed (query, output projection and MLP of each token), so ``model.lora_targets`` must stay
+    ``auto``."""
+    from lorax_cil.models.expandable import ExpandableNet
+    from lorax_cil.models.extractors.class_attention import ClassAttentionSpec
+
+    m = cfg.model
+    if m.lora_targets != "auto":
+        raise ValueError(f"model.lora_targets={m.lora_targets!r} does not apply to strategy "
+                         f"{cfg.train.strategy!r}: its task tokens adapt their query, output "
+                         "projection and MLP; leave model.lora_targets at 'auto'")
+    spec = ClassAttentionSpec(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
+    kwargs = dict(backbone=backbone, extractor=m.extractor, adapt_blocks=m.adapt_blocks,
+                  spec=spec, divergence_head=m.divergence_head)
+    if cfg.train.readout == "ncm":
+        from lorax_cil.models.heads import NCMExpandableNet
+
+        return NCMExpandableNet(**kwargs)
+    return ExpandableNet(**kwargs)
+
+
+register_strategy(
+    "lorax-ca",
+    description="LoRAX with per-task class-attention tokens on the last k blocks: the frozen "
+                "backbone runs once for every task",
+    model={"extractor": "class-attention"},
+    defaults={"adapt_blocks": 4},
+    network=_class_attention_network,
 )(_lorax_family)
 
 register_strategy(

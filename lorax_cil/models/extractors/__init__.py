@@ -1,7 +1,8 @@
 """Extractor kinds of the expandable network: what it adds per task.
 
 The interface and the registry are in :mod:`lorax_cil.models.extractors.base`; each built-in
-kind is one module (``lora``, ``mole``, ``full``, ``finetune``, ``frozen``). A new kind is one
+kind is one module (``lora``, ``mole``, ``full``, ``finetune``, ``frozen``,
+``class_attention``). A new kind is one
 :class:`Extractor` subclass decorated with ``@register_extractor("name")`` (see
 docs/architecture.md), usable at once as ``ExpandableNet(extractor="name")``.
 """
@@ -14,6 +15,7 @@ from lorax_cil.models.extractors import mole  # noqa: F401  isort: skip
 from lorax_cil.models.extractors import full  # noqa: F401  isort: skip
 from lorax_cil.models.extractors import finetune  # noqa: F401  isort: skip
 from lorax_cil.models.extractors import frozen  # noqa: F401  isort: skip
+from lorax_cil.models.extractors import class_attention  # noqa: F401  isort: skip
 from lorax_cil.models.extractors.base import (
     Extractor,
     Tail,

@@ -527,7 +527,9 @@ def test_task_vectors_from_a_tiny_lorax_run(tmp_path):
     folder = latest_checkpoint(tmp_path / "run")
     meta["architecture"]["lora"]["use_rslora"] = True
     meta["architecture"]["lora"]["scaling"] = 4.0
-    meta.pop("meta_sha256")  # a hand-edited meta.json is refused unless its checksum is dropped
+    from lorax_cil.training.checkpoint import _meta_digest
+
+    meta["meta_sha256"] = _meta_digest(meta)  # resealed: a hand edit alone is refused
     (folder / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="use_rslora=True"):
         task_vectors_from_lorax_run(tmp_path / "run")

@@ -172,9 +172,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if method is None and not args.from_dir:
         method = "r2m"
     if method is None:
-        from lorax_cil.merging.detectors import _read_meta
+        from lorax_cil.merging.detectors import read_folder_meta
 
-        method = (_read_meta(Path(args.from_dir), "merged detector").get("merge") or {}).get("method", "r2m")
+        method = (read_folder_meta(Path(args.from_dir), "merged detector").get("merge") or {}).get("method", "r2m")
     from lorax_cil.commands.train import load_cli_plugins
     from lorax_cil.merging.result import get_merge_method
 

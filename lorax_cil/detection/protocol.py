@@ -47,6 +47,7 @@ __all__ = [
     "score_records",
     "evaluate_detector",
     "summary_rows",
+    "readable_records",
 ]
 
 logger = logging.getLogger(__name__)
@@ -341,7 +342,8 @@ def _plot_curves(rows: Sequence[Mapping[str, Any]], kind: str, path: Path, capti
 
 
 # --------------------------------------------------------------------------- the protocol
-def _readable(records: Sequence[ImageRecord], issues: Any) -> list[ImageRecord]:
+def readable_records(records: Sequence[ImageRecord], issues: Any) -> list[ImageRecord]:
+    """The records whose image files can be decoded; the others are recorded in ``issues``."""
     from lorax_cil.benchmarks.images import ImageLoadError, probe_image
 
     kept = []
@@ -413,7 +415,7 @@ def evaluate_detector(
     rows: list[dict[str, Any]] = []
     scores_out: list[tuple[str, str, int, float]] = []
     for gen in sets:
-        recs = _readable(_subsample(gen.records, max_per_class, seed), issues)
+        recs = readable_records(_subsample(gen.records, max_per_class, seed), issues)
         y = np.array([r.is_fake for r in recs], dtype=bool)
         say(f"{gen.name}: {int((~y).sum())} real + {int(y.sum())} fake images, {len(conds)} condition(s)")
         for cond, level in conds:

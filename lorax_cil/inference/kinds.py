@@ -24,7 +24,7 @@ import numpy as np
 from lorax_cil.inference.loading import RUN_KIND
 from lorax_cil.inference.predictor import ModelIdentity, Predictor
 
-__all__ = ["RunPredictor", "DetectorPredictor", "config_hash", "run_dir_of"]
+__all__ = ["RunPredictor", "DetectorPredictor", "config_hash", "run_dir_of", "eval_transform"]
 
 def config_hash(config: Mapping[str, Any] | None) -> str | None:
     """SHA-256 of the canonical JSON (sorted keys, no spaces) of a resolved configuration."""
@@ -40,8 +40,9 @@ def run_dir_of(folder: str | Path) -> Path | None:
     return folder.parent.parent if folder.parent.name == "checkpoints" else None
 
 
-def _eval_transform(size: int, mean: Any, std: Any, resize: int | None,
-                    interpolation: str = "bilinear") -> Any:
+def eval_transform(size: int, mean: Any, std: Any, resize: int | None,
+                   interpolation: str = "bilinear") -> Any:
+    """The evaluation transform recorded with a saved model (size, normalisation, resize)."""
     from lorax_cil.benchmarks.transforms import TransformConfig, build_transform
 
     cfg = TransformConfig(size=int(size), mean=tuple(mean), std=tuple(std), resize=resize,
@@ -66,7 +67,7 @@ class RunPredictor(Predictor):
 
         net, cfg, scenario, meta = load_trained(folder, device=device)
         spec = net.backbone.spec
-        transform = _eval_transform(cfg.data.crop or spec.input_size, spec.mean, spec.std,
+        transform = eval_transform(cfg.data.crop or spec.input_size, spec.mean, spec.std,
                                     cfg.data.resize)
         n = net.num_classes
         run_dir = run_dir_of(folder)
@@ -128,7 +129,7 @@ class DetectorPredictor(Predictor):
         meta = dict(meta)
         bb = meta.get("backbone", {})
         tf = (meta.get("training") or {}).get("transform") or {}
-        transform = _eval_transform(tf.get("size") or bb["input_size"], tf.get("mean", bb["mean"]),
+        transform = eval_transform(tf.get("size") or bb["input_size"], tf.get("mean", bb["mean"]),
                                     tf.get("std", bb["std"]), tf.get("resize"),
                                     tf.get("interpolation", "bilinear"))
         cal = det.calibration or {}

@@ -44,6 +44,7 @@ __all__ = [
     "merge_specialists",
     "build_merged_detector",
     "merge_detector_folders",
+    "read_folder_meta",
 ]
 
 logger = logging.getLogger(__name__)
@@ -91,7 +92,8 @@ class Specialist:
                 "training_sources": [s.get("name") for s in training.get("sources", [])]}
 
 
-def _read_meta(folder: Path, what: str) -> dict[str, Any]:
+def read_folder_meta(folder: Path, what: str) -> dict[str, Any]:
+    """The checked ``meta.json`` of a detector folder; errors name the folder as ``what``."""
     from lorax_cil.detection.model import read_detector_meta
     from lorax_cil.training.checkpoint import CheckpointError
 
@@ -130,7 +132,7 @@ def load_specialist(folder: str | os.PathLike, *, name: str | None = None) -> Sp
     from lorax_cil.training.checkpoint import CheckpointError
 
     folder = Path(folder)
-    meta = _read_meta(folder, "specialist")
+    meta = read_folder_meta(folder, "specialist")
     kind = meta["adapter"]["kind"]
     where = f"specialist {folder}"
     if kind not in MERGEABLE_ADAPTERS:
@@ -276,17 +278,17 @@ def _calibrate(det: Any, folder: str, *, split: str, rule: str, transform: Mappi
     import numpy as np
 
     from lorax_cil.benchmarks.images import DataIssues
-    from lorax_cil.detection.protocol import (_readable, choose_threshold, detection_metrics,
+    from lorax_cil.detection.protocol import (readable_records, choose_threshold, detection_metrics,
                                               discover_generators, score_records)
-    from lorax_cil.inference.kinds import _eval_transform
+    from lorax_cil.inference.kinds import eval_transform
 
     spec = det.backbone.spec
-    tf = _eval_transform(transform.get("size") or spec.input_size, transform.get("mean", spec.mean),
+    tf = eval_transform(transform.get("size") or spec.input_size, transform.get("mean", spec.mean),
                          transform.get("std", spec.std), transform.get("resize"),
                          transform.get("interpolation", "bilinear"))
     issues = DataIssues()
     recs = [r for g in discover_generators(folder, split=split) for r in g.records]
-    recs = _readable(recs, issues)
+    recs = readable_records(recs, issues)
     y = np.array([r.is_fake for r in recs], dtype=bool)
     if y.all() or not y.any():
         raise ValueError(f"--calibrate {folder}: needs real and fake images, found {int((~y).sum())} real "
@@ -393,7 +395,7 @@ def merge_detector_folders(
         add_from = Path(add_from)
         if out.resolve() == add_from.resolve():
             raise ValueError("--out must differ from --from (the merged detector being extended)")
-        record = _read_meta(add_from, "merged detector").get("merge")
+        record = read_folder_meta(add_from, "merged detector").get("merge")
         if not record:
             raise ValueError(f"{add_from} is a detector but not a merged one (no merge record)")
         method = method or record["method"]

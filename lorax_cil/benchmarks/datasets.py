@@ -80,7 +80,7 @@ def probe_samples(
         except ImageLoadError as exc:
             if strict:
                 raise strict_data_error(s.path, exc) from None
-            issues.add_unreadable(s.path, str(exc.__cause__ or exc))
+            issues.add_unreadable(s.path, (exc.reason or str(exc.__cause__ or exc)))
             continue
         if min_size is not None and min(info.width, info.height) < min_size:
             issues.add_small(s.path, (info.width, info.height))
@@ -90,7 +90,7 @@ def probe_samples(
 
 def strict_data_error(path: str, exc: ImageLoadError) -> UserError:
     """The refusal of ``data.strict_data`` (``--strict-data``) for one unreadable file."""
-    reason = printable(str(exc.__cause__ or exc))
+    reason = printable((exc.reason or str(exc.__cause__ or exc)))
     return UserError(f"unreadable image {printable(path)} ({reason}); data.strict_data "
                      "(--strict-data) stops at the first one: remove or replace the file, or "
                      "train without --strict-data to skip unreadable files")
@@ -164,7 +164,7 @@ class ImageSampleDataset:
         except ImageLoadError as exc:
             if self.strict:
                 raise strict_data_error(s.path, exc) from None
-            self.issues.add_unreadable(s.path, str(exc.__cause__ or exc))
+            self.issues.add_unreadable(s.path, (exc.reason or str(exc.__cause__ or exc)))
         same = self._by_label[s.label]
         start = same.index(index)
         for j in same[start + 1 :] + same[:start]:
@@ -174,7 +174,7 @@ class ImageSampleDataset:
             try:
                 img = load_rgb(cand.path)
             except ImageLoadError as exc:
-                self.issues.add_unreadable(cand.path, str(exc.__cause__ or exc))
+                self.issues.add_unreadable(cand.path, (exc.reason or str(exc.__cause__ or exc)))
                 continue
             self.issues.add_substituted(s.path, cand.path)
             return img

@@ -17,7 +17,16 @@ logger = logging.getLogger(__name__)
 
 
 class ImageLoadError(OSError):
-    """An image file could not be read or decoded. The message names the file."""
+    """An image file could not be read or decoded. The message names the file; ``reason``
+    says why in a few words ("Permission denied", "a FIFO (named pipe), not an image file")."""
+
+    reason: str = ""
+
+
+def load_error(message: str, cause: BaseException) -> ImageLoadError:
+    exc = ImageLoadError(f"{message}: {_reason(cause)}")
+    exc.reason = _reason(cause)
+    return exc
 
 
 @dataclass(frozen=True)
@@ -97,7 +106,7 @@ def load_rgb(path: str) -> Any:
             img.load()
             return _to_rgb(img)
     except _errors() as exc:
-        raise ImageLoadError(f"cannot read image {printable(path)}: {_reason(exc)}") from exc
+        raise load_error(f"cannot read image {printable(path)}", exc) from exc
 
 
 def probe_image(path: str) -> ImageInfo:
@@ -113,7 +122,7 @@ def probe_image(path: str) -> ImageInfo:
         with Image.open(path) as img:
             return ImageInfo(path, int(img.width), int(img.height), str(img.format), img.mode)
     except _errors() as exc:
-        raise ImageLoadError(f"cannot read image header of {printable(path)}: {_reason(exc)}") from exc
+        raise load_error(f"cannot read image header of {printable(path)}", exc) from exc
 
 
 @dataclass

@@ -169,7 +169,7 @@ def verify_data(
                     if decode:
                         load_rgb(r.path)
                 except ImageLoadError as exc:
-                    report.unreadable.append((printable(r.path), printable(str(exc.__cause__ or exc))))
+                    report.unreadable.append((printable(r.path), printable((exc.reason or str(exc.__cause__ or exc)))))
                     continue
                 fmt[r.is_fake][info.format] += 1
                 size[r.is_fake][(info.width, info.height)] += 1

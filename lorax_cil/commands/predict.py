@@ -94,10 +94,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer = open_row_writer(out, args.format, predictor.columns(args.top_k), header)
         rows = predictor.iter_predict(items, top_k=args.top_k, threshold=args.threshold,
                                       batch_size=args.batch_size, workers=args.workers)
-        for row in _progress(rows, len(items), args):
-            writer.write(row)
-            errors += row["error"] is not None
-        writer.close()
+        try:
+            for row in _progress(rows, len(items), args):
+                writer.write(row)
+                errors += row["error"] is not None
+            writer.close()
+        except OSError as exc:  # a full disk: name the output (the rows before stay in it)
+            if exc.filename is None and args.out:
+                raise OSError(exc.errno, exc.strerror or str(exc), args.out) from exc
+            raise
     finally:
         if out is not sys.stdout:
             out.close()

@@ -94,8 +94,8 @@ def resolve_model_folder(path: str | os.PathLike) -> Path:
 def model_kind_of(meta: Mapping[str, Any]) -> str | None:
     """The ``kind`` of a checkpoint's metadata (run checkpoints are recognised by their keys)."""
     kind = meta.get("kind")
-    if kind is None and "scenario" in meta and "architecture" in meta:
-        return RUN_KIND
+    if kind is None and any(k in meta for k in ("scenario", "architecture", "completed_tasks")):
+        return RUN_KIND  # a run checkpoint (its loader names the keys it lacks, if any)
     return kind
 
 

@@ -30,6 +30,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
+from lorax_cil.errors import printable
 from lorax_cil.inference.inputs import InputItem
 
 __all__ = ["ModelIdentity", "Predictor", "IDENTITY_COLUMNS", "image_to_pil"]
@@ -253,13 +254,14 @@ class Predictor:
 
         index, item = index_item
         if isinstance(item, InputItem) and item.error is not None:
-            return item.path, None, item.error
+            return printable(item.path), None, item.error
         if isinstance(item, (str, os.PathLike, InputItem)):
             name = item.path if isinstance(item, InputItem) else os.fspath(item)
+            # rows show file names that are not UTF-8 with \xNN escapes (CSV/JSON stay text)
             try:
-                return name, self.transform(load_rgb(name)), None
+                return printable(name), self.transform(load_rgb(name)), None
             except Exception as exc:  # noqa: BLE001 - a bad file must never stop the run
-                return name, None, str(exc) or type(exc).__name__
+                return printable(name), None, printable(str(exc) or type(exc).__name__)
         kind = ("PIL image" if type(item).__module__.startswith("PIL") else
                 "tensor" if type(item).__module__.startswith("torch") else "array")
         name = f"<{kind} #{index}>"

@@ -10,6 +10,7 @@ reproduced.
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -213,22 +214,91 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
              "baselines": BaselineConfig}
 
 
+#: smallest accepted value of numeric keys (``None`` stays accepted where the key allows it).
+MINIMUMS: dict[str, float] = {
+    "data.crop": 1, "data.resize": 1, "data.calib_fraction": 0, "data.blur_prob": 0,
+    "data.jpeg_prob": 0, "model.img_size": 1, "model.adapt_blocks": 1, "model.lora_r": 1,
+    "model.lora_dropout": 0, "train.epochs": 1, "train.batch_size": 1, "train.eval_batch_size": 1,
+    "train.memory_size": 0, "train.seed": 0, "train.num_workers": 0, "train.warmup_epochs": 0,
+    "train.min_steps_per_task": 0, "train.warmup_steps": 0, "train.lr": 0, "train.lr_first": 0,
+    "baselines.joint_epochs": 1,
+}
+#: largest accepted value (probabilities and fractions).
+MAXIMUMS: dict[str, float] = {"data.calib_fraction": 0.99, "data.blur_prob": 1, "data.jpeg_prob": 1,
+                              "model.lora_dropout": 0.99}
+
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _kinds(section: str, key: str) -> set[str]:
+    """The type names in the annotation of ``section.key`` (``{"int", "None"}`` for
+    ``int | None``)."""
+    cls = _SECTIONS.get(section)
+    ann = {f.name: f.type for f in fields(cls)}.get(key) if cls is not None else None
+    if not isinstance(ann, str):
+        return set()
+    return {part.strip().split("[")[0] for part in ann.split("|")}
+
+
 def _check_type(section: str, key: str, value: Any, current: Any, source: str) -> Any:
-    if value is None or current is None:
+    """Check one value against the key's declared type and range; convert where exact
+    (``3.0`` -> ``3`` for an integer key, ``"1e-3"`` -> ``0.001`` for a float key)."""
+    name = f"{section}.{key}"
+    kinds = _kinds(section, key)
+    if not kinds:  # not a dataclass field with a readable annotation: the old, lenient check
+        kinds = {type(current).__name__} if current is not None else set()
+    if value is None:
+        if "None" in kinds or not kinds:
+            return None
+        raise ValueError(f"{source}: {name} needs a value (it cannot be empty)")
+    if "bool" in kinds and isinstance(value, bool):
         return value
-    if isinstance(current, bool) and not isinstance(value, bool):
-        if key == "pretrained" and isinstance(value, str):
-            return value
-        raise ValueError(f"{source}: {section}.{key} must be true or false, got {value!r}")
-    if isinstance(current, (int, float)) and not isinstance(current, bool):
-        if isinstance(value, str) and isinstance(current, float):
+    if isinstance(value, bool) and kinds & {"int", "float"}:
+        raise ValueError(f"{source}: {name} must be a number, got {value!r}")
+    if "int" in kinds:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        if isinstance(value, int):
+            return _in_range(name, value, source)
+        if "str" not in kinds:
+            raise ValueError(f"{source}: {name} must be an integer, got {value!r}")
+    if "float" in kinds:
+        if isinstance(value, str):
             try:  # YAML 1.1 reads 1e-3 as a string
                 value = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{source}: {section}.{key} must be a number, got {value!r}")
-        return type(current)(value) if isinstance(current, float) else value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError(f"{source}: {name} must be a finite number, got {value!r}")
+            return _in_range(name, float(value), source)
+        raise ValueError(f"{source}: {name} must be a number, got {value!r}")
+    if "bool" in kinds and "str" not in kinds:
+        raise ValueError(f"{source}: {name} must be true or false, got {value!r}")
+    if name == "model.pretrained" and _looks_like_file(value):
+        raise ValueError(f"{source}: model.pretrained={value!r} names a file; it takes true, false "
+                         "or a weights tag of the backbone's library. Give local weights with "
+                         "model.weights (--weights: .safetensors, or .pth read without "
+                         "unpickling); lorax-cil never loads pickled files, which can run code")
+    if name == "train.device" and not (isinstance(value, str) and _DEVICE.fullmatch(value)):
+        raise ValueError(f"{source}: train.device (--device) must be auto, cpu, cuda, cuda:N or "
+                         f"mps, got {value!r}")
+    return value
+
+
+def _looks_like_file(value: Any) -> bool:
+    if not isinstance(value, str):
+        return False
+    suffixes = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt", ".safetensors", ".npz")
+    return ("/" in value or "\\" in value or value.lower().endswith(suffixes)
+            or Path(value).expanduser().is_file())
+
+
+def _in_range(name: str, value: float, source: str) -> Any:
+    low, high = MINIMUMS.get(name), MAXIMUMS.get(name)
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = (f"between {low:g} and {high:g}" if high is not None else f">= {low:g}")
+        raise ValueError(f"{source}: {name} must be {bounds}, got {value!r}")
     return value
 
 
@@ -284,6 +354,9 @@ def load_config(path: str | Path) -> dict[str, Any]:
             data = yaml.safe_load(fh) or {}
         except yaml.YAMLError as exc:
             raise ValueError(f"{path}: invalid YAML: {exc}") from exc
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at "
+                             f"offset {exc.start}); save the config file as UTF-8") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path}: the top level must be a mapping of sections")
     return data

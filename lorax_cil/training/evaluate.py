@@ -16,6 +16,7 @@ def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple
     from lorax_cil.plugins import load_plugins
     from lorax_cil.training.checkpoint import load_checkpoint
     from lorax_cil.training.config import RunConfig
+    from lorax_cil.training.integrity import validate_run_meta
     from lorax_cil.training.registry import apply_preset
     from lorax_cil.training.checkpoint import latest_checkpoint
     from lorax_cil.training.runner import build_backbone, build_network
@@ -23,6 +24,7 @@ def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple
     path = Path(run_or_checkpoint)
     folder = path if (path / "meta.json").is_file() else latest_checkpoint(path)
     tensors, meta = load_checkpoint(folder)
+    validate_run_meta(meta, folder)
     cfg = RunConfig.from_dict(meta["config"], source=str(folder / "meta.json"))
     load_plugins(cfg.plugins, needed_by=f"run {path}")  # what registered its strategy, backbone
     cfg = apply_preset(cfg)
@@ -65,6 +67,13 @@ def evaluate_run(
     from lorax_cil.utils import write_json
 
     net, cfg, trained, _ = load_trained(run, device=device)
+    if scenario is None and (data_path is not None or tasks):
+        # The run's own tasks, read from the folder given: never silently its original data.
+        scenario = trained.name
+        if trained.name == "custom" and not tasks:
+            tasks = list(trained.task_names)
+        if data_path is None and trained.name != "custom":
+            raise ValueError("--tasks needs --scenario custom")
     sc = trained if scenario is None else resolve_scenario(scenario, data_path=data_path,
                                                            tasks=tasks)
     spec = net.backbone.spec
@@ -72,13 +81,19 @@ def evaluate_run(
     split = eval_split or cfg.data.eval_split
     bench = build_cil_benchmark(sc, transform_config=tcfg, eval_split=split)
     table = np.array(trained.class_is_fake[: net.num_classes])
-    known = {name: i for i, name in enumerate(trained.task_names)}
+    # only the tasks the network has classes for: a partial run (--stop-after, interrupted)
+    # treats the rest of its scenario as tasks it never trained on
+    known = {name: i for i, name in enumerate(trained.task_names[: net.num_classes // 2])}
     per_task: dict[str, dict[str, float]] = {}
     for t, name in enumerate(sc.task_names):
         pred, probs, labels = predict_dataset(net, bench.test_stream[t].dataset,
                                               batch_size=cfg.train.eval_batch_size,
                                               device=torch.device(device))
         is_fake = np.array([s.is_fake for s in bench.samples["test"][t]], dtype=np.int64)
+        # files that failed to decode were replaced by another image at load time: not counted
+        keep = np.array([s.path not in bench.issues.substituted_files
+                         for s in bench.samples["test"][t]], dtype=bool)
+        pred, probs, labels, is_fake = pred[keep], probs[keep], labels[keep], is_fake[keep]
         if name in known:
             mapped = 2 * known[name] + is_fake
             per_task[name] = evaluate_predictions(pred, mapped, probs, np.zeros_like(mapped),
@@ -96,6 +111,10 @@ def evaluate_run(
         "scenario": sc.name,
         "eval_split": split,
         "per_task": per_task,
+        "completed_tasks": net.num_classes // 2,
+        "data_path": None if data_path is None else str(data_path),
+        # unreadable files were skipped and files that failed to decode left out of every n
+        "data_issues": bench.issues.summary(),
         "mean_multi_real": float(np.nanmean([r["multi_real"] for r in per_task.values()]))
         if any(not np.isnan(r["multi_real"]) for r in per_task.values()) else float("nan"),
     }

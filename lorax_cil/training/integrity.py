@@ -206,3 +206,39 @@ def data_changes(trained: Mapping[str, str], current: Mapping[str, str],
         if before is not None and before != now:
             out.append({"task": task, "trained_with_sha256": before, "now_sha256": now})
     return out
+
+
+def current_task_listing(cfg: Any, scenario: Any) -> dict[str, str]:
+    """Per task, the listing hash of the data ``cfg`` and ``scenario`` select now (the same
+    samples a :class:`~lorax_cil.training.runner.Run` would use; headers are read, pixels not)."""
+    from lorax_cil.benchmarks.images import DataIssues
+    from lorax_cil.benchmarks.streams import _streams_from_samples
+    from lorax_cil.benchmarks.verify import data_manifest
+
+    d = cfg.data
+    samples = _streams_from_samples(scenario, train_split="train", eval_split=d.eval_split,
+                                    calib_fraction=d.calib_fraction, seed=cfg.train.seed,
+                                    min_size=0, issues=DataIssues(), strict=False, probe=True)
+    return data_manifest(samples, scenario)["task_listing_sha256"]
+
+
+def check_finished_run_data(run_dir: Path, cfg: Any, scenario: Any) -> None:
+    """Refuse to reuse a finished run whose data changed after it was trained.
+
+    Raises:
+        UserError: naming the changed tasks and the run directory.
+    """
+    path = Path(run_dir) / "data_manifest.json"
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    trained = manifest.get("trained_data_sha256") or {}
+    if not trained:  # written before per-task hashes existed: nothing to compare
+        return
+    changed = data_changes(trained, current_task_listing(cfg, scenario), scenario.task_names)
+    if changed:
+        raise UserError(f"{run_dir} was trained on other data than the data now under its task "
+                        f"folders (task(s) {', '.join(c['task'] for c in changed)} differ in file "
+                        "names or sizes): delete that run to train it again on the current data, "
+                        "or choose another --out")

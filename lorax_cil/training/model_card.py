@@ -197,12 +197,23 @@ def _run_metrics_section(summary: Mapping, steps: list[Mapping]) -> str:
 
 def _run_data_section(manifest: Mapping) -> str:
     counts, paths = manifest.get("counts", {}), manifest.get("task_paths", {})
-    unreadable = (manifest.get("data_issues") or {}).get("unreadable", 0)
+    issues = manifest.get("data_issues") or {}
+    unreadable = issues.get("unreadable", 0)
+    substituted = issues.get("substituted_files") or {}
+    named = "".join(f"\n- skipped: `{p}`" for p in issues.get("unreadable_files", [])[:20])
+    named += "".join(f"\n- failed to decode at load time, `{r}` used in its place: `{p}`"
+                     for p, r in list(substituted.items())[:20])
+    changes = manifest.get("data_changes") or []
+    changed = "".join(f"\n- task `{c.get('task')}` changed after it was trained (listing "
+                      f"SHA-256 `{c.get('trained_with_sha256')}` -> `{c.get('now_sha256')}`)"
+                      for c in changes)
     return (f"## Data\n\nScenario `{manifest.get('scenario')}`; data manifest "
             f"(`data_manifest.json`) listing SHA-256 `{manifest.get('listing_sha256')}` (paths "
             "and byte sizes of every image used). Images per task and stream:\n\n"
             + counts_table(counts, paths) + "\n"
-            f"Data issues: {unreadable} unreadable file(s) skipped.\n\n")
+            f"Data issues: {unreadable} unreadable file(s) skipped, {len(substituted)} file(s) "
+            f"that failed to decode at load time replaced by another image of their class (left "
+            f"out of the evaluation counts).{named}{changed}\n\n")
 
 
 def _run_limits(cfg: Mapping, manifest: Mapping, weights_tag: str | None) -> list[str]:

@@ -18,6 +18,7 @@ __all__ = ["main", "build_parser"]
 #: Modules under ``lorax_cil.commands`` that each define ``register(subparsers)``.
 COMMAND_MODULES = (
     "data", "train", "demo", "detect", "merge", "compare", "predict", "bench", "backbones",
+    "adapter",
 )
 
 #: exceptions reported as one line with exit status 2 (see :mod:`lorax_cil.errors`).

@@ -118,6 +118,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last checkpoint")
     p.add_argument("--add-task", action="append", default=[], metavar="NAME=PATH",
                    help="with --resume: append a new generator task (repeatable)")
+    p.add_argument("--adapter", action="append", default=[], metavar="[NAME=]DIR",
+                   help="with --add-task: a peft LoRA adapter folder (same backbone and LoRA "
+                        "targets) the new task's extractor starts from; NAME= picks the task "
+                        "when several are added")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many tasks")
     p.add_argument("--allow-protocol-change", action="store_true",
                    help="with --resume: accept flags that change the run's protocol (backbone, "
@@ -285,10 +289,14 @@ def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
         run = resume_run(args.resume, add_tasks=args.add_task, overrides=flag_overrides(args),
                          allow_protocol_change=args.allow_protocol_change,
                          progress=_progress, explicit=explicit_settings(args),
-                         display=progress_display(args), loggers=check_loggers(args))
+                         display=progress_display(args), loggers=check_loggers(args),
+                         adapters=_adapters(args))
     else:
         if args.add_task:
             raise ValueError("--add-task needs --resume RUN_DIR (a finished or partial run)")
+        if getattr(args, "adapter", None):
+            raise ValueError("--adapter needs --resume RUN_DIR --add-task NAME=PATH (it starts "
+                             "an added task's extractor)")
         if args.allow_protocol_change:
             raise ValueError("--allow-protocol-change only applies with --resume RUN_DIR")
         cfg = config_from_args(args)
@@ -307,6 +315,24 @@ def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
                   display=progress_display(args), loggers=check_loggers(args))
         run.setup(scenario)
     return run, run.train(stop_after=args.stop_after)
+
+
+def _adapters(args: argparse.Namespace) -> dict[str, str]:
+    """``--adapter [NAME=]DIR`` -> {task name: folder} for the tasks added by ``--add-task``."""
+    items = list(getattr(args, "adapter", None) or [])
+    if not items:
+        return {}
+    added = [spec.split("=", 1)[0] for spec in args.add_task]
+    out: dict[str, str] = {}
+    for item in items:
+        name, sep, folder = item.partition("=")
+        if not sep:
+            if len(added) != 1:
+                raise ValueError(f"--adapter {item}: give NAME=DIR when --add-task adds "
+                                 f"{len(added)} tasks")
+            name, folder = added[0], item
+        out[name] = folder
+    return out
 
 
 def _progress(msg: str) -> None:

@@ -154,6 +154,7 @@ class StepRecord:
     world_size: int = 1
     memory_exemplars: int | None = None
     epochs: list[dict[str, Any]] = field(default_factory=list)
+    initial_adapter: str | None = None
     task_length: dict[str, Any] | None = None
 
 
@@ -200,6 +201,8 @@ class Run:
         self.logger_specs = [s if isinstance(s, LoggerSpec) else parse_logger_spec(s)
                              for s in loggers]
         self.run_loggers = None
+        #: task name -> peft adapter folder its extractor starts from (``--adapter``)
+        self.initial_adapters: dict[str, str] = {}
         #: what resumes changed and which data each task was trained on (see integrity.py)
         self.history: dict[str, Any] = {"protocol_changes": [], "data_changes": [],
                                         "trained_data_sha256": {}}
@@ -292,6 +295,9 @@ class Run:
         self.progress(f"task {j + 1}/{self.scenario.num_tasks}: {name} "
                       f"({len(exp.dataset)} images + memory)")
         seed_everything(self._task_seed(j))
+        adapter = self.initial_adapters.get(name)
+        if adapter is not None:
+            self._start_from_adapter(j, exp, adapter)
         self.epoch_progress.start_task(f"task {j + 1}/{self.scenario.num_tasks}")
         t0 = time.perf_counter()
         self.strategy.train(exp, num_workers=self.cfg.train.num_workers)
@@ -307,6 +313,7 @@ class Run:
             per_task=per_task, memory_per_class=self.strategy.memory.per_class(),
             parameters=self.net.parameter_report(), world_size=self.world_size,
             memory_exemplars=self.check_memory(), epochs=self.epoch_progress.take_records(),
+            initial_adapter=adapter,
             task_length=length.to_dict() if length is not None else None,
         )
         self.steps.append(json.loads(json.dumps(record.__dict__, default=_jsonable)))
@@ -320,6 +327,21 @@ class Run:
                 _note_derived(self.run_dir / "config.yaml", j, name, length)
         if self.cfg.train.checkpoint_every_task or j == self.scenario.num_tasks - 1:
             self.save_checkpoint()
+
+    def _start_from_adapter(self, j: int, exp: Any, folder: str) -> None:
+        """Grow the network for task ``j`` now and load its extractor from a peft adapter
+        folder; the task then trains as usual, starting from those weights."""
+        from lorax_cil.models.peft_adapter import extractor_state_from_peft
+
+        state = extractor_state_from_peft(self.net, folder)
+        if self.net.num_tasks != j:
+            raise ValueError(f"task {j} would be extractor {self.net.num_tasks}: the network "
+                             "does not match the run's steps")
+        self.net.add_task(len(exp.classes_in_this_experience))
+        self.net.load_extractor_state_dict(j, state)
+        self.net.to(self.device)
+        self.progress(f"  extractor of {self.scenario.task_names[j]} starts from the peft "
+                      f"adapter {folder}")
 
     def check_memory(self) -> int | None:
         """The number of distinct exemplars held by the whole job (the union over ranks);
@@ -568,13 +590,14 @@ def _jsonable(o: Any) -> Any:
 def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides: dict | None = None,
                progress: Callable[[str], None] | None = None,
                explicit: Mapping[str, str] | None = None, display: str = "auto",
-               loggers: Sequence[Any] = (),
+               loggers: Sequence[Any] = (), adapters: Mapping[str, str] | None = None,
                allow_protocol_change: bool = False) -> Run:
     """Rebuild a run from its latest checkpoint, optionally appending new generator tasks.
 
     ``overrides`` (nested ``{section: {key: value}}``) are explicit settings: they win over the
     strategy preset or stop with a message (``explicit`` names how each was set; default
-    ``section.key=value``).
+    ``section.key=value``). ``adapters`` maps added task names to peft LoRA adapter folders
+    their extractors start from (:mod:`lorax_cil.models.peft_adapter`).
 
     A resume keeps the run's protocol: an override that changes it (backbone, seed, memory
     size, crop, ...) and training data that changed since a task was trained on it are refused
@@ -629,6 +652,16 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
             "run, or pass --allow-protocol-change to continue (both hashes are recorded per task "
             "in data_manifest.json)")
     run.restore(meta, tensors)
+    if adapters:
+        from lorax_cil.models.peft_adapter import extractor_state_from_peft
+
+        added = {t.name for t in scenario.tasks[meta["completed_tasks"]:]}
+        for task, folder in adapters.items():
+            if task not in added:
+                raise ValueError(f"--adapter {task}={folder}: {task!r} is not a task added by "
+                                 f"this resume (added: {sorted(added) or 'none'})")
+            extractor_state_from_peft(run.net, folder)  # refuses a mismatch before training
+        run.initial_adapters = {str(k): str(v) for k, v in adapters.items()}
     if changes:
         run.history["protocol_changes"].append({"after_task": meta["completed_tasks"],
                                                 "changes": changes})

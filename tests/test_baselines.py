@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -228,7 +230,10 @@ def test_joint_epochs_option_sets_the_joint_training_length(data_root, tmp_path)
     assert build_joint(cfg, net, torch.device("cpu"), None, []).train_epochs == 5
     assert build_joint(tiny_config("joint", epochs=2), net, torch.device("cpu"), None,
                        []).train_epochs == 2
-    bad = merge_config(cfg, {"baselines": {"joint_epochs": 0}}, source="test")
+    with pytest.raises(ValueError, match="baselines.joint_epochs must be >= 1"):
+        merge_config(cfg, {"baselines": {"joint_epochs": 0}}, source="test")  # refused on load
+    bad = copy.deepcopy(cfg)
+    bad.baselines.joint_epochs = 0  # set past the config checks: the builder refuses it too
     with pytest.raises(ValueError, match="joint_epochs"):
         build_joint(bad, net, torch.device("cpu"), None, [])
 

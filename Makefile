@@ -25,6 +25,7 @@ demo: $(STAMP)
 	$(VENV)/bin/lorax-cil demo $(DEMO_ARGS)
 
 test: $(STAMP)
+	$(PY) -m ruff check lorax_cil tests benchmarks examples
 	LORAX_CIL_REQUIRE_DINOV2=1 $(PY) -m pytest -q -p no:cacheprovider
 
 # The documentation site (MkDocs Material + mkdocstrings) into site/; warnings are errors.

@@ -128,12 +128,12 @@ Produced by `benchmarks/compare_synth.py` (nothing on this page is typed by hand
 
 Sizes: {args.per_class} training and {args.val_per_class} validation images per class and task,
 {args.size} px, {args.epochs} epoch(s) per task, learning rate {args.lr:g}, memory budget
-{args.memory_size} exemplars. `joint` trains once on the union of all tasks for
-{joint_epochs(args)} epochs (`--joint-epochs`, default three times the per-task epochs): as the
-upper bound of the comparison it has to be trained to convergence, and with only the per-task
-epoch count on seven times the data it stays below the best incremental strategies (check with
-`--strategies joint --joint-epochs {args.epochs} --doc ''`). This is smaller than the demo's data (200 images per class at
-96 px) so that every strategy and seed fits a 2-core CPU; the numbers show the protocol at work,
+{args.memory_size} exemplars. `joint` trains once on the union of all tasks for {joint_epochs(args)}
+epochs (`--joint-epochs`, default three times the per-task epochs): as the upper bound of the
+comparison it has to be trained to convergence, and with only the per-task epoch count on seven
+times the data it stays below the best incremental strategies (check with `--strategies joint
+--joint-epochs {args.epochs} --doc ''`). This is smaller than the demo's data (200 images per class
+at 96 px) so that every strategy and seed fits a 2-core CPU; the numbers show the protocol at work,
 not the methods' paper-scale accuracy. Environment: Python {platform.python_version()}, torch
 {torch.__version__}, {cpu}, {torch.get_num_threads()} torch thread(s). Training time summed
 over all {len(result.rows)} runs: {train_min:.1f} min; the last call took {minutes:.1f} min

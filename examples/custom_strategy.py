@@ -19,7 +19,10 @@ import torch
 from avalanche.training.supervised import MAS
 
 from lorax_cil.training.avalanche_baselines import (
-    ProtocolOptimizer, optimizer_settings, template_kwargs)
+    ProtocolOptimizer,
+    optimizer_settings,
+    template_kwargs,
+)
 from lorax_cil.training.registry import register_strategy
 from lorax_cil.training.run_protocol import NoMemory
 from lorax_cil.training.strategy import ExpandableModel

@@ -20,10 +20,10 @@ from lorax_cil.benchmarks.scenarios import resolve_scenario
 from lorax_cil.benchmarks.streams import build_cil_benchmark
 from lorax_cil.benchmarks.synth import synthesize
 from lorax_cil.benchmarks.transforms import TransformConfig
-from lorax_cil.training.avalanche_metrics import attribution_metrics
 from lorax_cil.models.backbones import create_backbone
 from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.models.lora import LoraSpec
+from lorax_cil.training.avalanche_metrics import attribution_metrics
 from lorax_cil.training.strategy import LoRAX
 
 

@@ -324,14 +324,14 @@ def _buckets(params: Sequence[Any], limit: int) -> Iterator[list[Any]]:
 class GlobalBatchSampler:
     """Batch sampler: the global batches of one shuffled epoch, this rank's part of each.
 
-    Each epoch draws one permutation of ``n`` indices from ``seed`` (set by :meth:`set_seed`
-    before iterating; identical on every rank) or from ``generator`` (seeded identically on
-    every rank, used as a ``DataLoader(shuffle=True, generator=...)`` uses it), cuts it into global batches of ``batch_size``
-    exactly as a single-process ``DataLoader(shuffle=True)`` with that seed would, and yields
-    this rank's contiguous part of every global batch (:func:`shard_bounds`). A rank whose part
-    of a short last batch is empty gets the batch's first index as a stand-in and a weight of 0
-    in :attr:`local_counts` (the gradient all-reduce ignores it), so every rank runs the same
-    number of steps.
+    Each epoch draws one permutation of ``n`` indices from ``seed`` (set by :meth:`set_seed` before
+    iterating; identical on every rank) or from ``generator`` (seeded identically on every rank,
+    used as a ``DataLoader(shuffle=True, generator=...)`` uses it), cuts it into global batches of
+    ``batch_size`` exactly as a single-process ``DataLoader(shuffle=True)`` with that seed would,
+    and yields this rank's contiguous part of every global batch (:func:`shard_bounds`). A rank
+    whose part of a short last batch is empty gets the batch's first index as a stand-in and a
+    weight of 0 in :attr:`local_counts` (the gradient all-reduce ignores it), so every rank runs the
+    same number of steps.
 
     Attributes:
         local_counts: real samples of this rank per step of the current epoch.

@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-__all__ = ["seed_everything", "resolve_device", "resolve_amp", "atomic_write_bytes", "atomic_write_text", "write_json", "sha256_file",
-           "strict_from_dict"]
+__all__ = ["seed_everything", "resolve_device", "resolve_amp", "atomic_write_bytes",
+           "atomic_write_text", "write_json", "sha256_file", "strict_from_dict"]
 
 
 def seed_everything(seed: int) -> None:

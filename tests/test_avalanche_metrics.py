@@ -22,11 +22,11 @@ from avalanche.logging import (  # noqa: E402
 from avalanche.training.plugins import EvaluationPlugin  # noqa: E402
 from avalanche.training.supervised import Naive  # noqa: E402
 
+from lorax_cil.evaluation.metrics import AccuracyMatrix  # noqa: E402
 from lorax_cil.training.avalanche_metrics import (  # noqa: E402
     AttributionMetric,
     attribution_metrics,
 )
-from lorax_cil.evaluation.metrics import AccuracyMatrix  # noqa: E402
 
 CLASS_IS_FAKE = np.array([False, True, False, True])  # real_t = 2t, fake_t = 2t + 1
 CLASS_TASK = np.array([0, 0, 1, 1])

@@ -14,7 +14,6 @@ from lorax_cil.benchmarks.scenarios import resolve_scenario
 from lorax_cil.models.backbones import create_backbone
 from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.models.extractors.class_attention import (
-    ClassAttentionExtractor,
     ClassAttentionSpec,
     class_attention_flops,
 )

@@ -99,8 +99,8 @@ def test_a_finished_run_is_reused_not_retrained(two_seeds, data_root, monkeypatc
 
 
 def test_partial_runs_resume_or_restart(data_root, tmp_path):
-    from lorax_cil.training.runner import Run
     from lorax_cil.benchmarks.scenarios import resolve_scenario
+    from lorax_cil.training.runner import Run
 
     cfg = base_config(data_root)
     for name in ("replay", "ewc"):

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from test_compare import TASKS, base_config
 
 from conftest import make_cddb_tree
 from lorax_cil.training.compare import TABLE_METRICS, run_comparison
-from test_compare import TASKS, base_config
 
 
 @pytest.fixture(scope="module")

@@ -155,9 +155,8 @@ def test_random_backbone_any_size_and_presets() -> None:
 
 def test_local_weights_file_wins_and_grid_is_resized(tmp_path) -> None:
     """weights=FILE (518 px grid) loads into a 112 px model; pretrained=True does not interfere."""
-    from safetensors.torch import save_file
-
     import timm
+    from safetensors.torch import save_file
 
     source = timm.create_model(dinov2.TIMM_ARCH, pretrained=False, num_classes=0, img_size=518)
     state = {k: v.contiguous() for k, v in source.state_dict().items()}

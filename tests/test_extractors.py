@@ -12,7 +12,12 @@ import torch
 
 from lorax_cil.models.backbones import create_backbone
 from lorax_cil.models.expandable import ExpandableNet
-from lorax_cil.models.extractors import Extractor, get_extractor, list_extractors, register_extractor
+from lorax_cil.models.extractors import (
+    Extractor,
+    get_extractor,
+    list_extractors,
+    register_extractor,
+)
 from lorax_cil.models.extractors import base as extractor_base
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -890,7 +890,8 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
                     if prof:
                         kind = "train" if "training" in c.name else "infer"
                         text = prof.get(kind, "")
-                        profiles_out.append(f"{c.config} {c.method} ({kind}, T={max(tasks)}), where the time goes:\n{text}")
+                        profiles_out.append(f"{c.config} {c.method} ({kind}, T={max(tasks)}), "
+                                            f"where the time goes:\n{text}")
                         echo(profiles_out[-1])
             checks += cchecks
             for r in crows:

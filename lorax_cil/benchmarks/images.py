@@ -11,7 +11,7 @@ from typing import Any
 
 from lorax_cil.errors import printable
 
-__all__ = ["ImageLoadError", "ImageInfo", "DataIssues", "load_rgb", "probe_image"]
+__all__ = ["ImageLoadError", "ImageInfo", "DataIssues", "load_rgb", "probe_image", "to_rgb"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ class ImageInfo:
     mode: str
 
 
-def _to_rgb(img: Any) -> Any:
+def to_rgb(img: Any) -> Any:
     """Convert any PIL mode (L, LA, P, RGBA, CMYK, I;16, ...) to RGB."""
     if img.mode == "RGB":
         return img
@@ -104,7 +104,7 @@ def load_rgb(path: str) -> Any:
         _check_regular_file(path)
         with Image.open(path) as img:
             img.load()
-            return _to_rgb(img)
+            return to_rgb(img)
     except _errors() as exc:
         raise load_error(f"cannot read image {printable(path)}", exc) from exc
 

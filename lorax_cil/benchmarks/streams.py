@@ -27,7 +27,7 @@ from lorax_cil.benchmarks.images import DataIssues
 from lorax_cil.benchmarks.scenarios import Scenario
 from lorax_cil.benchmarks.transforms import TransformConfig, build_transform
 
-__all__ = ["CILBenchmark", "make_avalanche_dataset", "build_cil_benchmark"]
+__all__ = ["CILBenchmark", "make_avalanche_dataset", "build_cil_benchmark", "streams_from_samples"]
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class CILBenchmark:
         return out
 
 
-def _streams_from_samples(
+def streams_from_samples(
     scenario: Scenario,
     *,
     train_split: str,
@@ -193,7 +193,7 @@ def build_cil_benchmark(
 
     cfg = transform_config or TransformConfig()
     issues = DataIssues()
-    samples = _streams_from_samples(
+    samples = streams_from_samples(
         scenario,
         train_split=train_split,
         eval_split=eval_split,

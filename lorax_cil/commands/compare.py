@@ -50,8 +50,12 @@ def parse_seeds(text: str) -> list[int]:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Under torchrun every process trains each run together; rank 0 writes and prints."""
-    from lorax_cil.commands.train import (check_loggers, config_from_args, progress_display,
-                                          run_device)
+    from lorax_cil.commands.train import (
+        check_loggers,
+        config_from_args,
+        progress_display,
+        run_device,
+    )
     from lorax_cil.distributed import distributed_session, is_main
     from lorax_cil.training.compare import run_comparison
 

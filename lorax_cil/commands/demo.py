@@ -223,11 +223,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _compare(results: dict, matrices: dict, out: Path, args: argparse.Namespace,
              task_names: list[str]) -> None:
+    import pandas as pd
+
     from lorax_cil.evaluation.plots import plot_average_accuracy_curves, plot_matrices_side_by_side
     from lorax_cil.evaluation.reports import to_markdown
     from lorax_cil.utils import atomic_write_text
-
-    import pandas as pd
 
     rows = []
     for name, s in results.items():

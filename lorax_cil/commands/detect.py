@@ -148,9 +148,9 @@ def _say(msg: str) -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a detector; under torchrun every process trains, rank 0 writes and reports."""
-    from lorax_cil.distributed import distributed_session, is_main
     from lorax_cil.commands.train import progress_display
     from lorax_cil.detection.train import train_detector
+    from lorax_cil.distributed import distributed_session, is_main
 
     cfg = detect_config_from_args(args)
     with distributed_session(cfg.train.device):

@@ -220,9 +220,8 @@ def explicit_settings(args: argparse.Namespace) -> dict[str, str]:
 
 def config_from_args(args: argparse.Namespace):
     """Defaults, then the config file, then flags."""
-    from lorax_cil.training.config import RunConfig, load_config, merge_config
-
     from lorax_cil.plugins import load_plugins
+    from lorax_cil.training.config import RunConfig, load_config, merge_config
 
     cfg = RunConfig()
     if getattr(args, "config", None):
@@ -251,7 +250,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 def run_device(args: argparse.Namespace) -> str:
     """``train.device`` of the run about to start (picks the torchrun backend): the flag, else
     the config file (or the resumed run's config.yaml), else ``auto``."""
-    import yaml
 
     if getattr(args, "device", None):
         return args.device
@@ -276,9 +274,8 @@ def run_device(args: argparse.Namespace) -> str:
 def _train(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from lorax_cil.benchmarks.scenarios import resolve_scenario
     from lorax_cil.training.integrity import check_out_dir
-    from lorax_cil.training.runner import Run, resume_run
-
     from lorax_cil.training.registry import apply_preset
+    from lorax_cil.training.runner import Run, resume_run
 
     if args.stop_after is not None and args.stop_after < 1:
         raise ValueError(f"--stop-after must be >= 1, got {args.stop_after}")

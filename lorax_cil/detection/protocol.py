@@ -305,10 +305,9 @@ def _write_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], path
 
 
 def _plot_curves(rows: Sequence[Mapping[str, Any]], kind: str, path: Path, caption: str) -> Path:
+    from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-
-    from matplotlib import colormaps
 
     plt_cmap = colormaps["turbo"]
     fig = Figure(figsize=(10.5, 3.8), layout="constrained")

@@ -301,9 +301,9 @@ def train_detector(cfg: DetectConfig, *, progress: Callable[[str], None] | None 
     import torch
     from torch.utils.data import DataLoader
 
+    from lorax_cil import distributed as dist
     from lorax_cil.benchmarks.datasets import ImageSampleDataset
     from lorax_cil.benchmarks.images import DataIssues
-    from lorax_cil import distributed as dist
     from lorax_cil.benchmarks.transforms import build_transform
     from lorax_cil.training.progress import EpochProgress
     from lorax_cil.utils import seed_everything

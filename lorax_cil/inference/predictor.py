@@ -81,12 +81,12 @@ def image_to_pil(image: Any) -> Any:
     """
     from PIL import Image
 
-    from lorax_cil.benchmarks.images import _to_rgb
+    from lorax_cil.benchmarks.images import to_rgb
 
     if isinstance(image, Image.Image):
         if image.width < 1 or image.height < 1:
             raise ValueError(f"the image is empty ({image.width}x{image.height} pixels)")
-        return _to_rgb(image)
+        return to_rgb(image)
     if type(image).__module__.startswith("torch"):
         if image.ndim != 3:
             raise ValueError(f"an image tensor must be (C, H, W), got shape {tuple(image.shape)}")
@@ -114,7 +114,7 @@ def image_to_pil(image: Any) -> Any:
         lo, hi = int(arr.min()), int(arr.max())
         if lo < 0 or hi > 255:
             raise ValueError(f"an integer image must hold values in [0, 255], got [{lo}, {hi}]")
-    return _to_rgb(Image.fromarray(arr.astype(np.uint8)))
+    return to_rgb(Image.fromarray(arr.astype(np.uint8)))
 
 
 def _is_batch(obj: Any) -> bool:

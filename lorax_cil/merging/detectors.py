@@ -238,7 +238,13 @@ def build_merged_detector(specialists: Sequence[Specialist], result: MergeResult
     ``full`` specialists' BatchNorm running statistics are averaged too. The threshold is the
     mean of the specialists' (replace it afterwards to choose another).
     """
-    from lorax_cil.detection.model import MERGED, AdapterConfig, BackboneRecipe, Detector, backbone_fingerprint
+    from lorax_cil.detection.model import (
+        MERGED,
+        AdapterConfig,
+        BackboneRecipe,
+        Detector,
+        backbone_fingerprint,
+    )
 
     first = specialists[0]
     recipe = BackboneRecipe.from_dict(first.meta["backbone"]["recipe"])
@@ -278,8 +284,13 @@ def _calibrate(det: Any, folder: str, *, split: str, rule: str, transform: Mappi
     import numpy as np
 
     from lorax_cil.benchmarks.images import DataIssues
-    from lorax_cil.detection.protocol import (readable_records, choose_threshold, detection_metrics,
-                                              discover_generators, score_records)
+    from lorax_cil.detection.protocol import (
+        choose_threshold,
+        detection_metrics,
+        discover_generators,
+        readable_records,
+        score_records,
+    )
     from lorax_cil.inference.kinds import eval_transform
 
     spec = det.backbone.spec

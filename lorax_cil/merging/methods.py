@@ -16,7 +16,12 @@ from typing import Sequence
 
 import torch
 
-from lorax_cil.merging.result import MergeResult, check_task_vectors, merged_vector, register_merge_method
+from lorax_cil.merging.result import (
+    MergeResult,
+    check_task_vectors,
+    merged_vector,
+    register_merge_method,
+)
 from lorax_cil.merging.task_vectors import TaskVector
 
 __all__ = [

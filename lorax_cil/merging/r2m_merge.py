@@ -31,7 +31,12 @@ import torch
 
 from lorax_cil.merging.gram import GramCache, real_projection
 from lorax_cil.merging.methods import stack_deltas
-from lorax_cil.merging.result import MergeResult, check_task_vectors, merged_vector, register_merge_method
+from lorax_cil.merging.result import (
+    MergeResult,
+    check_task_vectors,
+    merged_vector,
+    register_merge_method,
+)
 from lorax_cil.merging.task_vectors import TaskVector
 
 __all__ = [

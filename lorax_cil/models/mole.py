@@ -38,8 +38,8 @@ from lorax_cil.models.lora import (
     LoraAdapter,
     MultiLoRALayer,
     MultiLoRALinear,
-    add_adapter_to_all,
     adapter_tensors,
+    add_adapter_to_all,
     lora_group,
 )
 from lorax_cil.models.state import copy_state_strict

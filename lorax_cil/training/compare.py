@@ -259,7 +259,10 @@ def obtain_run(cfg: RunConfig, run_dir: Path, scenario: Any,
 
         dist.on_main(lambda: check_finished_run_data(run_dir, apply_preset(cfg), scenario))
         return "reused"
-    progress = (lambda m: say(f"{cfg.train.strategy} seed {cfg.train.seed}: {m}"))
+
+    def progress(m: str) -> None:
+        say(f"{cfg.train.strategy} seed {cfg.train.seed}: {m}")
+
     if state == "partial":
         if get_strategy(cfg.train.strategy).resumable:
             say(f"{cfg.train.strategy} seed {cfg.train.seed}: resuming {run_dir}")

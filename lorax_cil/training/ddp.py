@@ -29,7 +29,10 @@ import torch
 from avalanche.core import SupervisedPlugin
 
 from lorax_cil.distributed import (
-    GlobalBatchSampler, allreduce_gradients, broadcast_object, broadcast_parameters,
+    GlobalBatchSampler,
+    allreduce_gradients,
+    broadcast_object,
+    broadcast_parameters,
 )
 
 __all__ = ["DistributedTraining"]

@@ -14,11 +14,10 @@ def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple
     """``(net, cfg, scenario, meta)`` from a run directory or one checkpoint folder."""
     from lorax_cil.benchmarks.scenarios import Scenario
     from lorax_cil.plugins import load_plugins
-    from lorax_cil.training.checkpoint import load_checkpoint
+    from lorax_cil.training.checkpoint import latest_checkpoint, load_checkpoint
     from lorax_cil.training.config import RunConfig
     from lorax_cil.training.integrity import validate_run_meta
     from lorax_cil.training.registry import apply_preset
-    from lorax_cil.training.checkpoint import latest_checkpoint
     from lorax_cil.training.runner import build_backbone, build_network
 
     path = Path(run_or_checkpoint)

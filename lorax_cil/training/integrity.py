@@ -212,11 +212,11 @@ def current_task_listing(cfg: Any, scenario: Any) -> dict[str, str]:
     """Per task, the listing hash of the data ``cfg`` and ``scenario`` select now (the same
     samples a :class:`~lorax_cil.training.runner.Run` would use; headers are read, pixels not)."""
     from lorax_cil.benchmarks.images import DataIssues
-    from lorax_cil.benchmarks.streams import _streams_from_samples
+    from lorax_cil.benchmarks.streams import streams_from_samples
     from lorax_cil.benchmarks.verify import data_manifest
 
     d = cfg.data
-    samples = _streams_from_samples(scenario, train_split="train", eval_split=d.eval_split,
+    samples = streams_from_samples(scenario, train_split="train", eval_split=d.eval_split,
                                     calib_fraction=d.calib_fraction, seed=cfg.train.seed,
                                     min_size=0, issues=DataIssues(), strict=False, probe=True)
     return data_manifest(samples, scenario)["task_listing_sha256"]

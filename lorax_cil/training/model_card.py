@@ -241,8 +241,11 @@ def run_model_card(run_dir: str | os.PathLike, *, weights_tag: str | None = None
     """The Markdown card of a run directory (see the module doc)."""
     import yaml
 
-    from lorax_cil.training.checkpoint import CheckpointError, read_checkpoint_meta
-    from lorax_cil.training.checkpoint import latest_checkpoint
+    from lorax_cil.training.checkpoint import (
+        CheckpointError,
+        latest_checkpoint,
+        read_checkpoint_meta,
+    )
 
     run_dir = Path(run_dir)
     try:

@@ -181,8 +181,8 @@ class Run:
                  progress: Callable[[str], None] | None = None,
                  explicit: Mapping[str, str] | None = None, display: str = "auto",
                  loggers: Sequence[Any] = ()) -> None:
-        from lorax_cil.training.loggers import LoggerSpec, parse_logger_spec
         from lorax_cil.plugins import load_plugins
+        from lorax_cil.training.loggers import LoggerSpec, parse_logger_spec
         from lorax_cil.training.progress import resolve_display
         from lorax_cil.training.registry import apply_preset
 
@@ -605,9 +605,9 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
     checkpoints, ``summary.json`` and ``data_manifest.json``."""
     from lorax_cil.benchmarks.scenarios import Scenario, parse_task_spec
     from lorax_cil.errors import UserError
-    from lorax_cil.training.integrity import validate_run_meta
     from lorax_cil.training.checkpoint import load_checkpoint
     from lorax_cil.training.config import merge_config
+    from lorax_cil.training.integrity import validate_run_meta
 
     def read() -> tuple[Path, dict, dict]:
         folder = latest_checkpoint(run_dir)

@@ -16,9 +16,9 @@ from lorax_cil.models.extractors.base import Extractor, Tail, register_extractor
 from lorax_cil.models.lora import (
     LoraSpec,
     MultiLoRALayer,
-    add_lora_adapter,
     adapter_parameters,
     adapter_state_dict,
+    add_lora_adapter,
     freeze_adapter,
     inject_lora,
     load_adapter_state_dict,

@@ -89,6 +89,61 @@ def test_the_layer_scan_sees_upward_imports(tmp_path):
     assert names == [("lorax_cil.training.runner", 2)] and LAYERS[_layer_key(names[0][0])] > LAYERS["models"]
 
 
+#: import circles that are registries loading their built-in entries
+REGISTRY_CIRCLES = [
+    {"lorax_cil.merging.result", "lorax_cil.merging.methods", "lorax_cil.merging.r2m_merge"},  # merge methods
+]
+
+
+def _circles() -> list[set[str]]:
+    """Strongly connected components (more than one module) of the module import graph."""
+    mods = _modules()
+
+    def owner(name: str) -> str:
+        while name and name not in mods:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph: dict[str, set[str]] = {m: set() for m in mods}
+    for m, path in mods.items():
+        for name, _ in _imports(path, m):
+            target = owner(name)
+            if target and target != m and not m.startswith(target + "."):  # a package's own face
+                graph[m].add(target)
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    out: list[set[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = set()
+            while True:
+                w = stack.pop()
+                comp.add(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(comp)
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_no_import_circle_outside_a_registry():
+    assert [c for c in _circles() if c not in REGISTRY_CIRCLES] == []
+
+
 def test_evaluation_imports_only_numpy_and_its_own_modules():
     """At module level: the standard library, NumPy and lorax_cil.evaluation; inside the report
     and plot functions also pandas / matplotlib and the stdlib-only lorax_cil.utils."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -26,11 +27,13 @@ __all__ = [
     "load_checkpoint",
     "read_checkpoint_meta",
     "latest_checkpoint",
+    "read_latest_pointer",
 ]
 
 CHECKPOINT_FORMAT = "lorax-cil-checkpoint"
 CHECKPOINT_VERSION = 1
 TENSORS = "tensors.safetensors"
+_CHECKPOINT_NAME = re.compile(r"exp_\d{3,6}")  # checkpoint folders of a run: checkpoints/exp_NNN
 META = "meta.json"
 
 
@@ -126,11 +129,40 @@ def load_checkpoint(folder: str | os.PathLike, *, device: str = "cpu") -> tuple[
     return tensors, meta
 
 
+def read_latest_pointer(checkpoints: Path) -> Path | None:
+    """The folder named by ``checkpoints/latest.json``, or ``None`` when there is no pointer.
+
+    Raises:
+        CheckpointError: the pointer is malformed, names anything but an ``exp_NNN`` folder of
+            this run, or names a checkpoint whose ``meta.json`` is missing.
+    """
+    pointer = checkpoints / "latest.json"
+    if not pointer.is_file():
+        return None
+    try:
+        data = json.loads(pointer.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"corrupt {pointer}: {exc}; delete it to use the newest complete "
+                              "checkpoint folder") from None
+    name = data.get("folder") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not _CHECKPOINT_NAME.fullmatch(name):
+        raise CheckpointError(f"{pointer} must name a checkpoint folder exp_NNN of this run, got "
+                              f"{name!r}; delete it to use the newest complete checkpoint folder")
+    folder = checkpoints / name
+    if folder.is_symlink() or not folder.resolve().is_relative_to(checkpoints.resolve()):
+        raise CheckpointError(f"{pointer} names {name}, which leads outside {checkpoints}; "
+                              "refused")
+    if not (folder / "meta.json").is_file():
+        raise CheckpointError(
+            f"the latest checkpoint {folder} (named by {pointer}) has no meta.json: it was "
+            "removed or damaged after it was written. Pass an earlier checkpoint folder "
+            "explicitly, or delete latest.json to use the newest complete one")
+    return folder
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path:
     """The newest complete checkpoint folder of a run directory (``checkpoints/latest.json``,
     else the last ``checkpoints/exp_*`` holding a ``meta.json``)."""
-    from lorax_cil.training.integrity import read_latest_pointer
-
     ck = Path(run_dir) / "checkpoints"
     folder = read_latest_pointer(ck)  # refuses a malformed pointer or one leading elsewhere
     if folder is not None:

@@ -3,8 +3,9 @@ and what a resume may change.
 
 * :func:`check_out_dir`: ``--out`` must be a folder lorax-cil can write, and never the data
   folder (or inside it): refused before anything is written.
-* :func:`read_latest_pointer`: ``checkpoints/latest.json`` names a checkpoint folder of the
-  same run (``exp_NNN``), nothing else.
+* :func:`read_latest_pointer` (defined in :mod:`lorax_cil.training.checkpoint`):
+  ``checkpoints/latest.json`` names a checkpoint folder of the same run (``exp_NNN``), nothing
+  else.
 * :func:`validate_run_meta`: the keys a run checkpoint must hold, and a class count that
   matches its scenario, checked before anything is allocated.
 * :func:`protocol_changes`: the configuration keys a ``--resume`` would change. A run's protocol
@@ -19,12 +20,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from lorax_cil.errors import UserError, printable
+from lorax_cil.training.checkpoint import CheckpointError, read_latest_pointer
 
 __all__ = [
     "RESUME_FREE_KEYS",
@@ -51,9 +52,6 @@ RUN_META_KEYS = ("completed_tasks", "scenario", "architecture", "config", "steps
 
 #: the most classes one task may add (runs add 2: real and fake).
 MAX_CLASSES_PER_TASK = 1000
-
-_CHECKPOINT_NAME = re.compile(r"exp_\d{3,6}")
-
 
 def _resolved(path: str | os.PathLike) -> Path:
     return Path(path).expanduser().resolve()
@@ -102,47 +100,12 @@ def check_out_dir(out: str | os.PathLike, *, data_paths: Iterable[str | os.PathL
     return target
 
 
-def read_latest_pointer(checkpoints: Path) -> Path | None:
-    """The folder named by ``checkpoints/latest.json``, or ``None`` when there is no pointer.
-
-    Raises:
-        CheckpointError: the pointer is malformed, names anything but an ``exp_NNN`` folder of
-            this run, or names a checkpoint whose ``meta.json`` is missing.
-    """
-    from lorax_cil.training.checkpoint import CheckpointError
-
-    pointer = checkpoints / "latest.json"
-    if not pointer.is_file():
-        return None
-    try:
-        data = json.loads(pointer.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"corrupt {pointer}: {exc}; delete it to use the newest complete "
-                              "checkpoint folder") from None
-    name = data.get("folder") if isinstance(data, dict) else None
-    if not isinstance(name, str) or not _CHECKPOINT_NAME.fullmatch(name):
-        raise CheckpointError(f"{pointer} must name a checkpoint folder exp_NNN of this run, got "
-                              f"{name!r}; delete it to use the newest complete checkpoint folder")
-    folder = checkpoints / name
-    if folder.is_symlink() or not _inside(folder.resolve(), checkpoints.resolve()):
-        raise CheckpointError(f"{pointer} names {name}, which leads outside {checkpoints}; "
-                              "refused")
-    if not (folder / "meta.json").is_file():
-        raise CheckpointError(
-            f"the latest checkpoint {folder} (named by {pointer}) has no meta.json: it was "
-            "removed or damaged after it was written. Pass an earlier checkpoint folder "
-            "explicitly, or delete latest.json to use the newest complete one")
-    return folder
-
-
 def validate_run_meta(meta: Mapping[str, Any], folder: str | os.PathLike) -> None:
     """Check the keys and class counts of a run checkpoint before it is built.
 
     Raises:
         CheckpointError: naming the missing keys, or the class count that does not fit.
     """
-    from lorax_cil.training.checkpoint import CheckpointError
-
     where = Path(folder) / "meta.json"
     missing = [k for k in RUN_META_KEYS if k not in meta]
     if missing:

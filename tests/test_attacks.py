@@ -287,6 +287,17 @@ def test_11_out_is_a_file_unwritable_or_the_data(capsys, clean, tmp_path, monkey
     refused(capsys, "train", "--data-path", clean, *TRAIN, "--out", clean / "a" / "runs",
             needle="inside the data folder")
     assert sorted(p.name for p in clean.iterdir()) == before and not (clean / "a" / "runs").exists()
+    # the other commands that write next to data refuse the same way, before any work
+    refused(capsys, "compare", "--strategies", "lorax", "--data-path", clean, *TRAIN, "--out",
+            clean / "cmp", needle=("--out", "inside the data folder"))
+    refused(capsys, "detect", "train", "--source", f"a={clean / 'a'}", "--backbone", "vit-test",
+            "--no-pretrained", "--out", clean / "a" / "det", needle="inside the data folder")
+    refused(capsys, "detect", "eval", "--detector", tmp_path / "none", "--data", clean,
+            "--out", clean / "ev", needle="inside the data folder")
+    image = clean / "a" / "val" / "0_real" / "000.png"
+    refused(capsys, "data", "sheet", "--data-path", clean, "--out", image,
+            needle="inside the task folder")
+    assert sorted(p.name for p in clean.iterdir()) == before and image.stat().st_size > 100
     monkeypatch.setattr(os, "access", lambda *a, **k: False)  # root may write anywhere
     refused(capsys, "train", "--data-path", clean, *TRAIN, "--out", tmp_path / "ro" / "r",
             needle="permission denied")

@@ -63,6 +63,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     seeds = parse_seeds(args.seeds)
     out = args.out or f"runs/compare-{cfg.data.scenario}"
+    _check_out(out, cfg)
     with distributed_session(run_device(args)):
         if is_main():
             print(f"[compare] {len(strategies)} strategies x {len(seeds)} seeds -> {out}",
@@ -73,6 +74,16 @@ def cmd_compare(args: argparse.Namespace) -> int:
         if is_main():
             _print_result(result)
     return 0
+
+
+def _check_out(out: str, cfg: Any) -> None:
+    """--out: a writable folder outside the data (refused before any run starts)."""
+    from lorax_cil.benchmarks.scenarios import resolve_scenario
+    from lorax_cil.training.integrity import check_out_dir
+
+    d = cfg.data
+    scenario = resolve_scenario(d.scenario, data_path=d.data_path, tasks=d.tasks)
+    check_out_dir(out, data_paths=[d.data_path, *(t.path for t in scenario.tasks)])
 
 
 def _progress(msg: str) -> None:

@@ -142,6 +142,13 @@ def cmd_sheet(args: argparse.Namespace) -> int:
     from lorax_cil.benchmarks.contact_sheet import contact_sheet
 
     scenario = resolve_from_args(args)
+    target = Path(args.out).expanduser().resolve()
+    for task in scenario.tasks:
+        root = Path(task.path).resolve()
+        if target == root or root in target.parents:
+            raise ValueError(f"--out {args.out} is inside the task folder {task.path}: the sheet "
+                             "would be read as an image of that task (or replace one); write it "
+                             "outside the data")
     out = contact_sheet(scenario, args.out, split=args.split, pairs=args.pairs)
     print(f"contact sheet: {out}")
     return 0

@@ -153,6 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorax_cil.distributed import distributed_session, is_main
 
     cfg = detect_config_from_args(args)
+    _check_detect_out(cfg)
     with distributed_session(cfg.train.device):
         _, summary = train_detector(cfg, progress=_say, display=progress_display(args))
         main = is_main()
@@ -163,6 +164,15 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"({100 * p['fraction_with_head']:.4f} % with head, {100 * p['fraction_without_head']:.4f} % without)")
     print(f"threshold {summary['threshold']:.4f}; detector saved to {summary['out']}")
     return 0
+
+
+def _check_detect_out(cfg: Any) -> None:
+    """--out of `detect train`: a writable folder outside the source data."""
+    from lorax_cil.training.integrity import check_out_dir
+
+    d = cfg.data
+    paths = [d.data_path, *(s.split("=", 1)[1] for s in (d.sources or []) if "=" in s)]
+    check_out_dir(cfg.out, data_paths=paths)
 
 
 def _parse_groups(items: list[str] | None) -> dict[str, str]:
@@ -191,6 +201,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorax_cil.detection.protocol import BLUR_SIGMAS, JPEG_QUALITIES, evaluate_detector
     from lorax_cil.detection.train import resolve_device
 
+    from lorax_cil.training.integrity import check_out_dir
+
+    check_out_dir(args.out, data_paths=[args.data])
     meta = read_detector_meta(args.detector)
     tf = meta.get("training", {}).get("transform", {})
     device = resolve_device(args.device)

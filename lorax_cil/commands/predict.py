@@ -81,7 +81,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if args.out:
         _check_out(args.out, items, args.model)
     load_cli_plugins(args)
-    load_cli_plugins(args)
     predictor = load(args.model, device=args.device)
     header = predictor.describe()
     if args.threshold is not None:

@@ -99,7 +99,6 @@ class TrainConfig:
             official code's convention, with the global batch).
         weight_decay: AdamW weight decay.
         warmup_epochs: warm-up epochs per task.
-        warmup_lr: learning rate at the start of the warm-up.
         min_steps_per_task: a task whose ``epochs`` give fewer optimizer steps than this trains
             more epochs, until it reaches this many steps (``0``: epochs as given, the official
             protocol). Large tasks (CDDB: hundreds of steps per epoch) are unaffected; a
@@ -107,6 +106,7 @@ class TrainConfig:
             epochs are logged and written to ``steps.jsonl`` (see docs/fewshot.md).
         warmup_steps: warm-up in optimizer steps (rounded up to whole epochs); ``None``: the
             warm-up is ``warmup_epochs``, scaled by the same factor when the epochs are raised.
+        warmup_lr: learning rate at the start of the warm-up.
         min_lr: end of the cosine schedule.
         head_div: divergence-loss weight.
         memory_size: total exemplar budget.
@@ -115,7 +115,6 @@ class TrainConfig:
         num_workers: data-loader workers.
         amp: bfloat16 autocast on CUDA (``auto``, ``true`` or ``false``).
         checkpoint_every_task: write a checkpoint after every task.
-        cache_trunk: compute the frozen trunk once per training image and task and train every
         head_init: new head rows start ``random`` (official) or as ``prototype`` (normalised
             class means of the new task's features); see docs/fewshot.md.
         head_wa: weight aligning (WA) of the new classes' head rows after each task.
@@ -124,6 +123,7 @@ class TrainConfig:
         head_balanced_lr: learning rate of that fine-tuning.
         readout: ``head`` (the linear head) or ``ncm`` (cosine to class means of the
             concatenated features, kept after each task) for evaluation and prediction.
+        cache_trunk: compute the frozen trunk once per training image and task and train every
             epoch from the cached outputs (LoRAX family; refused when the training transform
             is random). Memory: one trunk output per training image.
     """
@@ -137,9 +137,9 @@ class TrainConfig:
     lr_scaling: str = "none"
     weight_decay: float = 1e-6
     warmup_epochs: int = 5
-    warmup_lr: float = 1e-4
     min_steps_per_task: int = 200
     warmup_steps: int | None = None
+    warmup_lr: float = 1e-4
     min_lr: float = 1e-5
     head_div: float = 0.1
     memory_size: int = 500
@@ -148,12 +148,12 @@ class TrainConfig:
     num_workers: int = 0
     amp: str = "auto"
     checkpoint_every_task: bool = True
-    cache_trunk: bool = False
     head_init: str = "random"
     head_wa: bool = False
     head_balanced_steps: int = 0
     head_balanced_lr: float = 1e-4
     readout: str = "head"
+    cache_trunk: bool = False
 
 
 @dataclass

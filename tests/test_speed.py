@@ -4,6 +4,7 @@ autograd, the trunk cache, and a smoke run of benchmarks/speed.py (no timing ass
 from __future__ import annotations
 
 import csv
+import json
 import math
 import subprocess
 import sys
@@ -269,7 +270,9 @@ def test_speed_benchmark_smoke(tmp_path):
             "train_ms_per_image", "train_ratio", "train_peak_rss_mb", "floor_ratio"}
     assert need <= set(rows[0])
     methods = {r["method"] for r in rows}
-    assert {"plain", "reference", "lorax", "lorax-deep-k1", "merged"} <= methods
+    assert {"plain", "reference", "lorax", "lorax-deep-k1", "merged", "lorax-ca-k4", "lorax-ca-all"} <= methods
+    ca = [r for r in rows if r["method"] == "lorax-ca-all"]  # its floor column is the FLOP model
+    assert [int(r["k"]) for r in ca] == [4, 4] and all(0.5 < float(r["floor_ratio"]) < 1.5 for r in ca)
     for r in rows:
         for key in ("infer_ms_per_image", "infer_ratio"):
             v = float(r[key])
@@ -289,3 +292,14 @@ def test_speed_benchmark_smoke(tmp_path):
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render-only",
                           "--out", str(tmp_path / "none"), "--docs", str(docs)], capture_output=True, text=True)
     assert res.returncode != 0 and "no speed results" in res.stderr
+    # a method filter measures plain + the named methods and keeps the other rows of --out
+    before = {(r["method"], r["T"]): r for r in rows}
+    res = subprocess.run(cmd + ["--methods", "lorax-ca-all"], capture_output=True, text=True, timeout=300,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    after = {(r["method"], r["T"]): r for r in csv.DictReader(open(out / "speed.csv", encoding="utf-8"))}
+    assert after.keys() == before.keys()
+    assert after[("reference", "2")] == before[("reference", "2")]  # kept, not measured again
+    assert after[("lorax-ca-all", "2")]["infer_ms_per_image"] != before[("lorax-ca-all", "2")]["infer_ms_per_image"]
+    assert "lorax-ca-all" in json.loads((out / "speed.json").read_text())["methods"]
+    assert "--methods lorax-ca-all" in json.loads((out / "speed.json").read_text())["command"]

@@ -6,11 +6,21 @@ and number of tasks ``T`` it measures, in one process tree, after warm-up, the m
 * ``plain``: one frozen backbone pass (the floor of inference) and one plain fine-tuning step of
   the whole backbone (the floor of training);
 * ``reference``: one full backbone pass per task adapter, switching the active adapter between
-  passes, each adapter unmerged (``base(x) + B(A(x))``): the official LoRAX execution;
+  passes, each adapter unmerged (``base(x) + B(A(x))``): the official LoRAX execution; its
+  training step also trains as the official code does: autograd records every adapter's pass
+  (old adapters keep ``requires_grad``, so the backward runs through all ``T`` passes, although
+  only the newest adapter is updated) and old adapters' dropout stays active;
 * ``lorax``: the toolkit's LoRAX with adapters on every block (one batched pass over all
   adapters, frozen adapters folded into the weights);
 * ``lorax-deep-k{1,2,3}``: adapters on the last ``k`` blocks, the trunk computed once;
-* ``merged``: one detector whose weights hold the mean of the ``T`` adapters (one pass).
+* ``merged``: one detector whose weights hold the mean of the ``T`` adapters (one pass);
+* ``lorax-ca-k{4}``, ``lorax-ca-all``: class-attention extractors (a per-task query token on
+  the last 4 / all blocks over the shared frozen pass, ViT configs only); their "floor" column
+  is the FLOP model :func:`~lorax_cil.models.extractors.class_attention.class_attention_flops`.
+
+``--methods`` measures a subset (``plain`` always runs: it is the unit of the training ratios);
+rows of other methods already in ``--out`` are kept, so one filtered invocation adds or
+refreshes rows without measuring everything again.
 
 Every method runs in a fresh child process, so its peak resident memory is its own. Figures
 are reported as ratios to the plain pass measured in the same child (inference) and to the plain
@@ -59,9 +69,19 @@ CONFIGS = {
     "efficientnet-lite0": BenchConfig("efficientnet-lite0", "efficientnet-lite0", 96, 32, 16,
                                       "pointwise", False),
     "vit-b16": BenchConfig("vit-b16", "vit_base_patch16_224", 224, 2, 64, "attn", True),
+    "dinov2-vits14": BenchConfig("dinov2-vits14", "dinov2-vits14", 112, 8, 16, "attn", True),
 }
+#: configs of the default run (``dinov2-vits14`` is measured on request: ``--configs``)
+DEFAULT_CONFIGS = ("vit-test", "efficientnet-lite0", "vit-b16")
 DEFAULT_TASKS = (1, 5, 7, 12)
 DEEP_KS = (1, 2, 3)
+#: class-attention variants: adapted blocks (``None``: all)
+CA_VARIANTS = {"lorax-ca-k4": 4, "lorax-ca-all": None}
+METHODS = ("plain", "reference", "lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS], "merged",
+           *CA_VARIANTS)
+#: class-attention targets (issue "12 generators for one pass"): inference and training step
+#: at the largest T at most 1.5 plain passes / plain fine-tuning steps, memory 1.3x of T = 1
+CA_INFER_BOUND, CA_TRAIN_BOUND, CA_MEMORY_BOUND = 1.5, 1.5, 1.3
 FIELDS = ("config", "method", "T", "k", "batch", "infer_ms_per_image", "infer_images_per_s",
           "infer_ratio", "floor_ratio", "floor_measured_ratio", "train_ms_per_image",
           "train_ratio", "train_peak_rss_mb", "train_peak_rss_growth_mb", "threads", "device")
@@ -145,12 +165,38 @@ def _lora_net(cfg: BenchConfig, backbone: Any, k: int | None) -> Any:
     return ExpandableNet(backbone=copy.deepcopy(backbone), extractor="lora", adapt_blocks=k, lora=spec)
 
 
+def _ca_net(cfg: BenchConfig, backbone: Any, k: int | None) -> Any:
+    from lorax_cil.models.expandable import ExpandableNet
+    from lorax_cil.models.extractors.class_attention import ClassAttentionSpec
+
+    spec = ClassAttentionSpec(r=cfg.lora_r, alpha=float(cfg.lora_r), dropout=0.0)
+    return ExpandableNet(backbone=copy.deepcopy(backbone), extractor="class-attention",
+                         adapt_blocks=k, spec=spec)
+
+
+def _ca_formula(net: Any, x: Any, T: int) -> float:
+    """Plain passes of the class-attention FLOP model for ``net`` on input ``x``."""
+    from lorax_cil.models.extractors.class_attention import class_attention_flops
+
+    bb = net.backbone
+    blk = bb.block(0)
+    n = int(bb.stem(x[:1]).shape[1])
+    return class_attention_flops(n=n, dim=bb.feature_dim, hidden=blk.mlp.fc1.out_features,
+                                 L=bb.num_blocks, k=net.ext.k, T=T, r=net.ext.spec.r,
+                                 targets=net.ext.spec.targets)["passes"]
+
+
 def _grow(net: Any, T: int) -> None:
     import torch
 
     while net.num_tasks < T:
         net.add_task(2)
         with torch.no_grad():  # a trained-looking adapter (B is zero at initialisation)
+            if net.extractor == "class-attention":
+                for name, p in net.extractors[-1].named_parameters():
+                    if name == "token" or name.endswith(".B"):
+                        p.normal_(0, 0.02)
+                continue
             for layer in net.ext.layers:
                 layer.adapters[-1].lora_B.weight.normal_(0, 0.02)
 
@@ -180,24 +226,48 @@ class _Step:
 
 
 def _reference_forward(net: Any, train: bool) -> Callable[[Any], Any]:
-    """One full pass per adapter, switching the active adapter, unmerged adapters."""
+    """One full pass per adapter, switching the active adapter, unmerged adapters.
+
+    With ``train``, as the official training: every pass runs under autograd with its adapter's
+    parameters requiring gradients and its dropout active (the toolkit freezes old adapters:
+    no graph, no dropout), so the backward goes through all ``T`` passes and fills the old
+    adapters' gradients. Build the optimiser before the first call, so that it updates only
+    the newest adapter and the heads, and call ``forward.restore()`` after the measurement to
+    freeze the old adapters again.
+    """
     import torch
 
     from lorax_cil.models.lora import lora_fold, lora_group
 
     bb = net.backbone
+    old = [layer.adapters[t] for layer in net.ext.layers for t in range(net.num_tasks - 1)]
+    saved = [(a, a.frozen, [p.requires_grad for p in a.parameters()]) for a in old]
+
+    def official_old_adapters() -> None:
+        for a in old:
+            a.frozen = False  # dropout active in training mode, as in the official code
+            for p in a.parameters():
+                p.requires_grad_(True)
+
+    def restore() -> None:
+        for a, frozen, flags in saved:
+            a.frozen = frozen
+            for p, flag in zip(a.parameters(), flags):
+                p.requires_grad_(flag)
 
     def forward(x: Any) -> tuple[Any, Any]:
+        if train:
+            official_old_adapters()
         feats = []
-        with lora_fold(False):
+        with lora_fold(False), torch.set_grad_enabled(train):
             for t in range(net.num_tasks):
-                with lora_group(net.ext.layers, [t]), torch.set_grad_enabled(
-                        train and t == net.num_tasks - 1):
+                with lora_group(net.ext.layers, [t]):
                     feats.append(bb(x))
         f = torch.cat(feats, dim=1)
         div = net.div_head(f[:, -net.feature_dim:]) if net.div_head is not None else None
         return net.head(f), div
 
+    forward.restore = restore  # type: ignore[attr-defined]
     return forward
 
 
@@ -295,7 +365,10 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
         return {"rows": rows, "profiles": profiles}
 
     k = int(method.rsplit("k", 1)[1]) if method.startswith("lorax-deep") else None
-    net = _lora_net(cfg, backbone, k).to(device)
+    if method in CA_VARIANTS:
+        net = _ca_net(cfg, backbone, CA_VARIANTS[method]).to(device)
+    else:
+        net = _lora_net(cfg, backbone, k).to(device)
     for T in tasks:
         _grow(net, T)
         net.to(device)
@@ -310,7 +383,10 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
         else:
             infer_s, plain_s = pair(no_grad(lambda: net(x)))
         floor, floor_measured = 1.0, None
-        if k is not None:
+        if method in CA_VARIANTS:
+            with torch.no_grad():
+                floor = _ca_formula(net, x, T)
+        elif k is not None:
             with torch.no_grad(), autocast():
                 f_s, p_s = _floor_s(backbone, k, T, x, pair)
             floor, floor_measured = (backbone.num_blocks - k + T * k) / backbone.num_blocks, f_s / p_s
@@ -320,8 +396,10 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
         if train and method != "merged":
             net.train()
             fwd = _reference_forward(net, train=True) if method == "reference" else _net_forward(net)
-            step = _Step(net, fwd, x, amp)
+            step = _Step(net, fwd, x, amp)  # its optimiser: the newest extractor and heads
             t_s, p_s = pair(step)
+            if hasattr(fwd, "restore"):
+                fwd.restore()
             train_rel = t_s / p_s
             if T == max(tasks) and method.startswith("lorax"):
                 profiles["train"] = _profile(step)
@@ -330,7 +408,8 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
             with torch.no_grad():
                 profiles["infer"] = _profile(lambda: net(x))
         peak = (_peak_rss_mb(), _peak_rss_mb() - base_rss)
-        rows.append(_row(cfg, method, T, k, infer_s, plain_s, train_rel, plain_train_s, peak, device,
+        rows.append(_row(cfg, method, T, net.ext.k if method in CA_VARIANTS else k, infer_s, plain_s,
+                         train_rel, plain_train_s, peak, device,
                          floor=floor, floor_measured=floor_measured))
     return {"rows": rows, "profiles": profiles}
 
@@ -499,7 +578,22 @@ def check_targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[Check]:
                 checks.append(Check(f"full-depth lorax training T={t} / reference",
                                     float(lx["train_ratio"]) / float(ref["train_ratio"]),
                                     1.0, "lorax", cfg.name))
+    for m in CA_VARIANTS:
+        r = at.get((m, T))
+        if r is None:
+            continue
+        checks.append(Check(f"{m} inference T={T} x plain (FLOP model {float(r['floor_ratio']):.2f})",
+                            float(r["infer_ratio"]), CA_INFER_BOUND, m, cfg.name))
+        if r["train_ratio"] != "":
+            checks.append(Check(f"{m} training step T={T} x plain fine-tuning step",
+                                float(r["train_ratio"]), CA_TRAIN_BOUND, m, cfg.name))
     T1 = min(int(r["T"]) for r in rows)
+    for m in CA_VARIANTS:
+        lo, hi = at.get((m, T1)), at.get((m, T))
+        if lo and hi and T > T1 and lo["train_ms_per_image"] != "":
+            checks.append(Check(f"{m} training peak RSS (process) T={T} / T={T1}",
+                                float(hi["train_peak_rss_mb"]) / float(lo["train_peak_rss_mb"]),
+                                CA_MEMORY_BOUND, m, cfg.name))
     for m in ("lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS]):
         lo, hi = at.get((m, T1)), at.get((m, T))
         if lo and hi and T > T1 and lo["train_ms_per_image"] != "":
@@ -526,6 +620,26 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
                      f"| {_fmt(r['infer_images_per_s'], '.1f')} | {_fmt(r['infer_ratio'])} "
                      f"| {_fmt(floor)} | {_fmt(r['train_ms_per_image'], '.3f')} | {_fmt(r['train_ratio'])} "
                      f"| {_fmt(r['train_peak_rss_mb'], '.0f')} | {_fmt(r['train_peak_rss_growth_mb'], '.0f')} |")
+    return "\n".join(lines)
+
+
+def class_attention_markdown(rows: list[dict[str, Any]]) -> str:
+    """The class-attention rows beside their FLOP model: inference in plain passes (measured and
+    model), training in plain fine-tuning steps, peak RSS relative to the smallest T."""
+    sel = [r for r in rows if r["method"] in CA_VARIANTS]
+    if not sel:
+        return ("Not measured in this run: `python benchmarks/speed.py --configs vit-b16 dinov2-vits14 "
+                "--methods lorax-ca-k4 lorax-ca-all` adds the rows.")
+    lines = ["| config | method | k | T | inference x plain | FLOP model x plain | measured / model "
+             "| training x plain FT step | peak RSS / smallest T |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for (c, m) in dict.fromkeys((r["config"], r["method"]) for r in sel):
+        rs = sorted((r for r in sel if r["config"] == c and r["method"] == m), key=lambda r: int(r["T"]))
+        base = float(rs[0]["train_peak_rss_mb"])
+        for r in rs:
+            inf, model = float(r["infer_ratio"]), float(r["floor_ratio"])
+            lines.append(f"| {c} | {m} | {r['k']} | {r['T']} | {inf:.2f} | {model:.3f} | {inf / model:.2f} "
+                         f"| {_fmt(r['train_ratio'])} | {float(r['train_peak_rss_mb']) / base:.2f} |")
     return "\n".join(lines)
 
 
@@ -690,21 +804,39 @@ Methods:
 - **plain**: one pass of the frozen backbone (inference floor); training: one fine-tuning step of
   the whole backbone (forward, backward, AdamW), the training floor;
 - **reference**: one full backbone pass per adapter, switching the active adapter, adapters not
-  merged (`base(x) + B(A(x))`): the official LoRAX execution;
+  merged (`base(x) + B(A(x))`): the official LoRAX execution; its training step backpropagates
+  through every adapter's pass with the old adapters' dropout active, as the official code does
+  (only the newest adapter is updated);
 - **lorax**: the toolkit with adapters on every block: adapters batched in one group on CUDA,
   one at a time on CPU, frozen adapters folded into the weights (`W + s B A`, cached up to
   `LORAX_CIL_FOLD_CACHE_MB`, default 512 MB);
 - **lorax-deep-kN**: adapters on the last N blocks; the frozen trunk runs once per image;
-- **merged**: a single detector holding the mean of the T adapters (one pass).
+- **merged**: a single detector holding the mean of the T adapters (one pass);
+- **lorax-ca-k4**, **lorax-ca-all**: class-attention extractors (`lorax-ca`, docs/lorax.md): the
+  frozen backbone runs once for every task, and each task's query token reads the frozen tokens
+  of the last 4 / all blocks with its own LoRA (ViT configs only).
 
 Training rows are one step of the newest extractor at task T (old extractors frozen, run without
-autograd); ratios are to the plain fine-tuning step. "floor" is `(L - k + T k) / L` for
+autograd, except in `reference`, which trains as the official code: every adapter's pass under
+autograd, old adapters' dropout active); ratios are to the plain fine-tuning step. "floor" is `(L - k + T k) / L` for
 backbones with blocks of equal cost, and the measured cost of the trunk once plus T plain tails
 for EfficientNet-Lite0 (its blocks differ in cost).
 
 ![cost vs T](img/performance-speed.png)
 
 {markdown_table(rows)}
+
+## Class-attention extractors against their cost model
+
+The FLOP model (`lorax_cil.models.extractors.class_attention.class_attention_flops`, checked
+against torch's FLOP counter in the tests) counts the matrix products: the shared pass is
+`L - 1` whole blocks plus `norm1` and `qkv` of the last block; each task adds, per adapted
+block, one token through the query projection, attention over the `N` frozen keys, the output
+projection and the MLP, plus its LoRA factors. "measured / model" above 1 is what the model
+leaves out: norms, softmax and the per-call overhead of the small per-token products, which
+dominates on CPU at small batches.
+
+{class_attention_markdown(rows)}
 
 ## Targets at T = {meta['max_T']}
 
@@ -774,8 +906,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]], fields: Sequence[str]) ->
 
 # --- command line -------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS),
-                   help="backbone configs (default: all)")
+    p.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS), choices=list(CONFIGS),
+                   help=f"backbone configs (default: {' '.join(DEFAULT_CONFIGS)})")
+    p.add_argument("--methods", nargs="+", default=None, choices=list(METHODS), metavar="METHOD",
+                   help="measure only these methods (plain always runs; rows of other methods "
+                        f"already in --out are kept); choices: {' '.join(METHODS)}")
     p.add_argument("--tasks", nargs="+", type=int, default=list(DEFAULT_TASKS), help="values of T")
     p.add_argument("--repeats", type=int, default=3, help="timed repeats (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed warm-up calls")
@@ -851,7 +986,8 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
     from lorax_cil.benchmarks.synth import synthesize
 
     tasks = sorted(set(args.tasks))
-    methods = ["plain", "reference", "lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS], "merged"]
+    chosen = getattr(args, "methods", None)
+    methods = [m for m in METHODS if m == "plain" or not chosen or m in chosen]
     rows, checks, profiles_out, loader = [], [], [], {}
     with tempfile.TemporaryDirectory() as tmp:
         data = synthesize(Path(tmp) / "synth", scenario="synth-easy", per_class=32, size=96, seed=0,
@@ -865,6 +1001,8 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
             crows: list[dict[str, Any]] = []
             plain_train = None
             for method in methods:
+                if method in CA_VARIANTS and not cfg.uniform_blocks:
+                    continue  # class attention needs a ViT (the configs of equal-cost blocks)
                 kw = dict(device=device, repeats=args.repeats, warmup=args.warmup, amp=amp,
                           train=not args.no_train, plain_train_s=plain_train,
                           min_time=0.0 if args.smoke else args.min_time)
@@ -904,6 +1042,15 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
             loader[name] = {"workers": workers, "images_per_s": lt,
                             "model_images_per_s": float(deep[0]["infer_images_per_s"]) if deep else float("nan")}
             echo(f"[speed] {name:<18} loader ({workers} workers) {lt:.0f} img/s")
+    old_meta: dict[str, Any] = {}
+    if chosen and (out / "speed.csv").is_file():  # keep the rows this run did not measure
+        fresh = {(r["config"], r["method"]) for r in rows}
+        kept = [r for r in _read_csv(out / "speed.csv") if (r["config"], r["method"]) not in fresh]
+        if kept:
+            echo(f"[speed] kept {len(kept)} rows of {out / 'speed.csv'} not measured by this run")
+            rows = kept + rows
+            if (out / "speed.json").is_file():
+                old_meta = json.loads((out / "speed.json").read_text())
     _write_csv(out / "speed.csv", rows, FIELDS)
     md = markdown_table(rows)
     md += "\n\nData loader (training pipeline alone, generated images):\n\n" + "\n".join(
@@ -920,8 +1067,14 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
             "configs": {n: f"{CONFIGS[n].backbone}, {CONFIGS[n].img_size} px, batch "
                            f"{next(r['batch'] for r in rows if r['config'] == n)}, LoRA rank "
                            f"{CONFIGS[n].lora_r} on '{CONFIGS[n].targets}'" for n in args.configs},
+            "methods": methods,
             "profile_note": ("Missed targets: the profiles of the methods concerned are in "
                              "`profiles.txt` next to the CSV and summarised below.\n\n```\n"
                              + "\n\n".join(p[:3000] for p in profiles_out) + "\n```") if profiles_out else ""}
+    if old_meta:  # rows of earlier commands were kept: say so, and keep their descriptions
+        meta["command"] = f"{old_meta.get('command', '?')}; then {command}"
+        meta["configs"] = {**old_meta.get("configs", {}), **meta["configs"]}
+        meta["loader"] = {**old_meta.get("loader", {}), **meta["loader"]}
+        meta["checks"] = old_meta.get("checks", []) + meta["checks"]
     (out / "speed.json").write_text(json.dumps(meta, indent=2))
     echo(f"wrote {out / 'speed.csv'}, {out / 'speed.md'}, {out / 'speed.png'}")

@@ -317,8 +317,9 @@ class ClassAttentionExtractor(Extractor):
             A, B = ab[name]
             if drop:
                 x = F.dropout(x, drop, training=True)
-            low = torch.einsum("btd,trd->btr", x, A.to(x.dtype))
-            return y + s * torch.einsum("btr,tor->bto", low, B.to(x.dtype))
+            # one batched product per factor over the tasks: (T, B, d_in) @ (T, d_in, r) @ (T, r, d_out)
+            low = torch.bmm(x.transpose(0, 1), A.to(x.dtype).transpose(1, 2))
+            return y + s * torch.bmm(low, B.to(x.dtype).transpose(1, 2)).transpose(0, 1)
 
         Bn, T, _ = z.shape
         d = attn.attn_dim

@@ -23,12 +23,13 @@ class UserError(ValueError):
 
 #: exception types reported as user errors (exit status 2). ValueError covers the configuration,
 #: option, checkpoint (CheckpointError) and data-layout refusals of the library; OSError covers
-#: missing files, permissions, full disks and other refusals of the operating system.
-USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UserError, ValueError, OSError)
+#: missing files, permissions, full disks and other refusals of the operating system;
+#: MemoryError (and torch's OutOfMemoryError, by name) a job too large for the machine.
+USER_ERROR_TYPES: tuple[type[BaseException], ...] = (UserError, ValueError, OSError, MemoryError)
 
 #: further user errors recognised by name, so that checking for them imports nothing heavy
 #: (PIL refuses a "decompression bomb" image with its own exception type).
-_USER_ERROR_NAMES = frozenset({"DecompressionBombError"})
+_USER_ERROR_NAMES = frozenset({"DecompressionBombError", "OutOfMemoryError"})
 
 
 def is_user_error(exc: BaseException) -> bool:
@@ -58,6 +59,9 @@ def one_line(exc: BaseException) -> str:
     """The message of ``exc`` on one line (OS errors name the file; no chained causes)."""
     if isinstance(exc, OSError) and exc.strerror:
         text = _os_error_text(exc)
+    elif isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        text = ("out of memory" + (f" ({exc})" if str(exc) else "") + ": lower the batch size, "
+                "the image size or the number of workers, or use a machine with more memory")
     elif isinstance(exc, KeyError) and exc.args:
         text = f"missing key {exc.args[0]!r}"
     else:

@@ -444,6 +444,9 @@ def test_18_latest_json_symlinked_outside_is_refused(capsys, runs, tmp_path):
     (lambda m: m.pop("config"), "lacks the key(s) config"),
     (lambda m: m["architecture"].update(task_classes=[10**9, 2]), "task_classes"),
     (lambda m: m["architecture"].update(task_classes=[2] * 50), "does not fit"),
+    (lambda m: m["config"]["model"].update(lora_r=10**9), "model.lora_r must be between 1 and 4096"),
+    (lambda m: m["scenario"].update(tasks=[1, 2]), "scenario.tasks must list tasks"),
+    (lambda m: m.update(steps=[]), "0 step records for 2 completed tasks"),
 ])
 def test_19_resealed_metadata_with_missing_keys_or_huge_class_counts(capsys, runs, tmp_path,
                                                                       edit, needle):
@@ -452,6 +455,14 @@ def test_19_resealed_metadata_with_missing_keys_or_huge_class_counts(capsys, run
     refused(capsys, "predict", run / "summary.json", "--model", run, "--device", "cpu",
             needle=needle)
     refused(capsys, "train", "--resume", run, needle=needle)
+
+
+def test_19_deeply_nested_metadata_is_refused(capsys, runs, tmp_path):
+    run = copy_run(runs["full"], tmp_path)
+    depth = 200_000
+    (run / "checkpoints" / "exp_001" / "meta.json").write_text("[" * depth + "]" * depth)
+    refused(capsys, "predict", run / "summary.json", "--model", run, "--device", "cpu",
+            needle=("corrupt checkpoint metadata", "nested too deeply"))
 
 
 def test_20_pretrained_path_to_a_pickle_is_refused_unopened(capsys, clean, tmp_path):
@@ -571,3 +582,9 @@ def test_guard_debug_shows_the_traceback_and_defects_exit_1(capsys, monkeypatch,
     err = capsys.readouterr().err
     assert rc == 1 and "internal error: TypeError" in err and "--debug" in err
     assert "Traceback" not in err
+
+    def too_big(args):
+        raise MemoryError()
+
+    monkeypatch.setattr(data_cmd, "cmd_verify", too_big)
+    refused(capsys, "data", "verify", "--data-path", tmp_path, needle="out of memory")

@@ -84,8 +84,9 @@ def read_checkpoint_meta(folder: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(f"not a checkpoint (no {META}): {folder}")
     try:
         meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: {exc}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CheckpointError(f"corrupt checkpoint metadata {meta_path}: "
+                              f"{exc if not isinstance(exc, RecursionError) else 'nested too deeply'}") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{meta_path} is not a {CHECKPOINT_FORMAT} file")
     version = meta.get("format_version")

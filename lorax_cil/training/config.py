@@ -225,7 +225,11 @@ MINIMUMS: dict[str, float] = {
 }
 #: largest accepted value (probabilities and fractions).
 MAXIMUMS: dict[str, float] = {"data.calib_fraction": 0.99, "data.blur_prob": 1, "data.jpeg_prob": 1,
-                              "model.lora_dropout": 0.99}
+                              "model.lora_dropout": 0.99,
+                              # sizes that allocate memory: far above any real use, so that a
+                              # typo or an edited file cannot ask for terabytes
+                              "model.lora_r": 4096, "model.img_size": 8192, "data.crop": 8192,
+                              "data.resize": 16384, "model.adapt_blocks": 1000}
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -347,6 +351,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a folder; give a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     with open(path, encoding="utf-8") as fh:

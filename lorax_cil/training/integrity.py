@@ -43,7 +43,7 @@ __all__ = [
 #: :func:`data_changes` compares those).
 RESUME_FREE_KEYS = frozenset({
     "train.device", "train.num_workers", "train.eval_batch_size", "data.data_path",
-    "data.strict_data", "out",
+    "data.strict_data", "out", "plugins",
 })
 
 #: keys of a run checkpoint's ``meta.json`` that loading and resuming read.
@@ -118,8 +118,20 @@ def validate_run_meta(meta: Mapping[str, Any], folder: str | os.PathLike) -> Non
     done = meta["completed_tasks"]
     if not isinstance(done, int) or isinstance(done, bool) or done < 0:
         raise CheckpointError(f"{where}: completed_tasks must be a count, got {done!r}")
-    if not isinstance(tasks, list):
-        raise CheckpointError(f"{where}: scenario.tasks must be a list")
+    if not isinstance(tasks, list) or not all(
+            isinstance(t, Mapping) and isinstance(t.get("name"), str)
+            and isinstance(t.get("path"), str) for t in tasks):
+        raise CheckpointError(f"{where}: scenario.tasks must list tasks with a name and a path")
+    if not isinstance(scenario.get("name"), str):
+        raise CheckpointError(f"{where}: scenario.name must be a string")
+    for key, kind in (("config", Mapping), ("steps", list), ("matrices", Mapping),
+                      ("architecture", Mapping)):
+        if not isinstance(meta[key], kind):
+            raise CheckpointError(f"{where}: {key} must be a "
+                                  f"{'list' if kind is list else 'mapping'}")
+    if len(meta["steps"]) != done:
+        raise CheckpointError(f"{where}: {len(meta['steps'])} step records for {done} completed "
+                              "tasks")
     if done > len(tasks):
         raise CheckpointError(f"{where}: {done} completed tasks but the scenario has "
                               f"{len(tasks)}")

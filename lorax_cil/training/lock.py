@@ -129,8 +129,12 @@ class RunLock:
                     f"{self.what} {self.run_dir} is in use by {who} (lock file {self.path}); "
                     "wait for that run to end or choose another folder; if it is known to be "
                     "over (e.g. its machine was switched off), delete the lock file") from None
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(self._record(), fh)
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                    json.dump(self._record(), fh)
+            except OSError as exc:  # e.g. a full disk: leave no empty lock behind
+                self.path.unlink(missing_ok=True)
+                raise OSError(exc.errno, exc.strerror or str(exc), str(self.path)) from exc
             self.held = True
             return self
         raise RunLockedError(f"could not lock {self.run_dir} ({self.path} keeps changing): "

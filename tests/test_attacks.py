@@ -465,6 +465,23 @@ def test_19_deeply_nested_metadata_is_refused(capsys, runs, tmp_path):
             needle=("corrupt checkpoint metadata", "nested too deeply"))
 
 
+@pytest.mark.parametrize("edit, needle", [
+    (lambda m: m.pop("targets"), "lacks the key(s) targets"),
+    (lambda m: m["backbone"].pop("recipe"), "backbone.recipe"),
+    (lambda m: m.update(threshold=float("nan")), "threshold must be a number in [0, 1]"),
+    (lambda m: m["adapter"].update(lora_rank=10**9), "adapter.lora_rank=1000000000"),
+    (lambda m: m["backbone"]["recipe"].update(pretrained="/tmp/evil.pt"), "never loads pickled"),
+])
+def test_19_resealed_detector_metadata(capsys, tmp_path, clean, edit, needle):
+    from lorax_cil.detection.model import AdapterConfig, BackboneRecipe, Detector, save_detector
+
+    det = Detector.from_recipe(BackboneRecipe(name="vit-test", seed=0), AdapterConfig(kind="lora"))
+    folder = save_detector(det, tmp_path / "det")
+    _reseal(folder / "meta.json", edit)
+    refused(capsys, "predict", clean / "a" / "val", "--model", folder, "--device", "cpu",
+            needle=needle)
+
+
 def test_20_pretrained_path_to_a_pickle_is_refused_unopened(capsys, clean, tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"

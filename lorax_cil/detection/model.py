@@ -447,8 +447,11 @@ def load_detector(
     """
     from lorax_cil.training.checkpoint import CheckpointError, load_checkpoint
 
+    from lorax_cil.training.integrity import validate_detector_meta
+
     read_detector_meta(folder)
     tensors, meta = load_checkpoint(folder)
+    validate_detector_meta(meta, folder)  # keys, threshold, sizes, no pickle path: before building
     recipe = BackboneRecipe.from_dict(meta["backbone"]["recipe"])
     bb = backbone if backbone is not None else recipe.build()
     if bb.spec.name != meta["backbone"]["name"]:

@@ -217,3 +217,61 @@ def check_finished_run_data(run_dir: Path, cfg: Any, scenario: Any) -> None:
                         f"folders (task(s) {', '.join(c['task'] for c in changed)} differ in file "
                         "names or sizes): delete that run to train it again on the current data, "
                         "or choose another --out")
+
+
+#: the largest rank or count a detector file may ask for (far above any real use).
+MAX_DETECTOR_SIZE = 4096
+
+
+def validate_detector_meta(meta: Mapping[str, Any], folder: str | os.PathLike) -> None:
+    """Check what a detector's ``meta.json`` asks to build before anything is built: the keys
+    the loader reads, a threshold in [0, 1], a backbone recipe whose ``pretrained`` is no file
+    path (nothing is unpickled), and ranks and counts within :data:`MAX_DETECTOR_SIZE`.
+
+    Raises:
+        CheckpointError: naming the key and the file.
+    """
+    import math
+
+    from lorax_cil.training.checkpoint import CheckpointError
+    from lorax_cil.training.config import _looks_like_file
+
+    where = Path(folder) / "meta.json"
+    backbone = meta.get("backbone")
+    missing = [k for k in ("backbone", "adapter", "threshold", "targets") if k not in meta]
+    if isinstance(backbone, Mapping):
+        missing += [f"backbone.{k}" for k in ("recipe", "name", "fingerprint_sha256")
+                    if k not in backbone]
+    elif "backbone" not in missing:
+        missing.append("backbone (a mapping)")
+    if missing:
+        raise CheckpointError(f"{where} lacks the key(s) {', '.join(missing)} that a detector "
+                              "holds; it was not written by lorax-cil, or was edited")
+    thr = meta["threshold"]
+    if (isinstance(thr, bool) or not isinstance(thr, (int, float)) or not math.isfinite(thr)
+            or not 0.0 <= thr <= 1.0):
+        raise CheckpointError(f"{where}: threshold must be a number in [0, 1], got {thr!r}")
+    recipe = backbone["recipe"]
+    if not isinstance(recipe, Mapping) or not isinstance(meta["adapter"], Mapping):
+        raise CheckpointError(f"{where}: backbone.recipe and adapter must be mappings")
+    if _looks_like_file(recipe.get("pretrained")):
+        raise CheckpointError(f"{where}: backbone.recipe.pretrained names a file "
+                              f"({recipe.get('pretrained')!r}); refused (lorax-cil never loads "
+                              "pickled weights; local weights go in backbone.recipe.weights)")
+
+    def sizes(obj: Any, path: str):
+        if isinstance(obj, Mapping):
+            for k, v in obj.items():
+                yield from sizes(v, f"{path}.{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from sizes(v, f"{path}[{i}]")
+        elif isinstance(obj, int) and not isinstance(obj, bool):
+            yield path, obj
+
+    for path, value in [*sizes(meta["adapter"], "adapter"), *sizes(recipe, "backbone.recipe")]:
+        if path.endswith(".seed"):
+            continue
+        if abs(value) > MAX_DETECTOR_SIZE * 4:  # img_size may reach 8192 x 2
+            raise CheckpointError(f"{where}: {path}={value} is beyond any real detector; refused "
+                                  "before allocating it")

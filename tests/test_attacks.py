@@ -373,6 +373,13 @@ def test_14_run_directory_lock(capsys, clean, tmp_path):
     with RunLock(stale) as lock:
         assert json.loads(lock.path.read_text())["pid"] == os.getpid()
     assert not (stale / LOCK_NAME).exists()
+    # killed between creating the lock file and writing it: empty, recovered once it is old
+    (stale / LOCK_NAME).write_text("")
+    with pytest.raises(Exception, match="unreadable lock file"):
+        RunLock(stale).acquire()
+    os.utime(stale / LOCK_NAME, (0, 0))
+    with RunLock(stale):
+        pass
 
 
 def test_15_merge_out_is_an_input_or_bad_threshold(capsys, tmp_path):

@@ -8,8 +8,9 @@ targets the same folder is refused with a message naming the owner.
 A lock left by a process that was killed (``kill -9``, power loss) is *stale*: when its host
 name is this machine's and no process with its pid runs any more (or the pid now belongs to a
 process started after the lock was written), it is removed and the new run proceeds, with a
-warning. A lock from another host cannot be checked from here: the message says to delete the
-file once that run is known to be over.
+warning; so is an empty lock file older than 10 s (its writer died between creating and
+filling it). A lock from another host cannot be checked from here: the message says to delete
+the file once that run is known to be over.
 """
 
 from __future__ import annotations
@@ -89,6 +90,13 @@ class RunLock:
         return data if isinstance(data, dict) else {}
 
     def _stale(self, owner: dict[str, Any]) -> bool:
+        if not owner:
+            # empty or unreadable: its writer died between creating and filling it (the record
+            # is written right after the file is created), unless that happened just now
+            try:
+                return time.time() - self.path.stat().st_mtime > 10.0
+            except FileNotFoundError:
+                return False
         if owner.get("hostname") != socket.gethostname():
             return False
         pid = owner.get("pid")
@@ -110,7 +118,7 @@ class RunLock:
                 owner = self._read()
                 if owner is None:
                     continue  # released between our attempts
-                if owner and self._stale(owner):
+                if self._stale(owner):
                     # Move the stale file aside first, so two processes recovering it at the
                     # same time cannot both take the lock.
                     aside = self.path.with_name(f"{LOCK_NAME}.stale.{os.getpid()}")

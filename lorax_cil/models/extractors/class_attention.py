@@ -49,7 +49,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from lorax_cil.models.base import BlockBackbone
 from lorax_cil.models.extractors.base import Extractor, Tail, register_extractor
+from lorax_cil.models.timm_vit import TimmViTBackbone
 from lorax_cil.utils import strict_from_dict
 
 __all__ = ["ClassAttentionSpec", "ClassAttentionExtractor", "TaskToken", "class_attention_flops",
@@ -146,9 +148,6 @@ def _vit_parts(tail: Tail) -> tuple[nn.Module, list[nn.Module]]:
     from timm.layers.attention import Attention
     from timm.layers.mlp import Mlp
     from timm.models.vision_transformer import Block, VisionTransformer
-
-    from lorax_cil.models.base import BlockBackbone
-    from lorax_cil.models.timm_vit import TimmViTBackbone
 
     bb = tail.backbone
     name = bb.spec.name

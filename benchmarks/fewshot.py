@@ -9,8 +9,9 @@ images at every size) and every variant is trained with the same memory of
 
     OMP_NUM_THREADS=1 python benchmarks/fewshot.py --per-class 14 50 200 --seeds 0 1 2
 
-Variants (``--variants``, comma-separated): ``lorax`` with the current defaults, and
-``lorax+OPT[+OPT...]`` with OPT one of ``proto`` (prototype initialisation of new head rows),
+Variants (``--variants``, comma-separated): ``lorax`` with the strategy's current defaults, and
+``lorax+OPT[+OPT...]``: every head option off, then OPT, one of ``proto`` (prototype
+initialisation of new head rows),
 ``wa`` (weight aligning), ``bal`` (balanced head fine-tuning, ``--balanced-steps`` steps),
 ``ncm`` (nearest-class-mean read-out), ``official`` (every head option off), ``epochs`` (no
 minimum step count: ``train.min_steps_per_task=0``); and the baselines ``simplecil``,
@@ -69,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra config for every run (e.g. train.min_steps_per_task=100)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--table-only", action="store_true",
+                   help="only tabulate finished runs under --out (missing runs are left out)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--data", default=None, help="data root (default: data/fewshot-<size>px)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "fewshot"))
@@ -78,7 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def variant_config(name: str, args: argparse.Namespace) -> tuple[str, dict]:
     """(strategy, train overrides) of a variant name."""
     strategy, *opts = name.split("+")
-    train: dict = {}
+    # lorax+OPT...: every head option off, then OPT (plain "lorax": the strategy's defaults)
+    train: dict = dict(OPTIONS["official"]) if opts else {}
     for opt in opts:
         if opt not in OPTIONS:
             raise SystemExit(f"unknown variant option {opt!r} in {name!r}; valid: {sorted(OPTIONS)}")
@@ -120,6 +124,8 @@ def run_one(args, variant: str, scenario: str, root: Path, per_class: int, seed:
     out = Path(args.out) / "runs" / f"{per_class}" / variant / f"seed{seed}"
     if (out / "summary.json").is_file():
         return json.loads((out / "summary.json").read_text())
+    if args.table_only:
+        return {}
     strategy, train = variant_config(variant, args)
     tasks = resolve_scenario(scenario, data_path=root).task_names[: args.tasks]
     # the budget that leaves --memory-per-class exemplars per class after the last task
@@ -174,8 +180,11 @@ def main(argv=None) -> int:
                 print(f"[{time.perf_counter() - t0:7.0f} s] {per_class}/class {variant} seed {seed}",
                       flush=True)
                 rows.append(run_one(args, variant, scenario, root, per_class, seed))
-            table.append({"per_class": per_class, "variant": variant, **aggregate(rows)})
-            write_outputs(args, table, argv)
+            rows = [r for r in rows if r]
+            if rows:
+                table.append({"per_class": per_class, "variant": variant,
+                              "seed_list": sorted(r["seed"] for r in rows), **aggregate(rows)})
+                write_outputs(args, table, argv)
     return 0
 
 
@@ -183,15 +192,18 @@ def write_outputs(args, table: list[dict], argv) -> None:
     out = Path(args.out)
     keys = ["per_class", "variant", "seeds"] + [f"{k}_{s}" for k, *_ in METRICS for s in ("mean", "std")]
     with open(out / "fewshot.csv", "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
+        w = csv.DictWriter(fh, fieldnames=keys, extrasaction="ignore")
         w.writeheader()
         for row in table:
             w.writerow({k: (round(row[k], 3) if isinstance(row[k], float) else row[k]) for k in keys})
-    lines = ["| images/class | variant | seeds | " + " | ".join(t for *_, t in METRICS) + " |",
+    lines = ["Mean ± sample std over the seeds (no ± with one seed).", "",
+             "| images/class | variant | seeds | " + " | ".join(t for *_, t in METRICS) + " |",
              "|---:|---|---:|" + "---:|" * len(METRICS)]
     for row in table:
-        cells = [f"{row[f'{k}_mean']:.1f} ± {row[f'{k}_std']:.1f}" for k, *_ in METRICS]
-        lines.append(f"| {row['per_class']} | {row['variant']} | {row['seeds']} | " + " | ".join(cells) + " |")
+        cells = [f"{row[f'{k}_mean']:.1f}" + (f" ± {row[f'{k}_std']:.1f}" if row["seeds"] > 1 else "")
+                 for k, *_ in METRICS]
+        seeds = ",".join(str(s) for s in row["seed_list"])
+        lines.append(f"| {row['per_class']} | {row['variant']} | {seeds} | " + " | ".join(cells) + " |")
     command = "OMP_NUM_THREADS=1 python benchmarks/fewshot.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     header = [

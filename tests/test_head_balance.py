@@ -157,3 +157,30 @@ def test_official_defaults_do_nothing(monkeypatch):
     HeadBalancer(HeadOptions()).before_task(S())
     HeadBalancer(HeadOptions()).after_task(type("T", (), {"model": type("M", (), {"net": None})})())
     assert called == []
+
+
+def test_lorax_family_defaults_to_the_ncm_readout_and_explicit_head_wins():
+    from lorax_cil.training.registry import apply_preset
+
+    def resolved(strategy, explicit=None, **train):
+        cfg = merge_config(RunConfig(), {"train": {"strategy": strategy, **train}}, source="t")
+        return apply_preset(cfg, explicit).train.readout
+
+    assert [resolved(s) for s in ("lorax", "lorax-deep", "lorax-mole")] == ["ncm"] * 3
+    assert resolved("lorax", {"train.readout": "--set train.readout=head"}, readout="head") == "head"
+    assert resolved("lorax", None, readout="head") == "head"  # a value given in a file or dict
+    assert resolved("finetune-replay") is None and HeadOptions.from_config(
+        merge_config(RunConfig(), {"train": {"strategy": "finetune-replay"}}, source="t").train
+    ).readout == "head"
+
+
+def test_saved_configs_without_the_new_keys_keep_their_old_behaviour():
+    from lorax_cil.training.config import saved_run_config
+    from lorax_cil.training.registry import apply_preset
+
+    old = {"train": {"strategy": "lorax", "epochs": 3}}
+    cfg = apply_preset(saved_run_config(old, source="meta.json"))
+    assert cfg.train.readout == "head" and cfg.train.min_steps_per_task == 0
+    new = {"train": {"strategy": "lorax", "readout": "ncm", "min_steps_per_task": 200}}
+    cfg = apply_preset(saved_run_config(new, source="meta.json"))
+    assert cfg.train.readout == "ncm" and cfg.train.min_steps_per_task == 200

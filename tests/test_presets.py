@@ -24,6 +24,8 @@ def other_value(key, value):
         return 2
     if key == "extractor":
         return "lora" if value != "lora" else "full"
+    if key == "readout":
+        return "head" if value != "head" else "ncm"
     raise AssertionError(f"no other value for {key}={value!r}")
 
 

@@ -8,7 +8,13 @@ from typing import Any
 from lorax_cil.training.config import RunConfig
 from lorax_cil.training.registry import register_strategy
 
-__all__ = ["build_lorax_family", "lr_scale"]
+__all__ = ["build_lorax_family", "lr_scale", "LORAX_DEFAULTS"]
+
+#: Defaults of lorax, lorax-deep and lorax-mole where the configuration leaves them unset
+#: (``None``): the nearest-class-mean read-out, chosen by the few-shot ablation
+#: (benchmarks/fewshot.py, docs/fewshot.md). ``--set train.readout=head`` is the official LoRAX
+#: head. (lorax-ca builds its own network, which has no NCM read-out.)
+LORAX_DEFAULTS = {"readout": "ncm"}
 
 
 def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins: list) -> Any:
@@ -67,13 +73,14 @@ register_strategy(
     "lorax",
     description="LoRAX: a new LoRA extractor per task on every block, memory, divergence head",
     model={"extractor": "lora"},
+    defaults=LORAX_DEFAULTS,
 )(_lorax_family)
 
 register_strategy(
     "lorax-deep",
     description="LoRAX with LoRA only in the last k blocks; the frozen trunk runs once",
     model={"extractor": "lora"},
-    defaults={"adapt_blocks": 3},
+    defaults={"adapt_blocks": 3, **LORAX_DEFAULTS},
 )(_lorax_family)
 
 def _class_attention_network(cfg: RunConfig, backbone: Any) -> Any:
@@ -112,7 +119,7 @@ register_strategy(
     "lorax-mole",
     description="LoRAX with a mixture of LoRA experts (shared + routed) per task on the last k blocks",
     model={"extractor": "mole"},
-    defaults={"adapt_blocks": 3},
+    defaults={"adapt_blocks": 3, **LORAX_DEFAULTS},
 )(_lorax_family)
 
 register_strategy(

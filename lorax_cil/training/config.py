@@ -122,7 +122,10 @@ class TrainConfig:
             task, on the memory plus an equal-size sample of each new class (EEIL); 0: off.
         head_balanced_lr: learning rate of that fine-tuning.
         readout: ``head`` (the linear head) or ``ncm`` (cosine to class means of the
-            concatenated features, kept after each task) for evaluation and prediction.
+            concatenated features, kept after each task) for evaluation and prediction;
+            ``None``: the strategy's default, ``ncm`` for ``lorax``, ``lorax-deep`` and
+            ``lorax-mole`` (chosen by ``benchmarks/fewshot.py``, see docs/fewshot.md) and
+            ``head`` otherwise. ``head`` reproduces the official LoRAX.
         cache_trunk: compute the frozen trunk once per training image and task and train every
             epoch from the cached outputs (LoRAX family; refused when the training transform
             is random). Memory: one trunk output per training image.
@@ -152,7 +155,7 @@ class TrainConfig:
     head_wa: bool = False
     head_balanced_steps: int = 0
     head_balanced_lr: float = 1e-4
-    readout: str = "head"
+    readout: str | None = None
     cache_trunk: bool = False
 
 
@@ -344,6 +347,20 @@ def merge_sections(base: Any, updates: Mapping[str, Any], *, sections: Sequence[
 def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) -> RunConfig:
     """Return ``base`` updated by a nested mapping; unknown sections or keys raise ValueError."""
     return merge_sections(base, updates, sections=tuple(_SECTIONS), source=source, coerce=_check_type)
+
+
+#: ``train`` keys added after runs were first saved, with the behaviour those runs had: a saved
+#: configuration without them means these values (see :func:`saved_run_config`).
+LEGACY_TRAIN = {"min_steps_per_task": 0, "readout": "head"}
+
+
+def saved_run_config(d: Mapping[str, Any], *, source: str) -> RunConfig:
+    """The :class:`RunConfig` of a saved run (``meta.json`` / ``config.yaml``): keys the run's
+    version did not have take the behaviour it had (:data:`LEGACY_TRAIN`), not today's
+    defaults."""
+    d = dict(d)
+    d["train"] = {**LEGACY_TRAIN, **dict(d.get("train") or {})}
+    return RunConfig.from_dict(d, source=source)
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

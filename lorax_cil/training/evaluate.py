@@ -15,7 +15,7 @@ def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple
     from lorax_cil.benchmarks.scenarios import Scenario
     from lorax_cil.plugins import load_plugins
     from lorax_cil.training.checkpoint import latest_checkpoint, load_checkpoint
-    from lorax_cil.training.config import RunConfig
+    from lorax_cil.training.config import saved_run_config
     from lorax_cil.training.integrity import validate_run_meta
     from lorax_cil.training.registry import apply_preset
     from lorax_cil.training.runner import build_backbone, build_network
@@ -24,7 +24,7 @@ def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple
     folder = path if (path / "meta.json").is_file() else latest_checkpoint(path)
     tensors, meta = load_checkpoint(folder)
     validate_run_meta(meta, folder)
-    cfg = RunConfig.from_dict(meta["config"], source=str(folder / "meta.json"))
+    cfg = saved_run_config(meta["config"], source=str(folder / "meta.json"))
     load_plugins(cfg.plugins, needed_by=f"run {path}")  # what registered its strategy, backbone
     cfg = apply_preset(cfg)
     net = build_network(cfg, build_backbone(cfg))

@@ -83,7 +83,7 @@ class HeadOptions:
         """The options of a ``TrainConfig``."""
         return cls(init=t.head_init, wa=bool(t.head_wa), balanced_steps=int(t.head_balanced_steps),
                    balanced_lr=float(t.head_balanced_lr), balanced_batch=int(t.batch_size),
-                   readout=t.readout)
+                   readout=t.readout or "head")
 
 
 def check_head_options(cfg: Any, strategy: Any) -> None:

@@ -16,7 +16,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-from lorax_cil.training.config import RunConfig
+from lorax_cil.training.config import ModelConfig, RunConfig
 
 __all__ = ["StrategyPreset", "PresetConflictError", "register_strategy", "get_strategy",
            "list_strategies", "apply_preset", "preset_table"]
@@ -31,7 +31,8 @@ class StrategyPreset:
         description: one line for ``--help`` and tables.
         model: ModelConfig fields this strategy forces.
         train: TrainConfig fields this strategy forces.
-        defaults: ModelConfig fields set only when the user left them at ``None``.
+        defaults: ModelConfig or TrainConfig fields set only when the user left them at
+            ``None``.
         builder: ``builder(cfg, net, device, evaluator, plugins) -> strategy``.
         network: ``network(cfg, backbone) -> model`` when the strategy does not train the
             expandable network (``None``: :func:`~lorax_cil.training.runner.build_network`).
@@ -108,7 +109,7 @@ def preset_table() -> list[tuple[str, str, str, Any, bool]]:
     for name, p in _REGISTRY.items():
         rows += [(name, "model", k, v, True) for k, v in p.model.items()]
         rows += [(name, "train", k, v, True) for k, v in p.train.items()]
-        rows += [(name, "model", k, v, False) for k, v in p.defaults.items()]
+        rows += [(name, _default_section(k), k, v, False) for k, v in p.defaults.items()]
     return rows
 
 
@@ -140,11 +141,18 @@ def apply_preset(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> R
                 raise PresetConflictError(_conflict_message(name, where, value, explicit[where],
                                                             wanted))
     model = dataclasses.replace(cfg.model, **preset.model)
-    for key, value in preset.defaults.items():
-        if f"model.{key}" not in explicit and getattr(model, key) is None:
-            setattr(model, key, value)
     train = dataclasses.replace(cfg.train, **preset.train)
+    for key, value in preset.defaults.items():
+        section = _default_section(key)
+        obj = model if section == "model" else train
+        if f"{section}.{key}" not in explicit and getattr(obj, key) is None:
+            setattr(obj, key, value)
     return dataclasses.replace(cfg, model=model, train=train)
+
+
+def _default_section(key: str) -> str:
+    """``model`` or ``train``: the section of a preset ``defaults`` key."""
+    return "model" if key in {f.name for f in dataclasses.fields(ModelConfig)} else "train"
 
 
 def _forced(p: StrategyPreset) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 
 from lorax_cil import distributed as dist
 from lorax_cil.training.checkpoint import latest_checkpoint
-from lorax_cil.training.config import RunConfig
+from lorax_cil.training.config import RunConfig, saved_run_config
 from lorax_cil.training.head_balance import check_head_options
 from lorax_cil.training.integrity import data_changes, format_changes, protocol_changes
 from lorax_cil.utils import atomic_write_text, resolve_device, seed_everything, write_json
@@ -615,9 +615,7 @@ def resume_run(run_dir: str | Path, *, add_tasks: Sequence[str] = (), overrides:
 
     folder, tensors, meta = dist.on_main(read)  # rank 0 reads; the other ranks receive it
     validate_run_meta(meta, folder)
-    stored = dict(meta["config"])
-    # Runs written before train.min_steps_per_task existed trained the epochs as given.
-    stored["train"] = {"min_steps_per_task": 0, **stored.get("train", {})}
+    stored = saved_run_config(meta["config"], source=str(folder / "meta.json")).to_dict()
     cfg = RunConfig.from_dict(stored, source=str(folder / "meta.json"))
     if overrides:
         cfg = merge_config(cfg, overrides, source="command line")

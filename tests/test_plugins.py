@@ -142,3 +142,25 @@ def test_entry_point_plugins_are_loaded(monkeypatch):
     monkeypatch.setattr(plugins, "_ENTRY_POINTS_LOADED", False)
     assert plugins.load_entry_point_plugins() == ["demo"] and calls == ["demo"]
     assert plugins.load_entry_point_plugins() == []  # once per process
+
+
+def test_merge_method_from_a_plugin_file(tmp_path, capsys):
+    from lorax_cil.cli import main
+    from lorax_cil.merging.result import get_merge_method, merge_method_names
+    from lorax_cil.plugins import load_plugin
+
+    assert main(["merge", "--plugin", str(tmp_path / "none.py"), "--specialists", "a", "b",
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "none.py does not exist" in capsys.readouterr().err
+    assert main(["merge", "--method", "my-mean", "--specialists", "a", "b",
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "unknown merge method 'my_mean'" in capsys.readouterr().err
+    plugin = tmp_path / "merge_plugin.py"
+    plugin.write_text(textwrap.dedent('''
+        from lorax_cil.merging.methods import weight_average
+        from lorax_cil.merging.result import register_merge_method
+
+        register_merge_method("my_mean")(weight_average)
+    '''))
+    load_plugin(str(plugin))
+    assert "my_mean" in merge_method_names() and get_merge_method("my_mean") is not None

@@ -93,3 +93,13 @@ def test_cli_config_file_key_against_preset(capsys, tmp_path):
     assert main(["train", "--config", str(cfg), "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert f"train.head_div: 0.3 in {cfg} conflicts with strategy 'ewc'" in err
+
+
+def test_compare_announces_the_keys_a_preset_fixes():
+    from lorax_cil.training.compare import preset_changes
+
+    shared = merge_config(RunConfig(), {"train": {"memory_size": 40}}, source="test")
+    lines = preset_changes(shared, "finetune")
+    assert "finetune: train.memory_size=0 (fixed by the strategy; the shared value 40 does not " \
+           "apply)" in lines
+    assert not any("memory_size" in line for line in preset_changes(shared, "finetune-replay"))

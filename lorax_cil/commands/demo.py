@@ -32,16 +32,18 @@ OFFLINE_PRETRAINED = ("dinov2-vits14", "efficientnet-lite0")
 #: Per-backbone demo settings (used where the flag is not given). ``img_size`` builds the
 #: backbone at the image size; ``cache_trunk`` computes the frozen trunk once per image and task.
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
-    # ViT-S/14 at 112 px: an 8 x 8 patch grid (112 = 8 x 14, no border lost); extractors on the
-    # last 4 of 12 blocks, so the 8-block trunk runs once per training image and task.
-    "dinov2-vits14": dict(size=112, per_class=100, val_per_class=50, adapt_blocks=4,
-                          img_size=112, cache_trunk=True),
-    # EfficientNet-Lite0 at 96 px: extractors on the last 8 of 16 MBConv blocks.
+    # ViT-S/14 at 84 px: a 6 x 6 patch grid (84 = 6 x 14, no border lost; 37 tokens); LoRA on
+    # attention and MLP of the last 4 of 12 blocks, so the 8-block trunk runs once per training
+    # image and task.
+    "dinov2-vits14": dict(size=84, per_class=100, val_per_class=50, adapt_blocks=4,
+                          img_size=84, cache_trunk=True, lora_targets="attn+mlp"),
+    # EfficientNet-Lite0 at 96 px: LoRA on the pointwise convolutions of the last 8 of 16
+    # MBConv blocks.
     "efficientnet-lite0": dict(size=96, per_class=100, val_per_class=50, adapt_blocks=8,
-                               img_size=None, cache_trunk=True),
+                               img_size=None, cache_trunk=True, lora_targets="auto"),
 }
 _GENERIC = dict(size=96, per_class=100, val_per_class=50, adapt_blocks=0, img_size="size",
-                cache_trunk=False)
+                cache_trunk=False, lora_targets="auto")
 DEFAULT_BACKBONE = "dinov2-vits14"
 #: Strategies of the LoRAX strategy class, which can train from cached trunk outputs.
 TRUNK_CACHE_STRATEGIES = ("lorax", "lorax-deep", "lorax-mole", "finetune", "finetune-replay")
@@ -95,6 +97,7 @@ def resolve_demo_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.img_size is not None and args.img_size != args.size:
         args.img_size = args.size  # a ViT is built at the image size it is given
     args.cache_trunk = bool(preset["cache_trunk"]) and not getattr(args, "no_cache_trunk", False)
+    args.lora_targets = preset["lora_targets"]
     if args.min_steps < 0:
         raise ValueError(f"--min-steps must be >= 0, got {args.min_steps}")
     for key in ("size", "per_class", "val_per_class", "epochs"):
@@ -147,6 +150,7 @@ def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
     return merge_config(RunConfig(), {
         "data": {"scenario": args.scenario, "data_path": str(data_dir), "crop": args.size},
         "model": {"backbone": args.backbone, "pretrained": pretrained, "lora_r": 16,
+                  "lora_targets": args.lora_targets,
                   "img_size": args.img_size, "adapt_blocks": args.adapt_blocks or None,
                   "lora_alpha": 16.0, "lora_dropout": 0.0},
         "train": train,

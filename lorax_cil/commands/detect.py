@@ -200,7 +200,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorax_cil.detection.model import load_detector, read_detector_meta
     from lorax_cil.detection.protocol import BLUR_SIGMAS, JPEG_QUALITIES, evaluate_detector
     from lorax_cil.detection.train import resolve_device
-
     from lorax_cil.training.integrity import check_out_dir
 
     check_out_dir(args.out, data_paths=[args.data])

@@ -446,7 +446,6 @@ def load_detector(
         CheckpointError: not a detector, damaged file, or backbone weights that do not match.
     """
     from lorax_cil.training.checkpoint import CheckpointError, load_checkpoint
-
     from lorax_cil.training.integrity import validate_detector_meta
 
     read_detector_meta(folder)

@@ -258,7 +258,7 @@ def test_09_eval_of_a_partial_run(capsys, runs, tmp_path):
     (["--set", "train.seed=0.5"], "train.seed must be an integer"),
     (["--set", "train.batch_size=2.5"], "train.batch_size must be an integer"),
     (["--set", "train.memory_size=10.5"], "train.memory_size must be an integer"),
-    (["--crop", "0"], "data.crop must be >= 1"),
+    (["--crop", "0"], "data.crop must be between 1 and 8192"),
     (["--device", "tpu"], "train.device (--device)"),
     (["--set", "data.blur_prob=2"], "data.blur_prob must be between 0 and 1"),
 ])

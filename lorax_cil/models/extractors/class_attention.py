@@ -155,7 +155,7 @@ def _vit_parts(tail: Tail) -> tuple[nn.Module, list[nn.Module]]:
             "and standard pre-norm blocks (vit_*, deit_*, dinov2-vits14, vit-test)")
     model = getattr(bb, "model", None)
     if not isinstance(bb, TimmViTBackbone) or not isinstance(model, VisionTransformer):
-        raise ValueError(f"{need}; backbone {name!r} is a {bb.spec.family} {type(bb).__name__}")
+        raise ValueError(f"{need}; got backbone {name!r} ({bb.spec.family}, {type(bb).__name__})")
     if type(bb).run_block is not BlockBackbone.run_block:
         raise ValueError(f"{need}; backbone {name!r} changes its token layout between blocks")
     if getattr(model, "cls_token", None) is None or getattr(model, "num_prefix_tokens", 0) < 1:

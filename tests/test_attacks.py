@@ -206,8 +206,9 @@ def test_05_substituted_images_are_counted_and_named(capsys, dirty, dirty_run, r
     assert summary["data_issues"]["substituted_at_load"] >= 2
     # the evaluation leaves the substituted image out of n and names it in its JSON
     out_json = dirty.parent / "eval.json"
-    rc, _, err = cli(capsys, "eval", "--run", dirty_run, "--out", out_json)
+    rc, out, err = cli(capsys, "eval", "--run", dirty_run, "--out", out_json)
     assert rc == 0, err
+    assert "1 that failed to decode left out of n" in out and "val/1_fake/truncated.png" in out
     result = json.loads(out_json.read_text())
     assert result["per_task"]["a"]["n"] == 6  # 3 real + 4 fake - 1 truncated
     assert any(p.endswith("val/1_fake/truncated.png")

@@ -362,4 +362,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{100 * r['binary']:6.2f}  strict {100 * r['strict']:6.2f}  AP {r['ap']:.3f}  "
               f"n={r['n']}")
     print(f"mean multi-real accuracy: {100 * result['mean_multi_real']:.2f}")
+    issues = result.get("data_issues") or {}
+    if issues.get("unreadable") or issues.get("substituted_files"):
+        from lorax_cil.errors import printable
+
+        print(f"data issues: {issues['unreadable']} unreadable file(s) skipped, "
+              f"{len(issues['substituted_files'])} that failed to decode left out of n")
+        for path in [*issues.get("unreadable_files", []), *issues["substituted_files"]][:10]:
+            print(f"  {printable(path)}")
     return 0

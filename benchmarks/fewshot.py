@@ -56,7 +56,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-per-class", type=int, default=50)
     p.add_argument("--tasks", type=int, default=None, help="use only the first N tasks")
     p.add_argument("--size", type=int, default=32, help="image size (px) and crop")
-    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--backbone", default="efficientnet-lite0",
+                   help="efficientnet-lite0, dinov2-vits14 (with --img-size = --size), ...")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="backbone input size (a ViT's crop must equal it)")
+    p.add_argument("--no-pretrained", action="store_true", help="random backbone weights")
     p.add_argument("--adapt-blocks", type=int, default=3,
                    help="LoRAX extractors on the last k blocks (0: every block)")
     p.add_argument("--epochs", type=int, default=10)
@@ -132,7 +136,8 @@ def run_one(args, variant: str, scenario: str, root: Path, per_class: int, seed:
     memory = 2 * len(tasks) * args.memory_per_class
     base = {
         "data": {"scenario": "custom", "crop": args.size},
-        "model": {"backbone": args.backbone, "pretrained": args.backbone == "efficientnet-lite0",
+        "model": {"backbone": args.backbone, "pretrained": not args.no_pretrained,
+                  "img_size": args.img_size,
                   "lora_r": args.lora_r, "lora_alpha": float(args.lora_r), "lora_dropout": 0.0,
                   "adapt_blocks": args.adapt_blocks or None},
         "train": {"strategy": strategy, "epochs": args.epochs, "batch_size": args.batch_size,

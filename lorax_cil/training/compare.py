@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from lorax_cil.training.config import RunConfig, merge_config
+from lorax_cil.training.lock import LOCK_NAME
 
 __all__ = ["TABLE_METRICS", "Comparison", "run_comparison", "config_differences", "preset_changes",
            "aggregate_runs", "markdown_table", "comparison_caption"]
@@ -284,7 +285,8 @@ def _run_state(run_dir: Path, cfg: RunConfig, scenario: Any) -> str:
     """``finished``, ``partial`` (has a checkpoint) or ``empty``; checks the configuration."""
     import yaml
 
-    if not run_dir.exists() or not any(run_dir.iterdir()):
+    # a lock file alone is what a run killed right after it started leaves behind
+    if not run_dir.exists() or not any(p.name != LOCK_NAME for p in run_dir.iterdir()):
         return "empty"
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():

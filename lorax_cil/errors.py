@@ -49,7 +49,8 @@ def _os_error_text(exc: OSError) -> str:
     what = exc.strerror or str(exc) or type(exc).__name__
     if exc.errno == errno.ENOSPC:
         what = "no space left on device (free some space and rerun; files written earlier are intact)"
-    names = [display_path(n) for n in (exc.filename, exc.filename2) if n is not None]
+    names = [display_path(n) if isinstance(n, (str, bytes, os.PathLike)) else str(n)
+             for n in (exc.filename, exc.filename2) if n is not None]
     if names and exc.strerror:
         return f"{what}: {' -> '.join(names)}"
     return str(exc) if not exc.strerror else what

@@ -28,9 +28,9 @@ The token enters block ``L - k`` as the frozen class token at that point plus a 
 the frozen class token (it attends to the same keys, including the frozen class token's own),
 so a new task starts from the frozen backbone's feature.
 
-Every task's token runs in one batch: ``T`` queries attend to the same keys and values in one
-attention call; the LoRA updates of the ``T`` tasks are one batched matrix product per layer
-(stacked per-task factors, cached while they do not change).
+Every task's token runs in one batch: the frozen projections run once over the ``(B, T, D)``
+tokens and ``T`` queries attend to the same keys and values in one attention call; only the
+rank-``r`` LoRA updates are one small product per task (each on its own token).
 
 Supported backbones: timm Vision Transformers with a class token (``vit_*``, ``deit_*``,
 ``dinov2-vits14``, ``vit-test``) whose blocks are timm's ``Block`` (pre-norm, fused ``qkv``
@@ -57,6 +57,7 @@ from lorax_cil.utils import strict_from_dict
 __all__ = ["ClassAttentionSpec", "ClassAttentionExtractor", "TaskToken", "class_attention_flops",
            "block_flops"]
 
+_Pair = tuple[torch.Tensor, torch.Tensor]  # (A, B) of one LoRA
 #: The layers a task token can adapt, in block order.
 CA_TARGETS = ("q", "proj", "fc1", "fc2")
 _INITS = ("kaiming", "gaussian")
@@ -190,7 +191,6 @@ class ClassAttentionExtractor(Extractor):
         self.dims = {"q": (dim, attn.attn_dim), "proj": (attn.attn_dim, dim),
                      "fc1": (dim, mlp.fc1.out_features), "fc2": (mlp.fc1.out_features, dim)}
         self._shared_cache: tuple[Any, ...] | None = None
-        self._stack_cache: dict[tuple[int, ...], tuple[tuple, dict]] = {}
         self.shared_passes = 0  # how many times the frozen tail ran (tests, benchmarks)
 
     @property
@@ -257,27 +257,13 @@ class ClassAttentionExtractor(Extractor):
         return attn.k_norm(qkv[1]), qkv[2]
 
     # --- task tokens ---------------------------------------------------------------------------
-    def _stacks(self, tasks: Sequence[int]) -> tuple[torch.Tensor, list[dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
-        """Tokens ``(T, D)`` and per block ``{layer: (A (T, r, d_in), B (T, d_out, r))}``.
-
-        Without autograd, the stacks of frozen factors are cached and rebuilt when a factor
-        changes (version counter or storage)."""
+    def _factors(self, tasks: Sequence[int]) -> tuple[torch.Tensor, list[dict[str, list[_Pair]]]]:
+        """Tokens ``(T, D)`` and per block ``{layer: [(A_t, B_t) for each task]}`` (the
+        parameters themselves: no stacked copy, so memory grows by the parameters alone)."""
         mods = [self.extractors[t] for t in tasks]
-        grad = torch.is_grad_enabled() and any(p.requires_grad for m in mods for p in m.parameters())
-        key = tuple(tasks)
-        if not grad:
-            stamp = tuple((p._version, p.data_ptr(), p.device, p.dtype) for m in mods for p in m.parameters())
-            hit = self._stack_cache.get(key)
-            if hit is not None and hit[0] == stamp:
-                return hit[1]["token"], hit[1]["blocks"]
         tokens = torch.stack([m.token for m in mods])
-        blocks = [{name: (torch.stack([m.blocks[j][name].A for m in mods]),
-                          torch.stack([m.blocks[j][name].B for m in mods]))
+        blocks = [{name: [(m.blocks[j][name].A, m.blocks[j][name].B) for m in mods]
                    for name in self.spec.targets} for j in range(self.k)]
-        if not grad:
-            if len(self._stack_cache) >= 4:
-                self._stack_cache.clear()
-            self._stack_cache[key] = (stamp, {"token": tokens, "blocks": blocks})
         return tokens, blocks
 
     def features(self, h: torch.Tensor, tasks: Sequence[int], *, train: bool) -> list[torch.Tensor]:
@@ -295,7 +281,7 @@ class ClassAttentionExtractor(Extractor):
 
     def _run(self, cls0: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]], tasks: list[int], *,
              train: bool) -> list[torch.Tensor]:
-        tokens, lora = self._stacks(tasks)
+        tokens, lora = self._factors(tasks)
         z = cls0.unsqueeze(1) + tokens.unsqueeze(0).to(cls0.dtype)  # (B, T, D)
         drop = self.spec.dropout if train and self.training and not any(
             self.extractors[t].frozen for t in tasks) else 0.0
@@ -306,19 +292,18 @@ class ClassAttentionExtractor(Extractor):
         return list(out.unbind(1))
 
     def _block(self, blk: nn.Module, z: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               ab: Mapping[str, tuple[torch.Tensor, torch.Tensor]], drop: float) -> torch.Tensor:
+               ab: Mapping[str, list[_Pair]], drop: float) -> torch.Tensor:
         attn, mlp = blk.attn, blk.mlp
         s = self.spec.scaling
 
         def lora(name: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             if name not in ab:
                 return y
-            A, B = ab[name]
             if drop:
                 x = F.dropout(x, drop, training=True)
-            # one batched product per factor over the tasks: (T, B, d_in) @ (T, d_in, r) @ (T, r, d_out)
-            low = torch.bmm(x.transpose(0, 1), A.to(x.dtype).transpose(1, 2))
-            return y + s * torch.bmm(low, B.to(x.dtype).transpose(1, 2)).transpose(0, 1)
+            # task i's factors on its own token only: T products of (B, d_in) x (d_in, r) x (r, d_out)
+            up = [F.linear(F.linear(x[:, i], A.to(x.dtype)), B.to(x.dtype)) for i, (A, B) in enumerate(ab[name])]
+            return y + s * torch.stack(up, dim=1)
 
         Bn, T, _ = z.shape
         d = attn.attn_dim

@@ -48,8 +48,11 @@ def main() -> None:
         "model": {"backbone": args.backbone,
                   "pretrained": args.backbone == "efficientnet-lite0",
                   "lora_r": 4, "lora_alpha": 8.0, "lora_dropout": 0.0},
+        # min_steps_per_task=0: train exactly --epochs (the default 200-step floor would
+        # stretch this quick example's tiny tasks to about a hundred epochs each).
         "train": {"epochs": args.epochs, "batch_size": 16, "eval_batch_size": 64,
-                  "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0, "memory_size": 50},
+                  "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0, "memory_size": 50,
+                  "min_steps_per_task": 0},
     }, source="example")
 
     # 3. Run (finished runs are reused on a second call) and write the table and figures.

@@ -699,7 +699,7 @@ def accuracy_tradeoff(out: Path, *, seeds: Sequence[int], per_class: int, epochs
                           "eval_batch_size": 128, "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0,
                           "min_lr": 1e-5, "memory_size": 24 * per_class // 2, "seed": seed,
                           "device": "cpu", "checkpoint_every_task": False,
-                          "min_steps_per_task": 0},
+                          "min_steps_per_task": 0, "readout": "head"},
             }, source="speed benchmark")
             name = strategy if k is None else f"{strategy}-k{k}"
             run = Run(cfg, run_dir=out / "accuracy-runs" / f"{name}-s{seed}",

@@ -68,6 +68,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train.min_steps_per_task: raise a task's epochs until it trains this many "
                         "optimizer steps (default 0: the epoch count alone, as the tables below "
                         "were made)")
+    p.add_argument("--readout", choices=("head", "ncm"), default="head",
+                   help="train.readout of the LoRAX-family strategies (default head: the linear "
+                        "head, as the tables below were made; ncm: the lorax default, see "
+                        "docs/fewshot.md)")
     p.add_argument("--memory-size", type=int, default=None,
                    help="exemplar budget (default: --memory-fraction of the training images)")
     p.add_argument("--memory-fraction", type=float, default=0.03,
@@ -142,6 +146,7 @@ def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
         "strategy": strategy, "epochs": args.epochs, "batch_size": 32, "eval_batch_size": 128,
         "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0, "min_lr": 1e-5, "seed": args.seed,
         "min_steps_per_task": args.min_steps,
+        "readout": args.readout if strategy in ("lorax", "lorax-deep", "lorax-mole") else None,
         "memory_size": args.memory_size_resolved,
         "cache_trunk": bool(args.cache_trunk and strategy in TRUNK_CACHE_STRATEGIES),
     }

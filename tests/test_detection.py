@@ -252,3 +252,23 @@ def test_cli_detect_train_eval_info(tmp_path, capsys):
     assert '"kind": "mole"' in capsys.readouterr().out
     assert main(["detect", "eval", "--detector", str(tmp_path / "nothing"), "--data", str(data),
                  "--out", str(tmp_path / "e2")]) == 2
+
+
+def test_detect_config_values_are_checked_like_run_config_values():
+    """Detector and run configurations share one typed coercer (types and bounds)."""
+    from lorax_cil.detection.train import DetectConfig, merge_detect_config
+
+    cfg = merge_detect_config(DetectConfig(), {"train": {"lr": "6e-4", "epochs": 3.0},
+                                               "model": {"expert_ranks": (4, 8)}}, source="t")
+    assert cfg.train.lr == 6e-4 and cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.model.expert_ranks == [4, 8]
+    for updates, message in (
+        ({"train": {"epochs": 2.5}}, "train.epochs must be an integer"),
+        ({"train": {"epochs": 0}}, "train.epochs must be >= 1"),
+        ({"data": {"blur_prob": 1.5}}, "data.blur_prob must be between 0 and 1"),
+        ({"model": {"backbone_options": "avg"}}, "model.backbone_options must be a mapping"),
+        ({"model": {"expert_ranks": 8}}, "model.expert_ranks must be a list"),
+        ({"train": {"device": "tpu"}}, "train.device"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            merge_detect_config(DetectConfig(), updates, source="t")

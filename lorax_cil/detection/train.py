@@ -162,32 +162,29 @@ class DetectConfig:
 
 
 _SECTIONS = ("data", "model", "train")
-
-
-def _coerce(where: str, value: Any, current: Any) -> Any:
-    if isinstance(current, dict):
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{where} must be a mapping, got {value!r}")
-        return dict(value)
-    if isinstance(current, list) and value is not None and not isinstance(value, (list, tuple)):
-        raise ValueError(f"{where} must be a list, got {value!r}")
-    if value is None or current is None or isinstance(current, (list, str)):
-        return list(value) if isinstance(current, list) and value is not None else value
-    if isinstance(current, bool):
-        if not isinstance(value, bool) and not isinstance(value, str):
-            raise ValueError(f"{where} must be true or false, got {value!r}")
-        return value
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{where} must be a number, got {value!r}")
-    return float(value) if isinstance(current, float) else value
+#: Bounds of numeric detector keys (as the run configuration's, where the keys mean the same).
+DETECT_MINIMUMS: dict[str, float] = {
+    "data.calib_fraction": 0, "data.crop": 1, "data.resize": 1, "data.blur_prob": 0,
+    "data.jpeg_prob": 0, "model.img_size": 1, "model.blocks": 1, "model.shared_rank": 0,
+    "model.dropout": 0, "model.lora_rank": 1, "train.epochs": 1, "train.max_steps": 1,
+    "train.batch_size": 1, "train.eval_batch_size": 1, "train.lr": 0, "train.weight_decay": 0,
+    "train.balance_weight": 0, "train.seed": 0, "train.num_workers": 0,
+}
+DETECT_MAXIMUMS: dict[str, float] = {
+    "data.calib_fraction": 0.99, "data.blur_prob": 1, "data.jpeg_prob": 1, "model.dropout": 0.99,
+    "data.crop": 8192, "data.resize": 16384, "model.img_size": 8192, "model.lora_rank": 4096,
+    "model.shared_rank": 4096, "model.blocks": 1000,
+}
 
 
 def merge_detect_config(base: DetectConfig, updates: Mapping[str, Any], *, source: str) -> DetectConfig:
     """``base`` updated by a nested mapping (a new object); unknown sections or keys raise."""
-    from lorax_cil.training.config import merge_sections
+    from lorax_cil.training.config import merge_sections, typed_coercer
 
-    return merge_sections(base, updates, sections=_SECTIONS, source=source,
-                          coerce=lambda sec, key, value, cur, src: _coerce(f"{src}: {sec}.{key}", value, cur))
+    coerce = typed_coercer(
+        {"data": DetectDataConfig, "model": DetectModelConfig, "train": DetectTrainConfig},
+        minimums=DETECT_MINIMUMS, maximums=DETECT_MAXIMUMS)
+    return merge_sections(base, updates, sections=_SECTIONS, source=source, coerce=coerce)
 
 
 # --------------------------------------------------------------------------- data

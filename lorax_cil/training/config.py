@@ -237,27 +237,49 @@ MAXIMUMS: dict[str, float] = {"data.calib_fraction": 0.99, "data.blur_prob": 1, 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def _kinds(section: str, key: str) -> set[str]:
+def _kinds(sections: Mapping[str, type], section: str, key: str) -> set[str]:
     """The type names in the annotation of ``section.key`` (``{"int", "None"}`` for
-    ``int | None``)."""
-    cls = _SECTIONS.get(section)
+    ``int | None``; ``{"list"}`` for ``list[str]``)."""
+    cls = sections.get(section)
     ann = {f.name: f.type for f in fields(cls)}.get(key) if cls is not None else None
     if not isinstance(ann, str):
         return set()
     return {part.strip().split("[")[0] for part in ann.split("|")}
 
 
-def _check_type(section: str, key: str, value: Any, current: Any, source: str) -> Any:
-    """Check one value against the key's declared type and range; convert where exact
-    (``3.0`` -> ``3`` for an integer key, ``"1e-3"`` -> ``0.001`` for a float key)."""
-    name = f"{section}.{key}"
-    kinds = _kinds(section, key)
+def typed_coercer(sections: Mapping[str, type], *, minimums: Mapping[str, float] | None = None,
+                  maximums: Mapping[str, float] | None = None
+                  ) -> Callable[[str, str, Any, Any, str], Any]:
+    """The ``coerce`` function of :func:`merge_sections` for config dataclasses ``sections``
+    (section name -> dataclass): each value is checked against its field's declared type and
+    the ``section.key`` bounds, and converted where exact (``3.0`` -> ``3`` for an integer,
+    ``"1e-3"`` -> ``0.001`` for a float). Run and detector configurations share it."""
+    low_bounds, high_bounds = dict(minimums or {}), dict(maximums or {})
+
+    def coerce(section: str, key: str, value: Any, current: Any, source: str) -> Any:
+        return _check_value(f"{section}.{key}", _kinds(sections, section, key), value, current,
+                            source, low_bounds, high_bounds)
+
+    return coerce
+
+
+def _check_value(name: str, kinds: set[str], value: Any, current: Any, source: str,
+                 minimums: Mapping[str, float], maximums: Mapping[str, float]) -> Any:
     if not kinds:  # not a dataclass field with a readable annotation: the old, lenient check
         kinds = {type(current).__name__} if current is not None else set()
     if value is None:
         if "None" in kinds or not kinds:
             return None
         raise ValueError(f"{source}: {name} needs a value (it cannot be empty)")
+    if "dict" in kinds:
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{source}: {name} must be a mapping, got {value!r}")
+        return dict(value)
+    if "list" in kinds:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if "str" not in kinds:
+            raise ValueError(f"{source}: {name} must be a list, got {value!r}")
     if "bool" in kinds and isinstance(value, bool):
         return value
     if isinstance(value, bool) and kinds & {"int", "float"}:
@@ -266,7 +288,7 @@ def _check_type(section: str, key: str, value: Any, current: Any, source: str) -
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         if isinstance(value, int):
-            return _in_range(name, value, source)
+            return _in_range(name, value, source, minimums, maximums)
         if "str" not in kinds:
             raise ValueError(f"{source}: {name} must be an integer, got {value!r}")
     if "float" in kinds:
@@ -278,7 +300,7 @@ def _check_type(section: str, key: str, value: Any, current: Any, source: str) -
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value != value or value in (float("inf"), float("-inf")):
                 raise ValueError(f"{source}: {name} must be a finite number, got {value!r}")
-            return _in_range(name, float(value), source)
+            return _in_range(name, float(value), source, minimums, maximums)
         raise ValueError(f"{source}: {name} must be a number, got {value!r}")
     if "bool" in kinds and "str" not in kinds:
         raise ValueError(f"{source}: {name} must be true or false, got {value!r}")
@@ -293,6 +315,10 @@ def _check_type(section: str, key: str, value: Any, current: Any, source: str) -
     return value
 
 
+#: The run configuration's coercer (types of :class:`RunConfig`'s sections, its bounds).
+_check_type = typed_coercer(_SECTIONS, minimums=MINIMUMS, maximums=MAXIMUMS)
+
+
 def _looks_like_file(value: Any) -> bool:
     if not isinstance(value, str):
         return False
@@ -301,8 +327,9 @@ def _looks_like_file(value: Any) -> bool:
             or Path(value).expanduser().is_file())
 
 
-def _in_range(name: str, value: float, source: str) -> Any:
-    low, high = MINIMUMS.get(name), MAXIMUMS.get(name)
+def _in_range(name: str, value: float, source: str, minimums: Mapping[str, float],
+              maximums: Mapping[str, float]) -> Any:
+    low, high = minimums.get(name), maximums.get(name)
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = (f"between {low:g} and {high:g}" if high is not None else f">= {low:g}")
         raise ValueError(f"{source}: {name} must be {bounds}, got {value!r}")
@@ -346,7 +373,8 @@ def merge_sections(base: Any, updates: Mapping[str, Any], *, sections: Sequence[
 
 def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) -> RunConfig:
     """Return ``base`` updated by a nested mapping; unknown sections or keys raise ValueError."""
-    return merge_sections(base, updates, sections=tuple(_SECTIONS), source=source, coerce=_check_type)
+    return merge_sections(base, updates, sections=tuple(_SECTIONS), source=source,
+                          coerce=_check_type)
 
 
 #: ``train`` keys added after runs were first saved, with the behaviour those runs had: a saved

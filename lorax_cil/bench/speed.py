@@ -834,7 +834,8 @@ against torch's FLOP counter in the tests) counts the matrix products: the share
 block, one token through the query projection, attention over the `N` frozen keys, the output
 projection and the MLP, plus its LoRA factors. "measured / model" above 1 is what the model
 leaves out: norms, softmax and the per-call overhead of the small per-token products, which
-dominates on CPU at small batches.
+dominates on CPU at small batches. The method, and its accuracy against full-depth LoRAX and
+`lorax-deep`: [class-attention.md](class-attention.md).
 
 {class_attention_markdown(rows)}
 
@@ -880,6 +881,8 @@ every epoch from the cached outputs.
   (k = L) costs T passes whatever the execution.
 - Start with k = 3 (the `lorax-deep` default); lower k when T is large and throughput matters,
   raise it when the accuracy table shows the last blocks are not enough for your generators.
+- On a ViT with many generators, `lorax-ca` (class-attention tokens, see above) costs about one
+  plain pass whatever T: the per-task work is one token per adapted block, not k blocks.
 - Memory grows with T by the adapters, the head and the cached folded weights of the adapted
   layers (one weight copy per adapted layer and task, about 110 MB per task for full-depth
   ViT-B/16 attention). All layers together cache at most 512 MB (`LORAX_CIL_FOLD_CACHE_MB`,

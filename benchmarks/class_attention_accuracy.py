@@ -24,14 +24,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-#: method name -> (strategy, adapt_blocks); ``None`` = every block
+#: method name -> (strategy, adapt_blocks); ``None`` = every block (for ``lorax``, which has no
+#: ``adapt_blocks`` default; ``lorax-ca`` would replace ``None`` by its default of 4)
 METHODS = {
     "lorax": ("lorax", None),
     "lorax-deep-k1": ("lorax-deep", 1),
     "lorax-deep-k2": ("lorax-deep", 2),
     "lorax-deep-k3": ("lorax-deep", 3),
     "lorax-ca-k4": ("lorax-ca", 4),
-    "lorax-ca-all": ("lorax-ca", None),
+    "lorax-ca-k12": ("lorax-ca", 12),  # every block of a 12-block ViT (None would take the preset's 4)
 }
 FIELDS = ("scenario", "backbone", "size", "per_class", "epochs", "method", "strategy", "k", "seed",
           "aa", "bwt", "train_seconds")

@@ -52,7 +52,8 @@ def run_one(args: argparse.Namespace, data: Path, method: str, seed: int) -> dic
         "train": {"strategy": strategy, "epochs": args.epochs, "batch_size": 32,
                   "eval_batch_size": 64, "lr_first": args.lr, "lr": args.lr, "warmup_epochs": 0,
                   "min_lr": args.lr / 100, "memory_size": args.memory, "seed": seed,
-                  "device": "cpu", "checkpoint_every_task": False, "min_steps_per_task": 0},
+                  "device": "cpu", "checkpoint_every_task": False, "min_steps_per_task": 0,
+                  "readout": args.readout},
     }, source="class-attention accuracy benchmark")
     out = Path(args.out) / "runs" / f"{method}-s{seed}"
     run = Run(cfg, run_dir=out, progress=lambda msg: print(f"[{method} seed {seed}] {msg}", flush=True))
@@ -103,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--memory", type=int, default=48, help="exemplar budget")
+    p.add_argument("--readout", default="head", choices=["head", "ncm"],
+                   help="train.readout of every method (pinned: lorax and lorax-deep default to ncm, "
+                        "lorax-ca to the linear head)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--threads", type=int, default=1)

@@ -13,7 +13,8 @@ __all__ = ["build_lorax_family", "lr_scale", "LORAX_DEFAULTS"]
 #: Defaults of lorax, lorax-deep and lorax-mole where the configuration leaves them unset
 #: (``None``): the nearest-class-mean read-out, chosen by the few-shot ablation
 #: (benchmarks/fewshot.py, docs/fewshot.md). ``--set train.readout=head`` is the official LoRAX
-#: head. (lorax-ca builds its own network, which has no NCM read-out.)
+#: head. (lorax-ca keeps the linear head by default; ``--set train.readout=ncm`` gives it the
+#: NCM read-out too.)
 LORAX_DEFAULTS = {"readout": "ncm"}
 
 

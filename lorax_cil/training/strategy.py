@@ -144,7 +144,11 @@ class ProtocolOptimizer:
         self.train_epochs = plan.epochs
         self._task_warmup = plan.warmup_epochs
         self.task_length = plan
-        logger.info("task %d: %s", self.task_index(), plan.describe())
+        # The experience's own index: LoRAX's task_index() counts the network's tasks, and the
+        # new task is added to the network only after this plan is made.
+        exp = getattr(self, "experience", None)
+        logger.info("task %d: %s", int(exp.current_experience) if exp is not None else 0,
+                    plan.describe())
         return plan
 
     def _before_training_epoch(self, **kwargs: Any) -> None:

@@ -7,10 +7,11 @@ import torch
 
 from conftest import make_cddb_tree, write_image
 from lorax_cil.benchmarks.datasets import ImageSampleDataset, carve_calibration, scan_scenario_split
-from lorax_cil.benchmarks.images import ImageLoadError, load_rgb
+from lorax_cil.benchmarks.images import load_rgb
 from lorax_cil.benchmarks.scenarios import resolve_scenario
 from lorax_cil.benchmarks.streams import build_cil_benchmark
 from lorax_cil.benchmarks.transforms import TransformConfig, build_transform
+from lorax_cil.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,8 @@ def test_strict_data_raises_naming_file(tmp_path):
     root = make_cddb_tree(tmp_path, tasks=("a",), n=2)
     (root / "a" / "train" / "1_fake" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
     sc = resolve_scenario("custom", data_path=root, tasks=["a"])
-    with pytest.raises(ImageLoadError, match="broken.jpg"):
+    # --strict-data stops with the one-line user error that names the file and the option.
+    with pytest.raises(UserError, match=r"broken\.jpg.*--strict-data"):
         build_cil_benchmark(sc, transform_config=TransformConfig(size=32), strict=True)
 
 
@@ -89,7 +91,7 @@ def test_truncated_file_substituted_at_load_time(tmp_path):
     assert x.shape == (3, 32, 32) and y == 0
     assert ds.issues.substituted == 1 and str(victim) in ds.issues.unreadable
     strict = ImageSampleDataset(samples, strict=True)
-    with pytest.raises(ImageLoadError, match="000.png"):
+    with pytest.raises(UserError, match=r"000\.png.*--strict-data"):
         strict[0]
 
 

@@ -195,3 +195,17 @@ def test_crop_different_from_vit_input_is_refused_naming_both_flags(tmp_path) ->
         build_backbone(cfg)
     cfg.model.img_size = 56
     assert build_backbone(cfg).spec.input_size == 56
+
+
+def test_closed_stdout_ends_quietly(monkeypatch, capsys) -> None:
+    """`lorax-cil backbones | head`: a reader that goes away is not an error."""
+    import lorax_cil.models.backbones as registry
+    from lorax_cil.cli import main
+
+    def closed(*_a, **_k):
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(registry, "list_backbones", closed)
+    monkeypatch.setattr("os.dup2", lambda *a: None)  # keep pytest's own stdout
+    assert main(["backbones"]) == 141
+    assert "error" not in capsys.readouterr().err

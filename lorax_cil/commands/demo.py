@@ -6,8 +6,9 @@ order, backbone, memory budget, seed) and prints the accuracy matrices and a sid
 
 Two pretrained backbones install offline: the DINOv2 ViT-S/14 (``dinov2-vits14``, the method's
 own kind of backbone) and EfficientNet-Lite0. Each has a demo preset (:data:`DEMO_PRESETS`:
-image size, adapted blocks, trunk caching) chosen so that a run fits about ten minutes on two CPU
-cores; every flag given explicitly overrides the preset. The exemplar memory is a fraction of the
+image size, adapted blocks, LoRA targets, trunk caching); every flag given explicitly overrides
+the preset. ``make demo`` uses EfficientNet-Lite0, on which LoRAX scored better in the time a
+2-core machine allows (docs/lorax.md compares both). The exemplar memory is a fraction of the
 demo's training images (``--memory-fraction``), as LoRAX's 500 exemplars are a small fraction
 of CDDB's training sets. ``--backbone vit-test`` runs the same pipeline on a small random ViT.
 """

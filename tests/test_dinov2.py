@@ -209,3 +209,14 @@ def test_closed_stdout_ends_quietly(monkeypatch, capsys) -> None:
     monkeypatch.setattr("os.dup2", lambda *a: None)  # keep pytest's own stdout
     assert main(["backbones"]) == 141
     assert "error" not in capsys.readouterr().err
+
+
+@needs_wheel
+def test_unwritable_cache_still_loads(tmp_path, monkeypatch, caplog) -> None:
+    def full(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dinov2, "_write_converted", full)
+    state, path = dinov2.load_converted_weights(cache=tmp_path / "ro")
+    assert dinov2.state_sha256(state) == dinov2.CONVERTED_SHA256
+    assert not path.exists() and dinov2.CACHE_ENV in caplog.text

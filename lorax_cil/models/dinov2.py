@@ -338,7 +338,11 @@ def load_converted_weights(*, onnx_path: str | os.PathLike | None = None,
             f"the conversion of {src} gives tensors with digest {digest}, expected "
             f"{CONVERTED_SHA256}; the installed onnx package reads the file differently"
         )
-    _write_converted(target, state, src_sha)
+    try:
+        _write_converted(target, state, src_sha)
+    except OSError as exc:  # a read-only or full cache: use the tensors, convert again next time
+        logger.warning("cannot write the converted weights to %s (%s); set %s to a writable "
+                       "folder to keep them", target, exc, CACHE_ENV)
     return state, target
 
 

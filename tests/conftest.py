@@ -62,3 +62,15 @@ def cddb_tree(tmp_path: Path) -> Path:
     write_image(fake / "yy_small.png", size=(12, 10), seed=103)
     write_image(fake / "yy_palette.bmp", mode="P", seed=104, fmt="BMP")
     return root
+
+
+def assert_same_training_result(full, resumed) -> dict:
+    """A resumed run ends exactly as the uninterrupted one: equal accuracy matrices and learned
+    tensors. Returns the learned state of ``full`` for further checks."""
+    import torch
+
+    for m in ("multi_real", "binary", "strict"):
+        np.testing.assert_array_equal(full.matrices[m].matrix, resumed.matrices[m].matrix)
+    sa, sb = full.net.learned_state_dict(), resumed.net.learned_state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    return sa

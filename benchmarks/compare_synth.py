@@ -34,7 +34,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--per-class", type=int, default=32, help="train images per class")
     p.add_argument("--val-per-class", type=int, default=16)
     p.add_argument("--size", type=int, default=48, help="image size (px) and crop")
-    p.add_argument("--backbone", default="efficientnet-lite0")
+    p.add_argument("--backbone", default="efficientnet-lite0",
+                   help="pretrained when its weights install offline (efficientnet-lite0, "
+                        "dinov2-vits14), else random")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="ViT input size (default: --size for ViTs; CNNs keep their own build size)")
     p.add_argument("--epochs", type=int, default=6)
     p.add_argument("--memory-size", type=int, default=140)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -77,6 +81,7 @@ def strategies_for(args: argparse.Namespace, cfg) -> list[str]:
 
 def main(argv=None) -> None:
     from lorax_cil.benchmarks.synth import synthesize
+    from lorax_cil.models.backbones import OFFLINE_PRETRAINED
     from lorax_cil.training.compare import run_comparison
     from lorax_cil.training.config import RunConfig, merge_config
 
@@ -87,7 +92,9 @@ def main(argv=None) -> None:
                val_per_class=args.val_per_class, size=args.size, seed=0)
     cfg = merge_config(RunConfig(), {
         "data": {"scenario": args.scenario, "data_path": str(data), "crop": args.size},
-        "model": {"backbone": args.backbone, "pretrained": args.backbone == "efficientnet-lite0",
+        "model": {"backbone": args.backbone, "pretrained": args.backbone in OFFLINE_PRETRAINED,
+                  "img_size": args.img_size or (None if args.backbone.startswith("efficientnet")
+                                                else args.size),
                   "lora_r": 16, "lora_alpha": 16.0, "lora_dropout": 0.0},
         "train": {"epochs": args.epochs, "batch_size": 32, "eval_batch_size": 128,
                   "lr_first": args.lr, "lr": args.lr, "warmup_epochs": 0, "min_lr": 1e-5,

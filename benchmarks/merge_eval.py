@@ -65,6 +65,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def _weights_phrase(args) -> str:
+    """Where the backbone's weights come from, for the report (from the backbone registry)."""
+    if args.no_pretrained:
+        return "random weights"
+    from lorax_cil.models.backbones import backbone_weight_source
+
+    return "pretrained; " + (backbone_weight_source(args.backbone) or "weights as registered")
+
+
 def train(args, name: str, families: list[str]) -> Path:
     from lorax_cil.detection.train import DetectConfig, merge_detect_config, train_detector
 
@@ -202,7 +211,7 @@ def write_outputs(args, argv, rows, timing, add_diff, seconds, held, seen) -> Pa
         f"Added family (step 2): `{args.add_family}`. Held-out families (no detector ever trains on "
         f"them): {', '.join(f'`{f}`' for f in held)}.",
         f"- Every detector: `detect train` with backbone `{args.backbone}` "
-        f"({'random weights' if args.no_pretrained else 'offline ImageNet weights'}, {args.img_size} px), "
+        f"({_weights_phrase(args)}, {args.img_size} px), "
         f"adapter `{args.adapter}` on the last {args.blocks} blocks (and the neck), {args.epochs} "
         f"epochs, AdamW lr {args.lr}, batch {args.batch_size}, seed {args.seed}, blur/JPEG "
         "augmentation p = 0.1; threshold calibrated on 10 % carved from the training images. Joint "

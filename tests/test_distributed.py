@@ -202,3 +202,21 @@ def test_two_process_run_resumed_matches_one_process_run(synth_root, tmp_path):
         (single / "steps.jsonl").read_text().splitlines()[-1])["memory_per_class"]
     one = json.loads((single / "summary.json").read_text())
     assert one["world_size"] == 1 and one["memory_exemplars"] == summary["memory_exemplars"]
+
+
+def test_torchrun_refusals_name_every_strategy_that_can_train_distributed():
+    """The refusal lists the registered LoRAX-class strategies (lorax-ca included), not a
+    hand-kept list."""
+    from lorax_cil.training.builtin_strategies import lorax_family_strategies
+    from lorax_cil.training.compare import _check_distributed
+    from lorax_cil.training.runner import _check_distributed_strategy
+
+    family = lorax_family_strategies()
+    assert {"lorax", "lorax-deep", "lorax-ca", "lorax-mole", "finetune", "finetune-replay"} <= set(family)
+    assert "icarl" not in family and "simplecil" not in family
+    with pytest.raises(ValueError, match="lorax-ca") as err:
+        _check_distributed(["lorax-ca", "icarl"])
+    assert "['icarl']" in str(err.value)
+    with pytest.raises(ValueError, match="lorax-ca"):
+        _check_distributed_strategy("icarl", object())
+    _check_distributed(["lorax-ca", "finetune"])  # every one of them is accepted

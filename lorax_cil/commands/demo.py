@@ -49,8 +49,6 @@ _GENERIC = dict(size=96, per_class=100, val_per_class=50, adapt_blocks=0, img_si
 #: ``make demo``'s backbone: the one on which LoRAX scored better within the ten-minute budget
 #: (docs/lorax.md, "The demo", compares both with the command for each).
 DEFAULT_BACKBONE = "efficientnet-lite0"
-#: Strategies of the LoRAX strategy class, which can train from cached trunk outputs.
-TRUNK_CACHE_STRATEGIES = ("lorax", "lorax-deep", "lorax-mole", "finetune", "finetune-replay")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -141,6 +139,7 @@ def prepare_demo_data(args: argparse.Namespace) -> Path:
 
 def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
     """The demo protocol: identical for every strategy except the strategy itself."""
+    from lorax_cil.training.builtin_strategies import lorax_family_strategies
     from lorax_cil.training.config import RunConfig, merge_config
     from lorax_cil.training.registry import get_strategy
 
@@ -152,7 +151,8 @@ def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
         "min_steps_per_task": args.min_steps,
         "readout": args.readout if strategy in ("lorax", "lorax-deep", "lorax-mole") else None,
         "memory_size": args.memory_size_resolved,
-        "cache_trunk": bool(args.cache_trunk and strategy in TRUNK_CACHE_STRATEGIES),
+        # strategies of the LoRAX strategy class can train from cached trunk outputs
+        "cache_trunk": bool(args.cache_trunk and strategy in lorax_family_strategies()),
     }
     if "memory_size" in preset.train:  # e.g. finetune: no memory by definition
         del train["memory_size"]

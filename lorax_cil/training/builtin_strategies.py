@@ -8,7 +8,7 @@ from typing import Any
 from lorax_cil.training.config import RunConfig
 from lorax_cil.training.registry import register_strategy
 
-__all__ = ["build_lorax_family", "lr_scale", "LORAX_DEFAULTS"]
+__all__ = ["build_lorax_family", "lorax_family_strategies", "lr_scale", "LORAX_DEFAULTS"]
 
 #: Defaults of lorax, lorax-deep and lorax-mole where the configuration leaves them unset
 #: (``None``): the nearest-class-mean read-out, chosen by the few-shot ablation
@@ -52,6 +52,15 @@ def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins
 #: configured by the preset): register it under a new name with your own preset, e.g.
 #: ``register_strategy("my-lorax", description=..., model={"extractor": "lora"})(build_lorax_family)``.
 build_lorax_family = _lorax_family
+
+
+def lorax_family_strategies() -> list[str]:
+    """The registered strategies built as one :class:`LoRAX` strategy (the built-in LoRAX
+    variants, the fine-tuning baselines, and any registered with :data:`build_lorax_family`):
+    the ones that train under torchrun and can cache the frozen trunk."""
+    from lorax_cil.training.registry import get_strategy, list_strategies
+
+    return [n for n in list_strategies() if get_strategy(n).builder is _lorax_family]
 
 
 def lr_scale(t: Any) -> float:

@@ -188,15 +188,16 @@ def preset_changes(cfg: RunConfig, strategy: str) -> list[str]:
 
 def _check_distributed(strategies: Sequence[str]) -> None:
     """Refuse, before any training, strategies that cannot train with several processes."""
-    from lorax_cil.training.builtin_strategies import _lorax_family
+    from lorax_cil.training.builtin_strategies import lorax_family_strategies
     from lorax_cil.training.registry import get_strategy
 
-    bad = [s for s in strategies if get_strategy(s).builder is not _lorax_family]
+    family = lorax_family_strategies()
+    bad = [s for s in strategies if get_strategy(s).name not in family]
     if bad:
         raise ValueError(f"strategies {bad} cannot train with several processes (torchrun); "
-                         "distributed comparisons cover lorax, lorax-deep, lorax-mole, finetune "
-                         "and finetune-replay: run the others with one process (finished runs "
-                         "are reused when the comparison is run again)")
+                         f"distributed comparisons cover {', '.join(family)}: run the others "
+                         "with one process (finished runs are reused when the comparison is run "
+                         "again)")
 
 
 # --- runs -------------------------------------------------------------------------------------

@@ -88,7 +88,8 @@ class TrainConfig:
     ``min_steps_per_task``, which keeps small tasks from being starved of optimizer steps).
 
     Attributes:
-        strategy: registry name (``lorax``, ``lorax-deep``, ``finetune``, ``finetune-replay``).
+        strategy: registry name (``lorax``, ``lorax-deep``, ``lorax-ca``, ``lorax-mole``,
+            ``finetune``, ``finetune-replay`` and the baselines of docs/baselines.md).
         epochs: epochs per task.
         batch_size: training batch size: the global batch of one optimisation step (under
             torchrun each of N processes takes ``batch_size / N`` of it).

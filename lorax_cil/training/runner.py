@@ -556,12 +556,13 @@ class Run:
 def _check_distributed_strategy(name: str, strategy: Any) -> None:
     """Only the LoRAX family (one strategy class, sharded by :mod:`lorax_cil.training.ddp`)
     trains under torchrun; other strategies keep state the plugin does not shard."""
+    from lorax_cil.training.builtin_strategies import lorax_family_strategies
     from lorax_cil.training.strategy import LoRAX
 
     if not isinstance(strategy, LoRAX):
         raise ValueError(f"strategy {name!r} cannot train with several processes (torchrun); "
-                         "distributed training covers lorax, lorax-deep, lorax-mole, finetune and "
-                         "finetune-replay: run it with one process")
+                         f"distributed training covers {', '.join(lorax_family_strategies())}: "
+                         "run it with one process")
 
 
 def _note_derived(path: Path, j: int, name: str, length: Any) -> None:

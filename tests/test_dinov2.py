@@ -220,3 +220,19 @@ def test_unwritable_cache_still_loads(tmp_path, monkeypatch, caplog) -> None:
     state, path = dinov2.load_converted_weights(cache=tmp_path / "ro")
     assert dinov2.state_sha256(state) == dinov2.CONVERTED_SHA256
     assert not path.exists() and dinov2.CACHE_ENV in caplog.text
+
+
+@needs_wheel
+def test_average_pooling_keeps_the_pretrained_final_norm(cache) -> None:
+    """global_pool=avg (as the MoLE ablation passes) loads the converted weights: the feature is
+    the token mean after the pretrained ``norm``, not an untrained ``fc_norm``."""
+    token = create_backbone("dinov2-vits14", pretrained=True, img_size=28).eval()
+    avg = create_backbone("dinov2-vits14", pretrained=True, img_size=28,
+                          global_pool="avg").eval()
+    x = _images(2, 28)
+    with torch.no_grad():
+        h = token.model.norm(token.run_blocks(token.stem(x)))
+        expected = h[:, token.model.num_prefix_tokens:].mean(dim=1)
+        got = avg.neck(avg.run_blocks(avg.stem(x)))
+    assert torch.allclose(got, expected, atol=1e-5)
+    assert torch.equal(avg.model.norm.weight, token.model.norm.weight)

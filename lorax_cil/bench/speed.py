@@ -740,19 +740,25 @@ def _checks_from_rows(rows: list[dict[str, Any]], saved: list[str]) -> list[str]
 
 def write_page(out: Path, page: Path, *, command: str) -> Path:
     """Write the results page to ``page`` (an explicit path: the library never picks a docs
-    folder) and its plot to ``img/performance-speed.png`` beside it, from the files in ``out``."""
+    folder) and its plot to ``img/<page name>-speed.png`` beside it, from the files in ``out``
+    (``performance.md`` -> ``img/performance-speed.png``; a second page keeps its own plot)."""
     import shutil
 
-    img = page.parent / "img" / "performance-speed.png"
+    img = page.parent / "img" / plot_name(page)
     img.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(out / "speed.png", img)
-    page.write_text(render_page(out, command=command), encoding="utf-8")
+    page.write_text(render_page(out, command=command, plot=img.name), encoding="utf-8")
     return page
 
 
-def render_page(out: Path, *, command: str) -> str:
+def plot_name(page: Path) -> str:
+    """File name of a results page's plot in ``img/``."""
+    return f"{page.stem}-speed.png"
+
+
+def render_page(out: Path, *, command: str, plot: str = "performance-speed.png") -> str:
     """The markdown of the performance page from the CSV / JSON files in ``out`` (the plot is
-    referenced as ``img/performance-speed.png``)."""
+    referenced as ``img/<plot>``)."""
     meta = json.loads((out / "speed.json").read_text())
     rows = _read_csv(out / "speed.csv")
     acc = _read_csv(out / "accuracy.csv") if (out / "accuracy.csv").is_file() else []
@@ -822,7 +828,7 @@ autograd, old adapters' dropout active); ratios are to the plain fine-tuning ste
 backbones with blocks of equal cost, and the measured cost of the trunk once plus T plain tails
 for EfficientNet-Lite0 (its blocks differ in cost).
 
-![cost vs T](img/performance-speed.png)
+![cost vs T](img/{plot})
 
 {markdown_table(rows)}
 

@@ -401,7 +401,9 @@ def create_dinov2_vits14(
             ONNX graph does).
         img_size: input resolution (default 224, a 16 x 16 patch grid); any size of at least one
             patch (the grid is ``img_size // 14``).
-        **kwargs: passed to ``timm.create_model``.
+        **kwargs: passed to ``timm.create_model``. ``global_pool="avg"`` (or another pooling
+            over tokens) keeps the pretrained final ``norm`` on every token before pooling
+            (``fc_norm=False`` unless given): the DINOv2 weights have no ``fc_norm``.
 
     Every source goes through the same position-grid resampling (:func:`resample_pos_embed`), so
     the hub weights and the converted ones behave alike at any input size.
@@ -411,6 +413,8 @@ def create_dinov2_vits14(
     size = int(img_size or DEFAULT_IMG_SIZE)
     if size < PATCH:
         raise ValueError(f"{name}: img_size {size} is smaller than one {PATCH}-px patch")
+    if kwargs.get("global_pool") in ("avg", "avgmax", "max"):
+        kwargs.setdefault("fc_norm", False)  # timm would replace ``norm`` by an untrained fc_norm
     model = timm.create_model(TIMM_ARCH, pretrained=False, num_classes=0, img_size=size, **kwargs)
     desc = "random"
     if weights is not None:

@@ -289,6 +289,14 @@ def test_speed_benchmark_smoke(tmp_path):
     page = (docs / "performance.md").read_text()
     assert "speed.py --smoke" in page and "--render-only" not in page
     assert "Not produced yet" in page  # no accuracy trade-off in a smoke run
+    assert "(img/performance-speed.png)" in page and (docs / "img" / "performance-speed.png").is_file()
+    # a second page beside it keeps its own plot (the first page's image is not overwritten)
+    res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render-only",
+                          "--out", str(out), "--page", str(docs / "performance-vit.md")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "(img/performance-vit-speed.png)" in (docs / "performance-vit.md").read_text()
+    assert (docs / "img" / "performance-vit-speed.png").is_file()
     res = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "speed.py"), "--render-only",
                           "--out", str(tmp_path / "none"), "--docs", str(docs)], capture_output=True, text=True)
     assert res.returncode != 0 and "no speed results" in res.stderr

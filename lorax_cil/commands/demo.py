@@ -24,6 +24,7 @@ from lorax_cil.models.offline import OFFLINE_PRETRAINED
 
 __all__ = [
     "DEFAULT_BACKBONE", "DEMO_PRESETS", "DEMO_STRATEGIES", "demo_config", "demo_memory_size",
+    "demo_strategies",
     "prepare_demo_data", "register", "resolve_demo_args",
 ]
 
@@ -137,6 +138,22 @@ def prepare_demo_data(args: argparse.Namespace) -> Path:
     return data_dir
 
 
+def demo_strategies(text: str) -> list[str]:
+    """The strategies of ``--strategies``, checked before any training: known names, and none
+    whose adapted layers the demo's LoRA settings do not fit (``lorax-ca``'s task tokens)."""
+    from lorax_cil.training.registry import get_strategy
+
+    names = [s.strip() for s in text.split(",") if s.strip()]
+    for name in names:
+        if get_strategy(name).model.get("extractor") == "class-attention":
+            raise ValueError(
+                f"--strategies {name}: the demo's LoRA settings (targets, blocks) do not apply to "
+                "class-attention task tokens; run it on the demo's data with benchmarks/"
+                "class_attention_accuracy.py --scenario synth-easy --per-class 100, or with "
+                f"lorax-cil train --strategy {name} (docs/class-attention.md)")
+    return names
+
+
 def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
     """The demo protocol: identical for every strategy except the strategy itself."""
     from lorax_cil.training.builtin_strategies import lorax_family_strategies
@@ -189,6 +206,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lorax_cil.training.runner import Run
 
     resolve_demo_args(args)
+    strategies = demo_strategies(args.strategies)  # before any data is made or trained
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
@@ -218,7 +236,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     results: dict[str, dict[str, Any]] = {}
     matrices: dict[str, Any] = {}
     task_names: list[str] = []
-    for strategy in [s.strip() for s in args.strategies.split(",") if s.strip()]:
+    for strategy in strategies:
         cfg = demo_config(args, strategy, data_dir)
         run_dir = Path(cfg.out)
         print(f"\n[demo] === {strategy} -> {run_dir} ===", flush=True)

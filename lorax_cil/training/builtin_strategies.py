@@ -96,8 +96,8 @@ def _class_attention_network(cfg: RunConfig, backbone: Any) -> Any:
     ``lora_alpha`` and ``lora_dropout`` set the LoRA of the task tokens; the adapted layers are
     fixed (query, output projection and MLP of each token), so ``model.lora_targets`` must stay
     ``auto``."""
-    from lorax_cil.models.expandable import ExpandableNet
     from lorax_cil.models.extractors.class_attention import ClassAttentionSpec
+    from lorax_cil.models.heads import build_expandable_net
 
     m = cfg.model
     if m.lora_targets != "auto":
@@ -107,11 +107,7 @@ def _class_attention_network(cfg: RunConfig, backbone: Any) -> Any:
     spec = ClassAttentionSpec(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
     kwargs = dict(backbone=backbone, extractor=m.extractor, adapt_blocks=m.adapt_blocks,
                   spec=spec, divergence_head=m.divergence_head)
-    if cfg.train.readout == "ncm":
-        from lorax_cil.models.heads import NCMExpandableNet
-
-        return NCMExpandableNet(**kwargs)
-    return ExpandableNet(**kwargs)
+    return build_expandable_net(cfg.train.readout, **kwargs)
 
 
 register_strategy(

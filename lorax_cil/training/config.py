@@ -122,8 +122,10 @@ class TrainConfig:
         head_balanced_steps: steps of class-balanced fine-tuning of the head alone after each
             task, on the memory plus an equal-size sample of each new class (EEIL); 0: off.
         head_balanced_lr: learning rate of that fine-tuning.
-        readout: ``head`` (the linear head) or ``ncm`` (cosine to class means of the
-            concatenated features, kept after each task) for evaluation and prediction;
+        readout: ``head`` (the linear head), ``ncm`` (cosine to class means of the
+            concatenated features, kept after each task) or ``ncm-frozen`` (each class's
+            mean on the feature blocks of its own time, never updated) for evaluation and
+            prediction;
             ``None``: the strategy's default, ``ncm`` for ``lorax``, ``lorax-deep`` and
             ``lorax-mole`` (chosen by ``benchmarks/fewshot.py``, see docs/fewshot.md) and
             ``head`` otherwise. ``head`` reproduces the official LoRAX.
@@ -377,6 +379,9 @@ def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) ->
     return merge_sections(base, updates, sections=tuple(_SECTIONS), source=source,
                           coerce=_check_type)
 
+
+#: values of ``train.readout`` (lorax_cil.training.head_balance; torch-free for the CLI's --help)
+READOUTS = ("head", "ncm", "ncm-frozen")
 
 #: ``train`` keys added after runs were first saved, with the behaviour those runs had: a saved
 #: configuration without them means these values (see :func:`saved_run_config`).

@@ -25,6 +25,11 @@ options, each off by default in :class:`HeadOptions` (the official behaviour) an
     Old classes: their stored mean keeps its blocks of the extractors that existed when it
     was last updated (those extractors are frozen, so the values are exact); the blocks of
     later extractors are means over the class's exemplars in memory.
+``readout="ncm-frozen"`` (after training)
+    The same class means, but a class is read only on the blocks of the extractors that
+    existed when it was learnt (``NCMExpandableNet(own_blocks=True)``): its mean is computed
+    once, over all its task's images, and never changes, so nothing rests on the exemplars and
+    an old class's score for an image never changes (SimpleCIL's property, on LoRAX features).
 """
 
 from __future__ import annotations
@@ -38,15 +43,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from lorax_cil.models.heads import NCMExpandableNet, set_prototype_rows, weight_align
+from lorax_cil.training.config import READOUTS
 
 __all__ = ["HeadOptions", "HeadBalancer", "feature_table", "check_head_options"]
 
 logger = logging.getLogger(__name__)
 
 INITS = ("random", "prototype")
-READOUTS = ("head", "ncm")
-#: extractor kinds whose old extractors are frozen (their feature blocks never change)
-FROZEN_OLD = ("lora", "mole", "full")
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ class HeadOptions:
         balanced_steps: steps of class-balanced head fine-tuning after each task (0: off).
         balanced_lr: learning rate of that fine-tuning.
         balanced_batch: batch size of that fine-tuning.
-        readout: ``head`` (linear head) or ``ncm`` (nearest class mean, cosine).
+        readout: ``head`` (linear head), ``ncm`` (nearest class mean, cosine) or
+            ``ncm-frozen`` (nearest class mean, each class on the blocks of its time).
     """
 
     init: str = "random"
@@ -155,13 +159,14 @@ class HeadBalancer:
     def after_task(self, strategy: Any) -> None:
         o = self.options
         net = strategy.model.net
-        if o.balanced_steps <= 0 and not o.wa and o.readout != "ncm":
+        if o.balanced_steps <= 0 and not o.wa and not o.readout.startswith("ncm"):
             return
         n_new = net.task_classes[-1]
         first = net.num_classes - n_new
         new_feats, new_labels = self._table(strategy, strategy.experience.dataset)
         mem = strategy.memory.dataset()
-        if mem is not None and first > 0:
+        # ncm-frozen reads no exemplar: the memory's features are needed by the other options
+        if mem is not None and first > 0 and (o.balanced_steps > 0 or o.readout == "ncm"):
             mem_feats, mem_labels = self._table(strategy, mem)
         else:
             mem_feats, mem_labels = torch.zeros(0, net.num_features), torch.zeros(0, dtype=torch.long)
@@ -171,7 +176,7 @@ class HeadBalancer:
         if o.wa and first > 0:
             gamma = weight_align(net.head, first)
             logger.info("head: weight aligning of the new rows, gamma %.4f", gamma)
-        if o.readout == "ncm":
+        if o.readout.startswith("ncm"):
             self.update_prototypes(net, new_feats, new_labels, mem_feats, mem_labels, first)
 
     def balanced_finetune(self, net: Any, new_feats: torch.Tensor, new_labels: torch.Tensor,
@@ -232,9 +237,12 @@ class HeadBalancer:
         protos[first:] = _means(new_feats, new_labels, classes)
         if first:
             old = net.prototypes.detach().cpu().float()
-            kept = old.shape[1] if net.extractor in FROZEN_OLD else 0
+            # extractors that grow freeze the old blocks, a frozen extractor never changes:
+            # the stored blocks stay exact; a shared trained extractor invalidates them all
+            ext = net.ext
+            kept = old.shape[1] if ext.grows or not ext.learns else 0
             protos[:first, :kept] = old[:first, :kept]
-            if kept < F:
+            if kept < F and not getattr(net, "own_blocks", False):
                 for c in range(first):
                     mask = mem_labels == c
                     if bool(mask.any()):

@@ -88,7 +88,7 @@ def _lora_targets(backbone: Any, targets: str) -> str:
 def build_network(cfg: RunConfig, backbone: Any):
     """The expandable network described by ``cfg.model`` on ``backbone``, or the strategy's own
     network when its preset names one (see :class:`~lorax_cil.training.run_protocol.RunModel`)."""
-    from lorax_cil.models.expandable import ExpandableNet
+    from lorax_cil.models.heads import build_expandable_net
     from lorax_cil.models.lora import LoraSpec
     from lorax_cil.training.registry import get_strategy
 
@@ -102,11 +102,7 @@ def build_network(cfg: RunConfig, backbone: Any):
                         targets=_lora_targets(backbone, m.lora_targets))
     kwargs = dict(backbone=backbone, extractor=m.extractor, adapt_blocks=m.adapt_blocks,
                   lora=lora, divergence_head=m.divergence_head)
-    if cfg.train.readout == "ncm":  # nearest-class-mean read-out (lorax_cil.models.heads)
-        from lorax_cil.models.heads import NCMExpandableNet
-
-        return NCMExpandableNet(**kwargs)
-    return ExpandableNet(**kwargs)
+    return build_expandable_net(cfg.train.readout, **kwargs)
 
 
 @torch.no_grad()

@@ -255,9 +255,11 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
                             min_steps_per_task=min_steps_per_task, warmup_steps=warmup_steps)
         self.head_div = float(head_div)
         self.head_balancer = HeadBalancer(head or HeadOptions())
-        if self.head_balancer.options.readout == "ncm" and not isinstance(model.net, NCMExpandableNet):
-            raise ValueError("train.readout=ncm needs the network built with the NCM read-out "
-                             "(lorax_cil.models.heads.NCMExpandableNet)")
+        readout = self.head_balancer.options.readout
+        if readout != "head" and (not isinstance(model.net, NCMExpandableNet)
+                                  or model.net.own_blocks != (readout == "ncm-frozen")):
+            raise ValueError(f"train.readout={readout} needs the network built with that read-out "
+                             "(lorax_cil.models.heads.build_expandable_net)")
         self.cache_trunk = bool(cache_trunk)
         self.memory = HerdingMemory(
             max_size=int(memory_size),

@@ -24,6 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lorax_cil.training.config import READOUTS  # noqa: E402  (torch-free)
+
 #: method name -> (strategy, adapt_blocks); ``None`` = every block (for ``lorax``, which has no
 #: ``adapt_blocks`` default; ``lorax-ca`` would replace ``None`` by its default of 4)
 METHODS = {
@@ -104,8 +106,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (alpha = rank)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--memory", type=int, default=48, help="exemplar budget")
-    p.add_argument("--readout", default="head", choices=["head", "ncm"],
-                   help="train.readout of every method (pinned: lorax and lorax-deep default to ncm, "
+    p.add_argument("--readout", default="head", choices=READOUTS,
+                   help="train.readout of every method (pinned: lorax and lorax-deep default to ncm-frozen, "
                         "lorax-ca to the linear head)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))

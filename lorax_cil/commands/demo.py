@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "were made)")
     p.add_argument("--readout", choices=READOUTS, default="head",
                    help="train.readout of the LoRAX-family strategies (default head: the linear "
-                        "head, as the tables below were made; ncm: the lorax default, see "
+                        "head, as the tables below were made; ncm-frozen: the lorax default, see "
                         "docs/fewshot.md)")
     p.add_argument("--memory-size", type=int, default=None,
                    help="exemplar budget (default: --memory-fraction of the training images)")

@@ -126,7 +126,7 @@ class TrainConfig:
             concatenated features, kept after each task) or ``ncm-frozen`` (each class's
             mean on the feature blocks of its own time, never updated) for evaluation and
             prediction;
-            ``None``: the strategy's default, ``ncm`` for ``lorax``, ``lorax-deep`` and
+            ``None``: the strategy's default, ``ncm-frozen`` for ``lorax``, ``lorax-deep`` and
             ``lorax-mole`` (chosen by ``benchmarks/fewshot.py``, see docs/fewshot.md) and
             ``head`` otherwise. ``head`` reproduces the official LoRAX.
         cache_trunk: compute the frozen trunk once per training image and task and train every

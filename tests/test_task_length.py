@@ -10,7 +10,7 @@ import yaml
 from conftest import make_cddb_tree
 from lorax_cil.benchmarks.scenarios import resolve_scenario
 from lorax_cil.training.config import RunConfig, load_config, merge_config
-from lorax_cil.training.runner import Run
+from lorax_cil.training.runner import Run, _note_derived, resume_run
 from lorax_cil.training.task_length import plan_task_length
 
 
@@ -70,17 +70,20 @@ class StepCounter:
         self.steps[-1] += 1
 
 
-def test_a_28_image_task_gets_min_steps_optimizer_steps(tmp_path):
-    data = make_cddb_tree(tmp_path / "data", tasks=("a", "b"), n=14, size=(36, 36),
-                          subclass_tasks=())
-    cfg = merge_config(RunConfig(), {
+def small_task_config() -> RunConfig:
+    return merge_config(RunConfig(), {
         "model": {"backbone": "vit-test", "pretrained": False, "lora_r": 4, "lora_alpha": 8,
                   "lora_dropout": 0.0},
         "data": {"scenario": "custom"},
         "train": {"epochs": 2, "batch_size": 32, "warmup_epochs": 1, "memory_size": 4,
                   "eval_batch_size": 32, "min_steps_per_task": 7, "lr": 1e-3, "lr_first": 1e-3},
     }, source="test")
-    run = Run(cfg, run_dir=tmp_path / "run")
+
+
+def test_a_28_image_task_gets_min_steps_optimizer_steps(tmp_path):
+    data = make_cddb_tree(tmp_path / "data", tasks=("a", "b"), n=14, size=(36, 36),
+                          subclass_tasks=())
+    run = Run(small_task_config(), run_dir=tmp_path / "run")
     run.setup(resolve_scenario("custom", data_path=data, tasks=["a", "b"]))
     counter = StepCounter()
     run.strategy.plugins.append(counter)
@@ -98,3 +101,21 @@ def test_a_28_image_task_gets_min_steps_optimizer_steps(tmp_path):
     reloaded = merge_config(RunConfig(), load_config(run.run_dir / "config.yaml"), source="x")
     assert reloaded.train.epochs == 2 and reloaded.train.min_steps_per_task == 7
     assert yaml.safe_load(text)["train"]["epochs"] == 2
+
+
+def test_resumed_run_keeps_the_derived_notes_once_per_task(tmp_path):
+    data = make_cddb_tree(tmp_path / "data", tasks=("a", "b"), n=14, size=(36, 36),
+                          subclass_tasks=())
+    run = Run(small_task_config(), run_dir=tmp_path / "run")
+    run.setup(resolve_scenario("custom", data_path=data, tasks=["a", "b"]))
+    run.train(stop_after=1)
+    resume_run(tmp_path / "run").train()
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert text.count("# derived per task") == 1
+    assert text.count("# task 0 a: ") == 1 and text.count("# task 1 b: ") == 1
+    assert yaml.safe_load(text)["train"]["min_steps_per_task"] == 7
+    # a task trained again replaces its line
+    length = type("L", (), {"describe": lambda self: "again"})()
+    _note_derived(tmp_path / "run" / "config.yaml", 1, "b", length)
+    text = (tmp_path / "run" / "config.yaml").read_text()
+    assert "# task 1 b: again" in text and text.count("# task 1 ") == 1

@@ -396,8 +396,10 @@ class Run:
 
         from lorax_cil.benchmarks.verify import data_manifest
 
-        atomic_write_text(self.run_dir / "config.yaml",
-                          yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        path = self.run_dir / "config.yaml"
+        # a resumed run rewrites the configuration and keeps the derived-values comments
+        derived = _derived_notes(path.read_text(encoding="utf-8")) if path.is_file() else ""
+        atomic_write_text(path, yaml.safe_dump(self.cfg.to_dict(), sort_keys=False) + derived)
         if self._manifest is None:
             self._manifest = data_manifest(self.bench.samples, self.scenario)
         self._write_manifest()
@@ -561,16 +563,28 @@ def _check_distributed_strategy(name: str, strategy: Any) -> None:
                          "run it with one process")
 
 
+DERIVED_MARK = "# derived per task"
+
+
+def _derived_notes(text: str) -> str:
+    """The derived-values comment block at the end of a ``config.yaml`` ('' if none)."""
+    i = text.find(DERIVED_MARK)
+    return text[i:] if i >= 0 else ""
+
+
 def _note_derived(path: Path, j: int, name: str, length: Any) -> None:
     """Append the values derived for task ``j`` to ``config.yaml`` as comments (so the file
-    still loads as the configuration the user gave)."""
+    still loads as the configuration the user gave); a task trained again (a resumed run that
+    stopped inside it) replaces its line."""
     if not path.is_file():
         return
     text = path.read_text(encoding="utf-8")
-    if "# derived per task" not in text:
-        text += ("# derived per task (train.min_steps_per_task / train.warmup_steps; "
+    if DERIVED_MARK not in text:
+        text += (f"{DERIVED_MARK} (train.min_steps_per_task / train.warmup_steps; "
                  "steps.jsonl task_length has every field):\n")
-    text += f"# task {j} {name}: {length.describe()}\n"
+    line = f"# task {j} "
+    text = "".join(row for row in text.splitlines(keepends=True) if not row.startswith(line))
+    text += f"{line}{name}: {length.describe()}\n"
     atomic_write_text(path, text)
 
 

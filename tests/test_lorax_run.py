@@ -143,3 +143,16 @@ def test_lorax_mole_preset_trains_with_the_router_balance_loss(data_root, tmp_pa
     with_aux = float(strategy.criterion().detach())
     strategy.mb_aux_loss = None
     assert with_aux > float(strategy.criterion().detach())
+
+
+def test_decode_failures_in_dataloader_workers_reach_the_run_manifest(tmp_path):
+    root = make_cddb_tree(tmp_path / "d", tasks=("a",), n=4, size=(36, 36), subclass_tasks=())
+    victim = root / "a" / "train" / "1_fake" / "000.png"
+    victim.write_bytes(victim.read_bytes()[:60])  # header intact, pixels truncated
+    run = make_run(root, tmp_path / "r", tiny_config(num_workers=1, epochs=1, warmup_epochs=0),
+                   tasks=("a",))
+    run.train()
+    issues = json.loads((run.run_dir / "data_manifest.json").read_text())["data_issues"]
+    assert list(issues["substituted_files"]) == [str(victim)] and issues["unreadable"] == 1
+    summary = json.loads((run.run_dir / "summary.json").read_text())
+    assert summary["data_issues"]["substituted_at_load"] >= 1

@@ -95,6 +95,33 @@ def test_truncated_file_substituted_at_load_time(tmp_path):
         strict[0]
 
 
+def test_decode_failures_in_dataloader_workers_reach_the_main_tally(tmp_path):
+    from torch.utils.data import DataLoader
+
+    root = make_cddb_tree(tmp_path / "d", tasks=("a",), n=3)
+    victim = root / "a" / "train" / "0_real" / "000.png"
+    victim.write_bytes(victim.read_bytes()[:60])
+    sc = resolve_scenario("custom", data_path=root, tasks=["a"])
+    samples = scan_scenario_split(sc, "train")[0]
+    tf = build_transform(TransformConfig(size=32), train=False)
+
+    def load_in_workers(ds):
+        for _ in DataLoader(ds, batch_size=2, num_workers=2):
+            pass
+
+    lost = ImageSampleDataset(samples, transform=tf)  # no spool: the workers' tally dies
+    load_in_workers(lost)
+    assert lost.issues.total() == 0
+    ds = ImageSampleDataset(samples, transform=tf)
+    ds.issues.spool = str(tmp_path / "spool.jsonl")
+    load_in_workers(ds)
+    load_in_workers(ds)  # a second epoch: every load counts, the file is named once
+    summary = ds.issues.summary()
+    assert summary["substituted_at_load"] == 2 and summary["unreadable"] == 1
+    assert list(summary["substituted_files"]) == [str(victim)]
+    assert ds.issues.summary() == summary  # collecting again adds nothing
+
+
 @pytest.mark.parametrize("mode", ["L", "RGBA", "P", "CMYK"])
 def test_modes_become_rgb(tmp_path, mode):
     p = write_image(tmp_path / f"x_{mode}.img", mode=mode)

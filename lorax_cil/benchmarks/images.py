@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import stat
@@ -134,19 +135,58 @@ class DataIssues:
         small: files smaller than the crop (path -> (width, height)); they are resized first.
         substituted: loads that failed at training time and were replaced by another sample.
         substituted_files: the files that failed at load time (path -> the file used instead).
+        spool: a file through which DataLoader worker processes report what they meet (their
+            own copy of the tally dies with them); :meth:`collect` merges it. ``None``: loads
+            happen in this process only.
     """
 
     unreadable: dict[str, str] = field(default_factory=dict)
     small: dict[str, tuple[int, int]] = field(default_factory=dict)
     substituted: int = 0
     substituted_files: dict[str, str] = field(default_factory=dict)
+    spool: str | None = None
+    _spool_read: int = field(default=0, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def _reported_by_worker(self, kind: str, path: str | None, other: str | None) -> bool:
+        """In a DataLoader worker with a spool: append the event to it (merged and logged by
+        the main process) and return True."""
+        if self.spool is None:
+            return False
+        from torch.utils.data import get_worker_info
+
+        if get_worker_info() is None:
+            return False
+        line = json.dumps({"kind": kind, "path": path, "other": other}) + "\n"
+        with open(self.spool, "a", encoding="utf-8") as f:  # one short append per event
+            f.write(line)
+        return True
+
+    def collect(self) -> None:
+        """Merge the events DataLoader workers appended to :attr:`spool` since the last call."""
+        if self.spool is None or not os.path.isfile(self.spool):
+            return
+        with self._lock:
+            with open(self.spool, "rb") as f:
+                f.seek(self._spool_read)
+                data = f.read()
+            end = data.rfind(b"\n") + 1  # complete lines only
+            self._spool_read += end
+        for raw in data[:end].splitlines():
+            try:
+                event = json.loads(raw)
+            except ValueError:
+                continue
+            if event.get("kind") == "unreadable":
+                self.add_unreadable(event["path"], event.get("other") or "")
+            elif event.get("kind") == "substituted":
+                self.add_substituted(event.get("path"), event.get("other"))
 
     def add_unreadable(self, path: str, reason: str) -> None:
         with self._lock:
             first = path not in self.unreadable
             self.unreadable[path] = reason
-        if first:
+        if first and not self._reported_by_worker("unreadable", path, reason):
             logger.warning("skipping unreadable image %s (%s)", printable(path), printable(reason))
 
     def add_small(self, path: str, size: tuple[int, int]) -> None:
@@ -154,6 +194,8 @@ class DataIssues:
             self.small[path] = size
 
     def add_substituted(self, path: str | None = None, replacement: str | None = None) -> None:
+        if self._reported_by_worker("substituted", path, replacement):
+            return  # counted, like every load, by the main process when it collects
         with self._lock:
             self.substituted += 1
             if path is not None:
@@ -168,6 +210,7 @@ class DataIssues:
     def summary(self) -> dict[str, Any]:
         """JSON-serialisable counts plus the first few offending paths (non-UTF-8 bytes of file
         names shown as ``\\xNN``)."""
+        self.collect()
         with self._lock:
             return {
                 "unreadable": len(self.unreadable),
@@ -181,5 +224,6 @@ class DataIssues:
 
     def total(self) -> int:
         """Unreadable plus substituted files (small images are not an issue of correctness)."""
+        self.collect()
         with self._lock:
             return len(self.unreadable.keys() | self.substituted_files.keys())

@@ -9,6 +9,8 @@ Run directory::
     summary.json             AA, step-average accuracy, BWT, forgetting, parameters, time
     accuracy_matrix.png, accuracy_over_steps.png
     checkpoints/exp_NNN/     tensors.safetensors + meta.json after every task
+    data_issues_workers.jsonl  images that failed to decode in DataLoader workers (merged into
+                             data_manifest.json; only with train.num_workers > 0)
 
 Under ``torchrun`` (see docs/distributed.md) every rank builds the same run; training batches
 and evaluation are split over the ranks, and only rank 0 writes files (and prints progress).
@@ -38,6 +40,11 @@ from lorax_cil.utils import atomic_write_text, resolve_device, seed_everything, 
 __all__ = ["Run", "resolve_device", "build_network", "build_backbone"]
 
 logger = logging.getLogger(__name__)
+
+#: start of the comments config.yaml carries on the values derived per task
+DERIVED_MARK = "# derived per task"
+#: file in the run folder where DataLoader worker processes report images that failed to decode
+WORKER_ISSUES = "data_issues_workers.jsonl"
 
 METRICS = ("multi_real", "binary", "strict", "ap")
 
@@ -229,6 +236,12 @@ class Run:
         self.bench = build_cil_benchmark(scenario, transform_config=tcfg, eval_split=d.eval_split,
                                          calib_fraction=d.calib_fraction, seed=cfg.train.seed,
                                          strict=d.strict_data)
+        if cfg.train.num_workers > 0:
+            # DataLoader workers report failed decodes through this file (their own tally is
+            # lost with them); the main process merges it before every report
+            spool = self.run_dir / WORKER_ISSUES
+            spool.unlink(missing_ok=True)
+            self.bench.issues.spool = str(spool)
         self.net = build_network(cfg, backbone).to(self.device)
         builder = get_strategy(cfg.train.strategy).builder
         self.epoch_progress = EpochProgress(display=self.display, say=self.progress)
@@ -415,6 +428,7 @@ class Run:
     def decoded_mask(self, stream: str, task: int) -> np.ndarray:
         """Which samples of a stream's task decoded (``False``: the file failed to decode at
         load time and another image was used in its place; metrics leave those out)."""
+        self.bench.issues.collect()
         bad = self.bench.issues.substituted_files
         return np.array([s.path not in bad for s in self.bench.samples[stream][task]], dtype=bool)
 
@@ -561,9 +575,6 @@ def _check_distributed_strategy(name: str, strategy: Any) -> None:
         raise ValueError(f"strategy {name!r} cannot train with several processes (torchrun); "
                          f"distributed training covers {', '.join(lorax_family_strategies())}: "
                          "run it with one process")
-
-
-DERIVED_MARK = "# derived per task"
 
 
 def _derived_notes(text: str) -> str:

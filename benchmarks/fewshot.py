@@ -137,7 +137,7 @@ def run_one(args, variant: str, scenario: str, root: Path, per_class: int, seed:
     # the budget that leaves --memory-per-class exemplars per class after the last task
     memory = 2 * len(tasks) * args.memory_per_class
     base = {
-        "data": {"scenario": "custom", "crop": args.size},
+        "data": {"scenario": "custom", "crop": args.size, "tasks": list(tasks)},
         "model": {"backbone": args.backbone, "pretrained": not args.no_pretrained,
                   "img_size": args.img_size,
                   "lora_r": args.lora_r, "lora_alpha": float(args.lora_r), "lora_dropout": 0.0,

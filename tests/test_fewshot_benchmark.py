@@ -26,6 +26,7 @@ def test_variant_names_map_to_head_options():
     assert train["head_init"] == "random" and train["head_wa"] is False
     assert mod.variant_config("lorax+official", args)[1]["readout"] == "head"
     assert mod.variant_config("lorax+epochs", args)[1]["min_steps_per_task"] == 0
+    assert mod.variant_config("lorax+ncmf", args)[1]["readout"] == "ncm-frozen"
 
 
 def test_tiny_ablation_writes_table_and_csv(tmp_path):
@@ -34,16 +35,17 @@ def test_tiny_ablation_writes_table_and_csv(tmp_path):
     argv = ["--backbone", "vit-test", "--no-pretrained", "--size", "32", "--per-class", "10",
             "--val-per-class", "2", "--tasks", "2", "--epochs", "1", "--adapt-blocks", "1",
             "--lora-r", "2", "--set", "train.min_steps_per_task=2", "--seeds", "0",
-            "--variants", "lorax+ncm,simplecil", "--data", str(tmp_path / "data"),
+            "--variants", "lorax+ncmf,simplecil,icarl", "--data", str(tmp_path / "data"),
             "--out", str(out)]
     assert mod.main(argv) == 0
     rows = list(csv.DictReader(open(out / "fewshot.csv")))
-    assert [(r["per_class"], r["variant"]) for r in rows] == [("10", "lorax+ncm"), ("10", "simplecil")]
+    assert [(r["per_class"], r["variant"]) for r in rows] == [
+        ("10", "lorax+ncmf"), ("10", "simplecil"), ("10", "icarl")]
     assert all(0.0 <= float(r["aa_mean"]) <= 100.0 for r in rows)
     text = (out / "fewshot.md").read_text()
-    assert "| 10 | lorax+ncm | 0 |" in text and "--variants lorax+ncm,simplecil" in text
-    steps = (out / "runs" / "10" / "lorax+ncm" / "seed0" / "steps.jsonl").read_text().splitlines()
+    assert "| 10 | lorax+ncmf | 0 |" in text and "--variants lorax+ncmf,simplecil,icarl" in text
+    steps = (out / "runs" / "10" / "lorax+ncmf" / "seed0" / "steps.jsonl").read_text().splitlines()
     assert [json.loads(s)["task_length"]["steps"] for s in steps] == [2, 2]  # --set reached the run
     # finished runs are reused: the table-only pass finds both
     assert mod.main(argv + ["--table-only"]) == 0
-    assert len(list(csv.DictReader(open(out / "fewshot.csv")))) == 2
+    assert len(list(csv.DictReader(open(out / "fewshot.csv")))) == 3

@@ -158,8 +158,11 @@ class DataIssues:
         if get_worker_info() is None:
             return False
         line = json.dumps({"kind": kind, "path": path, "other": other}) + "\n"
-        with open(self.spool, "a", encoding="utf-8") as f:  # one short append per event
-            f.write(line)
+        try:
+            with open(self.spool, "a", encoding="utf-8") as f:  # one short append per event
+                f.write(line)
+        except OSError:
+            return False  # cannot report: the worker at least logs it
         return True
 
     def collect(self) -> None:

@@ -236,9 +236,10 @@ class Run:
         self.bench = build_cil_benchmark(scenario, transform_config=tcfg, eval_split=d.eval_split,
                                          calib_fraction=d.calib_fraction, seed=cfg.train.seed,
                                          strict=d.strict_data)
-        if cfg.train.num_workers > 0:
+        if cfg.train.num_workers > 0 and dist.is_main():
             # DataLoader workers report failed decodes through this file (their own tally is
-            # lost with them); the main process merges it before every report
+            # lost with them); the main process merges it before every report (only rank 0
+            # writes the run's files, so only its workers report)
             spool = self.run_dir / WORKER_ISSUES
             spool.unlink(missing_ok=True)
             self.bench.issues.spool = str(spool)

@@ -242,7 +242,7 @@ class HeadBalancer:
             ext = net.ext
             kept = old.shape[1] if ext.grows or not ext.learns else 0
             protos[:first, :kept] = old[:first, :kept]
-            if kept < F and not getattr(net, "own_blocks", False):
+            if kept < F and not net.own_blocks:
                 for c in range(first):
                     mask = mem_labels == c
                     if bool(mask.any()):

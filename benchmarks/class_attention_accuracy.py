@@ -26,15 +26,19 @@ sys.path.insert(0, str(ROOT))
 
 from lorax_cil.training.config import READOUTS  # noqa: E402  (torch-free)
 
-#: method name -> (strategy, adapt_blocks); ``None`` = every block (for ``lorax``, which has no
-#: ``adapt_blocks`` default; ``lorax-ca`` would replace ``None`` by its default of 4)
-METHODS = {
+#: method name -> (strategy, adapt_blocks[, model overrides]); ``None`` = every block (for
+#: ``lorax``, which has no ``adapt_blocks`` default; ``lorax-ca`` would replace ``None`` by its
+#: default of 4); ``lorax-side`` takes ``model.lora_r`` as its side width
+METHODS: dict[str, tuple] = {
     "lorax": ("lorax", None),
     "lorax-deep-k1": ("lorax-deep", 1),
     "lorax-deep-k2": ("lorax-deep", 2),
     "lorax-deep-k3": ("lorax-deep", 3),
     "lorax-ca-k4": ("lorax-ca", 4),
     "lorax-ca-k12": ("lorax-ca", 12),  # every block of a 12-block ViT (None would take the preset's 4)
+    "lorax-side-w32": ("lorax-side", None, {"lora_r": 32, "lora_alpha": 32.0}),
+    "lorax-side-w64": ("lorax-side", None, {"lora_r": 64, "lora_alpha": 64.0}),
+    "lorax-side-w128": ("lorax-side", None, {"lora_r": 128, "lora_alpha": 128.0}),
 }
 FIELDS = ("scenario", "backbone", "size", "per_class", "epochs", "method", "strategy", "k", "seed",
           "aa", "bwt", "train_seconds")
@@ -45,12 +49,13 @@ def run_one(args: argparse.Namespace, data: Path, method: str, seed: int) -> dic
     from lorax_cil.training.config import RunConfig, merge_config
     from lorax_cil.training.runner import Run
 
-    strategy, k = METHODS[method]
+    strategy, k, *extra = METHODS[method]
+    model = {"backbone": args.backbone, "pretrained": True, "img_size": args.size,
+             "lora_r": args.rank, "lora_alpha": float(args.rank), "lora_dropout": 0.0,
+             "adapt_blocks": k, **(extra[0] if extra else {})}
     cfg = merge_config(RunConfig(), {
         "data": {"scenario": args.scenario, "data_path": str(data), "crop": args.size},
-        "model": {"backbone": args.backbone, "pretrained": True, "img_size": args.size,
-                  "lora_r": args.rank, "lora_alpha": float(args.rank), "lora_dropout": 0.0,
-                  "adapt_blocks": k},
+        "model": model,
         "train": {"strategy": strategy, "epochs": args.epochs, "batch_size": 32,
                   "eval_batch_size": 64, "lr_first": args.lr, "lr": args.lr, "warmup_epochs": 0,
                   "min_lr": args.lr / 100, "memory_size": args.memory, "seed": seed,

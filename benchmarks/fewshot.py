@@ -14,9 +14,10 @@ Variants (``--variants``, comma-separated): ``lorax`` with the strategy's curren
 initialisation of new head rows),
 ``wa`` (weight aligning), ``bal`` (balanced head fine-tuning, ``--balanced-steps`` steps),
 ``ncm`` (nearest-class-mean read-out), ``ncmf`` (the ``ncm-frozen`` read-out: each class on
-the feature blocks of its own time), ``official`` (every head option off), ``epochs`` (no
-minimum step count: ``train.min_steps_per_task=0``); and the baselines ``simplecil``,
-``finetune-replay``, ``der-expandable``, ``icarl`` (any registered strategy name works).
+the feature blocks of its own time), ``cbl`` (class-balanced training loss), ``official``
+(every head option off), ``epochs`` (no minimum step count: ``train.min_steps_per_task=0``);
+and the baselines ``simplecil``, ``finetune-replay``, ``der-expandable``, ``icarl`` (any
+registered strategy name works).
 """
 
 from __future__ import annotations
@@ -40,12 +41,13 @@ METRICS = (("aa", "multi_real_aa", "AA multi-real %"), ("bwt", "multi_real_bwt",
            ("train_s", "train_seconds", "train s"))
 OPTIONS = {
     "official": {"head_init": "random", "head_wa": False, "head_balanced_steps": 0,
-                 "readout": "head"},
+                 "readout": "head", "head_balanced_loss": False},
     "proto": {"head_init": "prototype"},
     "wa": {"head_wa": True},
     "bal": {"head_balanced_steps": None},  # --balanced-steps
     "ncm": {"readout": "ncm"},
     "ncmf": {"readout": "ncm-frozen"},
+    "cbl": {"head_balanced_loss": True},
     "epochs": {"min_steps_per_task": 0},
 }
 

@@ -274,3 +274,48 @@ def test_saved_configs_without_the_new_keys_keep_their_old_behaviour():
     new = {"train": {"strategy": "lorax", "readout": "ncm", "min_steps_per_task": 200}}
     cfg = apply_preset(saved_run_config(new, source="meta.json"))
     assert cfg.train.readout == "ncm" and cfg.train.min_steps_per_task == 200
+
+
+def test_balanced_class_weights_give_every_present_class_the_same_total_weight():
+    from lorax_cil.training.strategy import balanced_class_weights
+
+    targets = [0, 0, 1, 2, 2, 2, 2, 2, 2, 4]  # class 3 absent
+    w = balanced_class_weights(targets, 5)
+    counts = torch.bincount(torch.tensor(targets), minlength=5).float()
+    totals = w * counts
+    assert w[3] == 0 and torch.allclose(totals[[0, 1, 2, 4]], torch.full((4,), 2.5))
+    assert torch.isclose((w[torch.tensor(targets)]).mean(), torch.tensor(1.0))
+
+
+def test_balanced_loss_weights_the_training_loss_by_class(data_root, tmp_path, monkeypatch):
+    """Task 2 trains on 6 images per new class and 2 exemplars per old class (memory 4): the
+    loss of each training batch is the class-weighted cross-entropy (plus the divergence
+    loss), which differs from the unweighted one."""
+    from lorax_cil.training.strategy import LoRAX
+
+    seen = []
+    original = LoRAX.criterion
+
+    def spy(self):
+        loss = original(self)
+        if self.is_training and self.net.num_tasks == 2:
+            w = self.class_weights
+            expected = nn.functional.cross_entropy(self.mb_output, self.mb_y, weight=w)
+            unweighted = nn.functional.cross_entropy(self.mb_output, self.mb_y)
+            seen.append((torch.allclose(loss, expected + self.head_div * nn.functional.cross_entropy(
+                self.mb_div_logits, self.net.divergence_targets(self.mb_y))),
+                bool(torch.isclose(expected, unweighted))))
+        return loss
+
+    monkeypatch.setattr(LoRAX, "criterion", spy)
+    run = tiny_run(data_root, tmp_path / "r", head_balanced_loss=True, memory_size=4)
+    run.train()
+    w = run.strategy.class_weights
+    # old classes weigh 3x more
+    assert torch.allclose(w[:2] / w[2:], torch.full((2,), 3.0))
+    assert seen and all(ok for ok, _ in seen) and not all(same for _, same in seen)
+
+
+def test_balanced_loss_is_refused_where_it_would_be_ignored(data_root, tmp_path):
+    with pytest.raises(ValueError, match="train.head_balanced_loss"):
+        tiny_run(data_root, tmp_path / "r", strategy="simplecil", head_balanced_loss=True)

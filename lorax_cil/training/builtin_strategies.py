@@ -91,20 +91,30 @@ register_strategy(
     defaults={"adapt_blocks": 3, **LORAX_DEFAULTS},
 )(_lorax_family)
 
-def _class_attention_network(cfg: RunConfig, backbone: Any) -> Any:
-    """The expandable network with class-attention extractors (``lorax-ca``): ``model.lora_r``,
-    ``lora_alpha`` and ``lora_dropout`` set the LoRA of the task tokens; the adapted layers are
-    fixed (query, output projection and MLP of each token), so ``model.lora_targets`` must stay
-    ``auto``."""
+def _token_extractor_network(cfg: RunConfig, backbone: Any) -> Any:
+    """The expandable network of the kinds that read one shared frozen pass (``lorax-ca``:
+    class-attention task tokens, ``lorax-side``: side networks). ``model.lora_r``,
+    ``lora_alpha`` and ``lora_dropout`` set the task tokens' LoRA (``lorax-ca``) or the side
+    network's width, output scale ``alpha / width`` and dropout (``lorax-side``). Neither adapts
+    backbone layers, so ``model.lora_targets`` must stay ``auto``."""
     from lorax_cil.models.extractors.class_attention import ClassAttentionSpec
+    from lorax_cil.models.extractors.side import SideSpec
     from lorax_cil.models.heads import build_expandable_net
 
     m = cfg.model
+    what = {"class-attention": "its task tokens adapt their query, output projection and MLP",
+            "side": "its side networks adapt no backbone layer"}
+    if m.extractor not in what:
+        raise ValueError(f"strategy {cfg.train.strategy!r} needs model.extractor "
+                         f"'class-attention' or 'side', got {m.extractor!r}")
     if m.lora_targets != "auto":
         raise ValueError(f"model.lora_targets={m.lora_targets!r} does not apply to strategy "
-                         f"{cfg.train.strategy!r}: its task tokens adapt their query, output "
-                         "projection and MLP; leave model.lora_targets at 'auto'")
-    spec = ClassAttentionSpec(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
+                         f"{cfg.train.strategy!r}: {what[m.extractor]}; leave model.lora_targets "
+                         "at 'auto'")
+    if m.extractor == "side":
+        spec: Any = SideSpec(width=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
+    else:
+        spec = ClassAttentionSpec(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout)
     kwargs = dict(backbone=backbone, extractor=m.extractor, adapt_blocks=m.adapt_blocks,
                   spec=spec, divergence_head=m.divergence_head)
     return build_expandable_net(cfg.train.readout, **kwargs)
@@ -116,7 +126,16 @@ register_strategy(
                 "backbone runs once for every task",
     model={"extractor": "class-attention"},
     defaults={"adapt_blocks": 4},
-    network=_class_attention_network,
+    network=_token_extractor_network,
+)(_lorax_family)
+
+register_strategy(
+    "lorax-side",
+    description="LoRAX with a narrow per-task side network on the frozen token stream of every "
+                "block: the frozen backbone runs once for every task",
+    model={"extractor": "side"},
+    defaults=LORAX_DEFAULTS,
+    network=_token_extractor_network,
 )(_lorax_family)
 
 register_strategy(

@@ -122,6 +122,10 @@ class TrainConfig:
         head_balanced_steps: steps of class-balanced fine-tuning of the head alone after each
             task, on the memory plus an equal-size sample of each new class (EEIL); 0: off.
         head_balanced_lr: learning rate of that fine-tuning.
+        head_balanced_loss: weight the training loss of every class by the inverse of its
+            share of the task's training set (new images + exemplars), so that the few
+            exemplars of each old class weigh as much as a new class (class-balanced
+            cross-entropy); ``None``: the strategy's default.
         readout: ``head`` (the linear head), ``ncm`` (cosine to class means of the
             concatenated features, kept after each task) or ``ncm-frozen`` (each class's
             mean on the feature blocks of its own time, never updated) for evaluation and
@@ -158,6 +162,7 @@ class TrainConfig:
     head_wa: bool = False
     head_balanced_steps: int = 0
     head_balanced_lr: float = 1e-4
+    head_balanced_loss: bool | None = None
     readout: str | None = None
     cache_trunk: bool = False
 

@@ -64,6 +64,8 @@ class HeadOptions:
         balanced_batch: batch size of that fine-tuning.
         readout: ``head`` (linear head), ``ncm`` (nearest class mean, cosine) or
             ``ncm-frozen`` (nearest class mean, each class on the blocks of its time).
+        balanced_loss: class-balanced training loss (each class weighted by the inverse of
+            its count in the task's training set, exemplars included).
     """
 
     init: str = "random"
@@ -72,6 +74,7 @@ class HeadOptions:
     balanced_lr: float = 1e-4
     balanced_batch: int = 32
     readout: str = "head"
+    balanced_loss: bool = False
 
     def __post_init__(self) -> None:
         if self.init not in INITS:
@@ -87,7 +90,7 @@ class HeadOptions:
         """The options of a ``TrainConfig``."""
         return cls(init=t.head_init, wa=bool(t.head_wa), balanced_steps=int(t.head_balanced_steps),
                    balanced_lr=float(t.head_balanced_lr), balanced_batch=int(t.batch_size),
-                   readout=t.readout or "head")
+                   readout=t.readout or "head", balanced_loss=bool(t.head_balanced_loss))
 
 
 def check_head_options(cfg: Any, strategy: Any) -> None:
@@ -99,7 +102,8 @@ def check_head_options(cfg: Any, strategy: Any) -> None:
     if getattr(strategy, "head_balancer", None) is None or \
             strategy.head_balancer.options != options:
         raise ValueError(f"strategy {cfg.train.strategy!r} does not use train.head_init, "
-                         "train.head_wa, train.head_balanced_steps or train.readout (they apply "
+                         "train.head_wa, train.head_balanced_steps, train.head_balanced_loss or "
+                         "train.readout (they apply "
                          "to lorax, lorax-deep, lorax-mole, finetune, finetune-replay, "
                          "der-expandable and memo); leave them at their defaults")
 

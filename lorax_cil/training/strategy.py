@@ -268,6 +268,7 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         )
         self.mb_div_logits: torch.Tensor | None = None
         self.mb_aux_loss: torch.Tensor | None = None
+        self.class_weights: torch.Tensor | None = None  # head_balanced_loss, set per task
 
     # --- set-up ----------------------------------------------------------------------------
     @property
@@ -323,7 +324,11 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         return out.logits.float()
 
     def criterion(self) -> torch.Tensor:
-        loss = self._criterion(self.mb_output, self.mb_y)
+        if self.is_training and self.class_weights is not None:
+            w = self.class_weights.to(self.mb_output.device)
+            loss = nn.functional.cross_entropy(self.mb_output, self.mb_y, weight=w)
+        else:
+            loss = self._criterion(self.mb_output, self.mb_y)
         if self.is_training and self.head_div > 0 and self.mb_div_logits is not None:
             targets = self.net.divergence_targets(self.mb_y)
             loss = loss + self.head_div * nn.functional.cross_entropy(self.mb_div_logits, targets)
@@ -335,11 +340,28 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
     def _before_training_exp(self, **kwargs: Any) -> None:
         super()._before_training_exp(**kwargs)
         self.head_balancer.before_task(self)  # e.g. prototype initialisation of the new rows
+        self.class_weights = None
+        if self.head_balancer.options.balanced_loss:
+            self.class_weights = balanced_class_weights(
+                [int(y) for y in self.adapted_dataset.targets], self.net.num_classes)
+            logger.info("class-balanced loss: weights %s",
+                        [round(w, 3) for w in self.class_weights.tolist()])
 
     def _after_training_exp(self, **kwargs: Any) -> None:
         self.head_balancer.after_task(self)  # balanced fine-tuning, WA, NCM class means
         self.memory.post_adapt(self, self.experience)
         super()._after_training_exp(**kwargs)
+
+
+def balanced_class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:
+    """Per-class loss weights ``n / (k n_c)`` (``n`` samples, ``k`` classes present, ``n_c``
+    samples of class ``c``; 0 for an absent class): every present class then carries the same
+    total weight, and the weights average to 1 over the samples."""
+    counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.long), minlength=num_classes).double()
+    present = counts > 0
+    weights = torch.zeros(num_classes, dtype=torch.float64)
+    weights[present] = counts.sum() / (present.sum() * counts[present])
+    return weights.float()
 
 
 def train_transform_randomness(cfg: Any, sizes: Sequence[tuple[int, int]]) -> list[str]:

@@ -31,6 +31,7 @@ Kinds that wrap backbone layers instead (LoRA, MoLE) list the wrapped names in `
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
 
 import torch
@@ -39,7 +40,7 @@ from torch import nn
 from lorax_cil.models.base import BlockBackbone
 from lorax_cil.models.state import copy_state_strict
 
-__all__ = ["Tail", "Extractor", "register_extractor", "get_extractor", "list_extractors"]
+__all__ = ["Tail", "Extractor", "SharedPass", "register_extractor", "get_extractor", "list_extractors"]
 
 
 class Tail:
@@ -142,6 +143,40 @@ class Tail:
                             if b not in mod._non_persistent_buffers_set]
             used = [n for n, g in zip(params, grads) if g is not None]
             self._tensors = (used, list(dict.fromkeys(buffers)))
+
+
+class SharedPass:
+    """One no-grad computation on trunk output ``h``, kept while ``h`` is alive and unchanged.
+
+    Kinds whose tasks all read one frozen pass (``class-attention``, ``side``) compute it
+    once per batch: a training step asks for the old tasks and the new one separately, with the
+    same ``h``. The cached result is dropped when ``h`` is freed or modified in place.
+    ``passes`` counts the computations (tests and benchmarks read it).
+    """
+
+    def __init__(self) -> None:
+        self._cache: tuple[Any, ...] | None = None
+        self.passes = 0
+
+    def get(self, h: torch.Tensor, compute: Callable[[torch.Tensor], Any]) -> Any:
+        c = self._cache
+        if c is not None and c[0]() is h and c[1] == h._version:
+            return c[2]
+        with torch.no_grad():
+            out = compute(h)
+        self.passes += 1
+        token = object()
+        self._cache = (weakref.ref(h), h._version, out, token)
+        weakref.finalize(h, self._drop, token)
+        return out
+
+    def _drop(self, token: object) -> None:
+        c = self._cache
+        if c is not None and c[3] is token:
+            self._cache = None
+
+    def __deepcopy__(self, memo: dict) -> "SharedPass":  # a copy starts with an empty cache
+        return SharedPass()
 
 
 class Extractor(nn.Module):

@@ -41,7 +41,6 @@ message.
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
@@ -50,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorax_cil.models.base import BlockBackbone
-from lorax_cil.models.extractors.base import Extractor, Tail, register_extractor
+from lorax_cil.models.extractors.base import Extractor, SharedPass, Tail, register_extractor
 from lorax_cil.models.timm_vit import TimmViTBackbone
 from lorax_cil.utils import strict_from_dict
 
@@ -190,8 +189,7 @@ class ClassAttentionExtractor(Extractor):
         dim = tail.backbone.feature_dim
         self.dims = {"q": (dim, attn.attn_dim), "proj": (attn.attn_dim, dim),
                      "fc1": (dim, mlp.fc1.out_features), "fc2": (mlp.fc1.out_features, dim)}
-        self._shared_cache: tuple[Any, ...] | None = None
-        self.shared_passes = 0  # how many times the frozen tail ran (tests, benchmarks)
+        self._shared = SharedPass()
 
     @property
     def k(self) -> int:
@@ -213,42 +211,36 @@ class ClassAttentionExtractor(Extractor):
         mod.frozen = True
 
     # --- the shared frozen pass ----------------------------------------------------------------
+    @property
+    def shared_passes(self) -> int:
+        """How many times the frozen tail ran (tests, benchmarks)."""
+        return self._shared.passes
+
     def shared(self, h: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         """``(class token entering block L-k, [(K_i, V_i) for the last k blocks])`` of trunk
         output ``h``, computed once without autograd and reused while ``h`` is alive and
         unchanged (a training step asks for the old tasks and the new one separately)."""
-        c = self._shared_cache
-        if c is not None and c[0]() is h and c[1] == h._version:
-            return c[2]
+        return self._shared.get(h, self._compute_shared)
+
+    def _compute_shared(self, h: torch.Tensor) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
         bb = self.tail.backbone
         kv: list[tuple[torch.Tensor, torch.Tensor]] = []
         captured: list[torch.Tensor] = []
-        with torch.no_grad():
-            x = h
-            cls0 = h[:, 0].clone()  # a view would keep h alive with the cache
-            last = bb.num_blocks - 1
-            for i, blk in zip(range(self.tail.start, bb.num_blocks), self.blocks):
-                if i < last:  # the block itself runs; its qkv output is taken on the way
-                    hook = blk.attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
-                    try:
-                        x = bb.run_block(i, x)
-                    finally:
-                        hook.remove()
-                    qkv = captured.pop()
-                else:  # the last block: only its keys and values are needed
-                    qkv = blk.attn.qkv(blk.norm1(x))
-                kv.append(self._keys_values(blk.attn, qkv))
-        self.shared_passes += 1
-        out = (cls0, kv)
-        token = object()
-        self._shared_cache = (weakref.ref(h), h._version, out, token)
-        weakref.finalize(h, self._drop_shared, token)
-        return out
-
-    def _drop_shared(self, token: object) -> None:
-        c = self._shared_cache
-        if c is not None and c[3] is token:
-            self._shared_cache = None
+        x = h
+        cls0 = h[:, 0].clone()  # a view would keep h alive with the cache
+        last = bb.num_blocks - 1
+        for i, blk in zip(range(self.tail.start, bb.num_blocks), self.blocks):
+            if i < last:  # the block itself runs; its qkv output is taken on the way
+                hook = blk.attn.qkv.register_forward_hook(lambda _m, _i, out: captured.append(out))
+                try:
+                    x = bb.run_block(i, x)
+                finally:
+                    hook.remove()
+                qkv = captured.pop()
+            else:  # the last block: only its keys and values are needed
+                qkv = blk.attn.qkv(blk.norm1(x))
+            kv.append(self._keys_values(blk.attn, qkv))
+        return cls0, kv
 
     @staticmethod
     def _keys_values(attn: nn.Module, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,226 @@
+"""``"side"``: a narrow per-task side network on the frozen token streams (ladder side-tuning).
+
+Whole-block extractors run ``k`` backbone blocks over every token per task; ``class-attention``
+runs one query token per task, so it is cheap but only *re-reads* the frozen tokens through
+attention. Here the frozen backbone also runs once per image for every task, and each task owns
+a side network of width ``w`` (``w`` much smaller than the backbone width ``D``) that processes
+**every token**, fed from the frozen token stream at every block it covers (as in ladder
+side-tuning, Sung et al., NeurIPS 2022). Per task, with ``x_0`` the frozen tokens entering block
+``L - k`` and ``x_j`` the frozen tokens leaving its ``j``-th block (``j = 1..k``)::
+
+    s  = D_0 LN(x_0)                                      (B, N, w)
+    for j = 1..k:
+        s = s + D_j LN(x_j)                               (down-projection of the tap, D -> w)
+        s = s + M_j(LN(s))                                (per-token MLP, w -> m w -> w)
+    f  = f_frozen + (alpha / w) U LN(mean_tokens(s))      (U: w -> D, zeros at the start)
+
+``LN`` is a LayerNorm without affine parameters (the taps of different depths have very
+different scales). ``f_frozen`` is the frozen backbone's own feature (the neck of the shared
+pass), so a new task starts exactly at the frozen feature, as LoRA with ``B = 0`` does.
+
+Cost per task (multiply-accumulates per token): ``(k + 1) D w + 2 k m w^2``, against
+``L (4 D^2 + 2 D h)`` for a plain pass (``h``: the MLP width; attention's ``N^2`` terms left
+out), i.e. about ``(k + 1) w / (12 L D)`` of a pass at ``m = 2``, ``h = 4 D``:
+:func:`side_flops` gives the exact model; benchmarks/speed.py measures it.
+
+Supported backbones: any whose blocks keep a ``(B, N, D)`` token layout (timm ViTs, DeiT,
+DINOv2). Backbones whose blocks change shape (CNN stages) are refused with a message.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from lorax_cil.models.extractors.base import Extractor, SharedPass, Tail, register_extractor
+from lorax_cil.models.extractors.class_attention import block_flops
+from lorax_cil.utils import strict_from_dict
+
+__all__ = ["SideSpec", "SideNet", "SideExtractor", "side_flops"]
+
+
+@dataclass(frozen=True)
+class SideSpec:
+    """Options of the side extractor.
+
+    Attributes:
+        width: ``w``, the width of every task's side network (``model.lora_r`` for
+            ``lorax-side``).
+        alpha: the side feature is scaled by ``alpha / width`` before it is added to the frozen
+            feature (``model.lora_alpha``).
+        mlp_ratio: hidden width of each side MLP, in multiples of ``width``.
+        dropout: dropout on the side stream while its task trains (``model.lora_dropout``).
+    """
+
+    width: int = 64
+    alpha: float = 64.0
+    mlp_ratio: float = 2.0
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.width, int) or isinstance(self.width, bool) or self.width < 1:
+            raise ValueError(f"SideSpec.width must be a positive integer, got {self.width!r}")
+        if not self.alpha > 0:
+            raise ValueError(f"SideSpec.alpha must be > 0, got {self.alpha!r}")
+        if not self.mlp_ratio > 0:
+            raise ValueError(f"SideSpec.mlp_ratio must be > 0, got {self.mlp_ratio!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"SideSpec.dropout must be in [0, 1), got {self.dropout!r}")
+
+    @property
+    def hidden(self) -> int:
+        return max(1, round(self.width * self.mlp_ratio))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.width
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["scaling"] = self.scaling
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SideSpec":
+        return strict_from_dict(cls, d, ignore=("scaling",))
+
+
+class SideNet(nn.Module):
+    """What one task owns: ``down.<j>`` (``k + 1`` taps), ``mlp.<j>.fc1`` / ``.fc2`` (``k``
+    blocks) and ``up`` (zeros at the start)."""
+
+    def __init__(self, *, dim: int, k: int, spec: SideSpec) -> None:
+        super().__init__()
+        w = spec.width
+        self.down = nn.ModuleList(nn.Linear(dim, w) for _ in range(k + 1))
+        self.mlp = nn.ModuleList(
+            nn.ModuleDict({"fc1": nn.Linear(w, spec.hidden), "fc2": nn.Linear(spec.hidden, w)})
+            for _ in range(k)
+        )
+        self.up = nn.Linear(w, dim)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.frozen = False
+
+    def forward(self, taps: Sequence[torch.Tensor], *, dropout: float = 0.0) -> torch.Tensor:
+        """The side feature ``U LN(mean_tokens(s))`` (unscaled) of normalised taps ``(B, N, D)``."""
+        s = self.down[0](taps[0])
+        for j, mlp in enumerate(self.mlp):
+            s = s + self.down[j + 1](taps[j + 1])
+            if dropout:
+                s = F.dropout(s, dropout, training=True)
+            u = F.layer_norm(s, s.shape[-1:])
+            s = s + mlp["fc2"](F.gelu(mlp["fc1"](u)))
+        pooled = s.mean(dim=1)
+        return self.up(F.layer_norm(pooled, pooled.shape[-1:]))
+
+
+@register_extractor("side")
+class SideExtractor(Extractor):
+    """A :class:`SideNet` per task in ``self.extractors``; the frozen backbone runs once per
+    image for all of them (``spec``: :class:`SideSpec`)."""
+
+    spec_key = "side"
+    spec_type = SideSpec
+
+    def __init__(self, tail: Tail, spec: Any = None) -> None:
+        spec = spec if spec is not None else SideSpec()
+        super().__init__(tail, spec)
+        self._shared = SharedPass()
+        self._check_layout()
+
+    @property
+    def k(self) -> int:
+        return self.tail.backbone.num_blocks - self.tail.start
+
+    @property
+    def shared_passes(self) -> int:
+        """How many times the frozen tail ran (tests, benchmarks)."""
+        return self._shared.passes
+
+    def _check_layout(self) -> None:
+        """Refuse backbones whose tail blocks do not keep one ``(B, N, D)`` token layout."""
+        bb = self.tail.backbone
+        size = bb.spec.input_size
+        x = torch.zeros(1, 3, size, size, device=self.tail.device, dtype=self.tail.dtype)
+        with torch.no_grad():
+            h = bb.run_blocks(bb.stem(x), 0, self.tail.start)
+            shapes = [tuple(h.shape)]
+            for i in range(self.tail.start, bb.num_blocks):
+                h = bb.run_block(i, h)
+                shapes.append(tuple(h.shape))
+        D = bb.feature_dim
+        if any(len(s) != 3 or s != shapes[0] or s[-1] != D for s in shapes):
+            raise ValueError(
+                f"extractor 'side' needs a backbone whose blocks keep one (batch, tokens, {D}) "
+                f"token layout (a Vision Transformer); backbone {bb.spec.name!r} gives block "
+                f"outputs of shapes {sorted(set(shapes))}")
+
+    # --- growth --------------------------------------------------------------------------------
+    def add_task(self, t: int) -> None:
+        if t:
+            self.freeze(t - 1)
+        ref = next(self.tail.backbone.parameters())
+        net = SideNet(dim=self.tail.backbone.feature_dim, k=self.k, spec=self.spec)
+        self.extractors.append(net.to(ref.device, ref.dtype))
+        assert len(self.extractors) == t + 1, (len(self.extractors), t)
+
+    def freeze(self, t: int) -> None:
+        mod = self.extractors[t]
+        for p in mod.parameters():
+            p.requires_grad_(False)
+        mod.frozen = True
+
+    # --- the shared frozen pass ----------------------------------------------------------------
+    def shared(self, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(frozen feature, [LN(x_0), ..., LN(x_k)])`` of trunk output ``h``, computed once
+        without autograd and reused while ``h`` is alive and unchanged."""
+        return self._shared.get(h, self._compute_shared)
+
+    def _compute_shared(self, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        bb = self.tail.backbone
+        x = h
+        taps = [F.layer_norm(x, x.shape[-1:])]
+        for i in range(self.tail.start, bb.num_blocks):
+            x = bb.run_block(i, x)
+            taps.append(F.layer_norm(x, x.shape[-1:]))
+        return bb.neck(x), taps
+
+    def features(self, h: torch.Tensor, tasks: Sequence[int], *, train: bool) -> list[torch.Tensor]:
+        tasks = list(tasks)
+        if not tasks:
+            return []
+        frozen, taps = self.shared(h)
+        s = self.spec
+        out = []
+        for t in tasks:
+            net = self.extractors[t]
+            drop = s.dropout if train and self.training and not net.frozen else 0.0
+            side = net([x.to(net.up.weight.dtype) for x in taps], dropout=drop)
+            out.append(frozen + s.scaling * side.to(frozen.dtype))
+        return out
+
+
+# --- cost model ---------------------------------------------------------------------------------
+def side_flops(*, n: int, dim: int, hidden: int, L: int, k: int, T: int, width: int,
+               mlp_ratio: float = 2.0) -> dict[str, float]:
+    """Cost of the side extractor at ``T`` tasks, in multiply-accumulates and in plain backbone
+    passes (``n`` tokens, ``L`` blocks of width ``dim`` and MLP ``hidden``; attention's ``n^2``
+    terms are in the plain pass, see :func:`~lorax_cil.models.extractors.class_attention.block_flops`).
+
+    * shared: one plain pass (all ``L`` blocks over all tokens);
+    * per task: ``k + 1`` down-projections ``n dim width``, ``k`` side MLPs
+      ``2 n width hidden_side``, and the up-projection ``dim width`` of the pooled token.
+
+    Returns ``{"plain", "shared", "per_task", "total", "passes"}`` (``passes`` = total / plain).
+    """
+    plain = L * block_flops(n, dim, hidden)
+    side_hidden = max(1, round(width * mlp_ratio))
+    per_task = (k + 1) * n * dim * width + k * 2 * n * width * side_hidden + dim * width
+    total = plain + T * per_task
+    return {"plain": plain, "shared": plain, "per_task": per_task, "total": total,
+            "passes": total / plain}

@@ -1,0 +1,223 @@
+"""The side extractor (``lorax-side``): a new task starts at the frozen feature, one frozen pass
+for every task, isolation of old tasks, state round trip, refusal of non-token backbones, the
+cost formula against counted FLOPs, and the strategy end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+# the strategy tests share test_class_attention's generated data
+from test_class_attention import (
+    ca_config,
+    data_root,  # noqa: F401  (fixture)
+    layerscale_vit,
+    make_run,
+    randomise,
+    x_batch,
+)
+
+from conftest import assert_same_training_result
+from lorax_cil.models.backbones import create_backbone
+from lorax_cil.models.expandable import ExpandableNet
+from lorax_cil.models.extractors.side import SideSpec, side_flops
+from lorax_cil.training.runner import resume_run
+
+
+def make_net(k: int | None = 2, tasks: int = 1, backbone=None, **spec) -> ExpandableNet:
+    torch.manual_seed(0)
+    bb = backbone if backbone is not None else layerscale_vit()
+    net = ExpandableNet(backbone=bb, extractor="side", adapt_blocks=k,
+                        spec=SideSpec(**{"width": 8, "alpha": 16.0, **spec}))
+    for _ in range(tasks):
+        net.add_task(2)
+    return net
+
+
+@pytest.mark.parametrize("backbone", ["layerscale", "vit-test"])
+@pytest.mark.parametrize("k", [1, 3, None])
+def test_a_new_task_starts_at_the_frozen_feature(backbone, k):
+    torch.manual_seed(0)
+    bb = layerscale_vit() if backbone == "layerscale" else create_backbone("vit-test", pretrained=False)
+    x = x_batch()
+    with torch.no_grad():
+        frozen = bb(x)
+    net = ExpandableNet(backbone=bb, extractor="side", adapt_blocks=k)
+    net.add_task(2)
+    net.eval()
+    with torch.no_grad():
+        feats = net.forward_all(x).features
+    torch.testing.assert_close(feats, frozen, atol=2e-5, rtol=1e-5)
+    randomise(net, 0)
+    with torch.no_grad():
+        assert (net.forward_all(x).features - frozen).abs().max() > 1e-2
+
+
+def test_the_frozen_pass_runs_once_whatever_the_number_of_tasks():
+    net = make_net(k=None, tasks=1)
+    L = net.backbone.num_blocks
+    calls = {i: 0 for i in range(L)}
+    hooks = [net.backbone.block(i).register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i in range(L)]
+    x = x_batch(4)
+    try:
+        for T in (1, 4):
+            while net.num_tasks < T:
+                net.add_task(2)
+            for mode in ("eval", "train"):
+                net.train(mode == "train")
+                for i in calls:
+                    calls[i] = 0
+                before = net.ext.shared_passes
+                out = net.forward_all(x)
+                if mode == "train":
+                    out.logits.sum().backward()
+                    net.zero_grad(set_to_none=True)
+                assert calls == {i: 1 for i in range(L)}, (T, mode, calls)
+                assert net.ext.shared_passes == before + 1
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def test_training_a_new_task_leaves_old_tasks_bit_identical():
+    net = make_net(k=2, tasks=1, dropout=0.2)
+    randomise(net, 0)
+    x = x_batch(6)
+    net.eval()
+    with torch.no_grad():
+        f0 = net.ext.features(net.trunk(x), [0], train=False)[0].clone()
+    s0 = net.extractor_state_dict(0)
+    net.add_task(2)
+    net.train()
+    assert {id(p) for p in net.trainable_parameters()} == (
+        {id(p) for p in net.ext.parameters_of(1)} | {id(p) for p in net.head.parameters()}
+        | {id(p) for p in net.div_head.parameters()})
+    opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    y = torch.tensor([0, 1, 2, 3, 2, 3])
+    for _ in range(3):
+        out = net.forward_all(x)
+        loss = torch.nn.functional.cross_entropy(out.logits, y)
+        loss.backward()
+        assert all(p.grad is not None for p in net.ext.parameters_of(1))
+        assert all(p.grad is None for p in net.ext.parameters_of(0))
+        assert all(p.grad is None for p in net.backbone.parameters())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    s0_after = net.extractor_state_dict(0)
+    assert all(torch.equal(s0[k], s0_after[k]) for k in s0)
+    assert net.extractor_state_dict(1)["up.weight"].abs().sum() > 0  # the new task trained
+    net.eval()
+    with torch.no_grad():
+        both = net.forward_all(x).features  # the old task's dropout is off: same feature
+    torch.testing.assert_close(both[:, : net.feature_dim], f0, atol=1e-6, rtol=1e-5)
+
+
+def test_state_and_architecture_round_trip():
+    net = make_net(k=2, tasks=3, mlp_ratio=1.5)
+    for t in range(3):
+        randomise(net, t)
+    arch = json.loads(json.dumps(net.architecture()))
+    assert arch["extractor"] == "side" and arch["side"]["width"] == 8 and arch["side"]["mlp_ratio"] == 1.5
+    sd = net.learned_state_dict()
+    assert "extractor.2.down.2.weight" in sd and "extractor.0.mlp.1.fc2.bias" in sd
+    again = ExpandableNet.from_architecture(arch, layerscale_vit())
+    again.load_learned_state_dict(sd)
+    net.eval()
+    again.eval()
+    x = x_batch()
+    with torch.no_grad():
+        assert torch.equal(net(x), again(x))
+    d, w, hid, k = 48, 8, 12, 2
+    per = (k + 1) * (d * w + w) + k * (w * hid + hid + hid * w + w) + (w * d + d)
+    assert net.parameter_report()["per_extractor"] == [per] * 3
+
+
+@pytest.mark.parametrize("name,k", [("efficientnet-lite0", 1), ("convit-test", None)])
+def test_backbones_without_one_token_layout_are_refused(name, k):
+    """A CNN's stages change shape; ConViT adds its class token after its local blocks (its
+    last blocks alone keep one layout and are accepted)."""
+    bb = create_backbone(name, pretrained=False)
+    with pytest.raises(ValueError, match="extractor 'side' needs a backbone whose blocks keep one"):
+        ExpandableNet(backbone=bb, extractor="side", adapt_blocks=k)
+    if name == "convit-test":
+        ExpandableNet(backbone=bb, extractor="side", adapt_blocks=1).add_task(2)
+
+
+def test_spec_is_validated():
+    with pytest.raises(ValueError, match="width must be"):
+        SideSpec(width=0)
+    with pytest.raises(ValueError, match="dropout"):
+        SideSpec(dropout=1.0)
+    with pytest.raises(ValueError, match="unknown keys"):
+        SideSpec.from_dict({"width": 4, "rank": 4})
+    assert SideSpec.from_dict(SideSpec(width=4, alpha=2.0).to_dict()) == SideSpec(width=4, alpha=2.0)
+
+
+@pytest.mark.parametrize("k,T", [(1, 1), (2, 4), (None, 2)])
+def test_cost_formula_matches_counted_flops(k, T):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    net = make_net(k=k, tasks=T)
+    net.eval()
+    bb = net.backbone
+    x = x_batch(2)
+    with torch.no_grad():
+        h = net.trunk(x)
+        frozen, taps = net.ext.shared(h)
+        with FlopCounterMode(display=False) as counter:  # the per-task part only
+            for t in range(T):
+                net.ext.extractors[t](taps)
+    n, d, L = h.shape[1], bb.feature_dim, bb.num_blocks
+    hidden = bb.block(0).mlp.fc1.out_features
+    cost = side_flops(n=n, dim=d, hidden=hidden, L=L, k=net.ext.k, T=T, width=8)
+    assert counter.get_total_flops() == pytest.approx(2 * 2 * T * cost["per_task"], rel=1e-9)
+    assert cost["passes"] == pytest.approx(1 + T * cost["per_task"] / cost["plain"])
+
+
+def test_cost_formula_at_twelve_tasks():
+    """The numbers docs/performance.md quotes: every block, width 64, T = 12."""
+    vitb = side_flops(n=197, dim=768, hidden=3072, L=12, k=12, T=12, width=64)
+    vits = side_flops(n=65, dim=384, hidden=1536, L=12, k=12, T=12, width=64)
+    assert vitb["passes"] == pytest.approx(1.113, abs=1e-3)
+    assert vits["passes"] < 1.5
+
+
+# --- the strategy end to end ----------------------------------------------------------------------
+def side_config(**model):
+    cfg = ca_config(lora_r=8, lora_alpha=8, **model)
+    cfg.train.strategy = "lorax-side"
+    return cfg
+
+
+def test_strategy_trains_resumes_adds_a_task_and_predicts(data_root, tmp_path):  # noqa: F811
+    import lorax_cil
+
+    full = make_run(data_root, tmp_path / "full", side_config(), tasks=("a", "b"))
+    assert full.net.extractor == "side" and full.net.adapt_blocks is None
+    assert full.net.ext.spec == SideSpec(width=8, alpha=8.0, dropout=0.0)
+    assert full.cfg.train.readout == "ncm-frozen"  # the lorax family's read-out
+    full.train()
+    part = make_run(data_root, tmp_path / "part", side_config(), tasks=("a", "b"))
+    part.train(stop_after=1)
+    resumed = resume_run(tmp_path / "part")
+    resumed.train()
+    assert "extractor.1.up.weight" in assert_same_training_result(full, resumed)
+    before = full.matrices["multi_real"].matrix
+    grown = resume_run(tmp_path / "full", add_tasks=[f"d={data_root / 'd'}"])
+    grown.train()
+    after = grown.matrices["multi_real"].matrix
+    assert after.shape == (3, 3) and not np.isnan(after[2]).any()
+    np.testing.assert_array_equal(after[:2, :2], before)
+    pred = lorax_cil.load(tmp_path / "full", device="cpu")
+    paths = sorted(str(p) for p in (data_root / "b").rglob("*.png"))[:4]
+    proba = pred.predict_proba(paths)
+    assert proba.shape == (4, 6) and np.allclose(proba.sum(1), 1, atol=1e-5)
+
+
+def test_strategy_refuses_lora_targets_it_cannot_use(data_root, tmp_path):  # noqa: F811
+    with pytest.raises(ValueError, match="model.lora_targets='attn' does not apply to strategy 'lorax-side'"):
+        make_run(data_root, tmp_path / "r", side_config(lora_targets="attn"))

@@ -100,15 +100,17 @@ def test_demo_on_the_pretrained_vit_end_to_end(tmp_path, capsys):
     assert "img_size: 42" in config and "lora_targets: attn+mlp" in config
 
 
-def test_demo_refuses_class_attention_before_any_work(tmp_path, capsys):
-    """lorax-ca's task tokens do not take the demo's LoRA targets: one line naming the flag and
-    where to run it, before data is synthesized."""
+@pytest.mark.parametrize("name,what", [("lorax-ca", "class-attention task tokens"),
+                                       ("lorax-side", "side networks")])
+def test_demo_refuses_shared_pass_extractors_before_any_work(tmp_path, capsys, name, what):
+    """lorax-ca's task tokens and lorax-side's side networks do not take the demo's LoRA
+    targets: one line naming the flag and where to run it, before data is synthesized."""
     out, data = tmp_path / "demo", tmp_path / "data"
     rc = main(["demo", "--out", str(out), "--data-dir", str(data), "--backbone", "vit-test",
-               "--strategies", "lorax,lorax-ca"])
+               "--strategies", f"lorax,{name}"])
     err = capsys.readouterr().err
     assert rc == 2
-    assert "--strategies lorax-ca" in err and "class_attention_accuracy.py" in err
+    assert f"--strategies {name}" in err and what in err and "class_attention_accuracy.py" in err
     assert not data.exists() and not out.exists()
     rc = main(["demo", "--out", str(out), "--data-dir", str(data), "--strategies", "nope"])
     assert rc == 2 and "unknown strategy 'nope'" in capsys.readouterr().err

@@ -140,15 +140,18 @@ def prepare_demo_data(args: argparse.Namespace) -> Path:
 
 def demo_strategies(text: str) -> list[str]:
     """The strategies of ``--strategies``, checked before any training: known names, and none
-    whose adapted layers the demo's LoRA settings do not fit (``lorax-ca``'s task tokens)."""
+    whose adapted layers the demo's LoRA settings do not fit (``lorax-ca``'s task tokens,
+    ``lorax-side``'s side networks)."""
     from lorax_cil.training.registry import get_strategy
 
     names = [s.strip() for s in text.split(",") if s.strip()]
     for name in names:
-        if get_strategy(name).model.get("extractor") == "class-attention":
+        kind = get_strategy(name).model.get("extractor")
+        what = {"class-attention": "class-attention task tokens", "side": "side networks"}
+        if kind in what:
             raise ValueError(
                 f"--strategies {name}: the demo's LoRA settings (targets, blocks) do not apply to "
-                "class-attention task tokens; run it on the demo's data with benchmarks/"
+                f"{what[kind]}; run it on the demo's data with benchmarks/"
                 "class_attention_accuracy.py --scenario synth-easy --per-class 100, or with "
                 f"lorax-cil train --strategy {name} (docs/class-attention.md)")
     return names

@@ -1,5 +1,5 @@
 """The built-in strategies: LoRAX, LoRAX on the last blocks, LoRAX with class-attention task
-tokens, LoRAX with MoLE extractors, and the two fine-tuning baselines."""
+tokens or side networks, LoRAX with MoLE extractors, and the two fine-tuning baselines."""
 
 from __future__ import annotations
 
@@ -132,7 +132,8 @@ register_strategy(
 register_strategy(
     "lorax-side",
     description="LoRAX with a narrow per-task side network on the frozen token stream of every "
-                "block: the frozen backbone runs once for every task",
+                "block: the frozen backbone runs once for every task (measured below lorax-ca, "
+                "docs/class-attention.md)",
     model={"extractor": "side"},
     defaults=LORAX_DEFAULTS,
     network=_token_extractor_network,

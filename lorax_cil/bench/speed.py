@@ -889,6 +889,12 @@ every epoch from the cached outputs.
   raise it when the accuracy table shows the last blocks are not enough for your generators.
 - On a ViT with many generators, `lorax-ca` (class-attention tokens, see above) costs about one
   plain pass whatever T: the per-task work is one token per adapted block, not k blocks.
+  `lorax-side` (a width-`w` side network per task over every token, fed by the frozen tokens of
+  every block) also shares one frozen pass; its FLOP model
+  (`lorax_cil.models.extractors.side.side_flops`, tested against torch's FLOP counter) gives
+  1.11 plain passes at T = 12 on ViT-B/16 with `w = 64`. It was not timed here: on the demo
+  scenario it is less accurate than `lorax-ca`
+  ([class-attention.md](class-attention.md#per-token-side-networks-lorax-side-measured-below-class-attention)).
 - Memory grows with T by the adapters, the head and the cached folded weights of the adapted
   layers (one weight copy per adapted layer and task, about 110 MB per task for full-depth
   ViT-B/16 attention). All layers together cache at most 512 MB (`LORAX_CIL_FOLD_CACHE_MB`,

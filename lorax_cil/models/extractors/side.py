@@ -23,6 +23,9 @@ Cost per task (multiply-accumulates per token): ``(k + 1) D w + 2 k m w^2``, aga
 out), i.e. about ``(k + 1) w / (12 L D)`` of a pass at ``m = 2``, ``h = 4 D``:
 :func:`side_flops` gives the exact model; benchmarks/speed.py measures it.
 
+Memory: the shared pass keeps ``k + 1`` normalised token maps ``(B, N, D)`` per batch (for
+ViT-B/16 at 224 px and a batch of 32 on every block, about 240 MB in float32).
+
 Supported backbones: any whose blocks keep a ``(B, N, D)`` token layout (timm ViTs, DeiT,
 DINOv2). Backbones whose blocks change shape (CNN stages) are refused with a message.
 """

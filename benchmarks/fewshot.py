@@ -17,7 +17,9 @@ initialisation of new head rows),
 the feature blocks of its own time), ``cbl`` (class-balanced training loss), ``official``
 (every head option off), ``epochs`` (no minimum step count: ``train.min_steps_per_task=0``);
 and the baselines ``simplecil``, ``finetune-replay``, ``der-expandable``, ``icarl`` (any
-registered strategy name works).
+registered strategy name works), which train the whole network; ``NAME@kN`` trains
+``finetune``, ``finetune-replay`` or ``icarl`` on the last ``N`` blocks only, as LoRAX (e.g.
+``icarl@k3``); ``memo`` is DER on the last ``--adapt-blocks`` blocks.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ DEFAULT_VARIANTS = ("lorax+official,lorax+official+epochs,lorax+proto,lorax+wa,l
 METRICS = (("aa", "multi_real_aa", "AA multi-real %"), ("bwt", "multi_real_bwt", "BWT %"),
            ("binary", "binary_aa", "binary AA %"), ("strict", "strict_aa", "strict AA %"),
            ("train_s", "train_seconds", "train s"))
+#: baselines that train the whole network unless the variant says ``@kN``
+WHOLE_NETWORK = ("finetune", "finetune-replay", "icarl", "der-expandable")
 OPTIONS = {
     "official": {"head_init": "random", "head_wa": False, "head_balanced_steps": 0,
                  "readout": "head", "head_balanced_loss": False},
@@ -86,8 +90,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def variant_blocks(name: str) -> tuple[str, int | None]:
+    """``(variant, adapt_blocks)`` of ``NAME@kN`` (a baseline trained on the last ``N`` blocks,
+    as LoRAX; plain names give ``None``: the whole network)."""
+    base, at, k = name.partition("@k")
+    if not at:
+        return name, None
+    if base == "der-expandable":
+        raise SystemExit(f"variant {name!r}: DER on the last blocks is the variant 'memo' "
+                         "(on --adapt-blocks blocks)")
+    if not k.isdigit() or int(k) < 1 or base not in WHOLE_NETWORK:
+        raise SystemExit(f"variant {name!r}: '@kN' takes a positive block count after one of "
+                         f"{[w for w in WHOLE_NETWORK if w != 'der-expandable']} (e.g. icarl@k3; "
+                         "LoRAX variants use --adapt-blocks)")
+    return base, int(k)
+
+
 def variant_config(name: str, args: argparse.Namespace) -> tuple[str, dict]:
     """(strategy, train overrides) of a variant name."""
+    name, _ = variant_blocks(name)
     strategy, *opts = name.split("+")
     # lorax+OPT...: every head option off, then OPT (plain "lorax": the strategy's defaults)
     train: dict = dict(OPTIONS["official"]) if opts else {}
@@ -151,8 +172,10 @@ def run_one(args, variant: str, scenario: str, root: Path, per_class: int, seed:
     }
     cfg = merge_config(RunConfig(), base, source=variant)
     cfg = merge_config(cfg, parse_sets(args.set), source="--set")
-    if strategy in ("simplecil", "finetune", "finetune-replay", "icarl", "der-expandable"):
-        cfg.model.adapt_blocks = None
+    if strategy == "simplecil":
+        cfg.model.adapt_blocks = None  # no training: the frozen backbone's feature
+    elif strategy in WHOLE_NETWORK:
+        cfg.model.adapt_blocks = variant_blocks(variant)[1]  # None: the whole network
     elif cfg.model.adapt_blocks and args.cache_trunk:
         cfg.train.cache_trunk = True  # deterministic transform at crop = image size
     kwargs = {"display": "off"} if "display" in inspect.signature(Run).parameters else {}

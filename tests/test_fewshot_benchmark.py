@@ -7,6 +7,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -27,6 +29,14 @@ def test_variant_names_map_to_head_options():
     assert mod.variant_config("lorax+official", args)[1]["readout"] == "head"
     assert mod.variant_config("lorax+epochs", args)[1]["min_steps_per_task"] == 0
     assert mod.variant_config("lorax+ncmf", args)[1]["readout"] == "ncm-frozen"
+    assert mod.variant_config("lorax+ncmf+cbl", args)[1]["head_balanced_loss"] is True
+    assert mod.variant_blocks("icarl@k3") == ("icarl", 3) and mod.variant_blocks("icarl") == ("icarl", None)
+    assert mod.variant_config("icarl@k3", args) == ("icarl", {})
+    for bad in ("lorax@k3", "icarl@k0", "icarl@kx", "simplecil@k2"):
+        with pytest.raises(SystemExit, match="'@kN' takes a positive block count"):
+            mod.variant_blocks(bad)
+    with pytest.raises(SystemExit, match="variant 'memo'"):
+        mod.variant_blocks("der-expandable@k3")
 
 
 def test_tiny_ablation_writes_table_and_csv(tmp_path):
@@ -35,17 +45,20 @@ def test_tiny_ablation_writes_table_and_csv(tmp_path):
     argv = ["--backbone", "vit-test", "--no-pretrained", "--size", "32", "--per-class", "10",
             "--val-per-class", "2", "--tasks", "2", "--epochs", "1", "--adapt-blocks", "1",
             "--lora-r", "2", "--set", "train.min_steps_per_task=2", "--seeds", "0",
-            "--variants", "lorax+ncmf,simplecil,icarl", "--data", str(tmp_path / "data"),
+            "--variants", "lorax+ncmf,simplecil,icarl,icarl@k1", "--data", str(tmp_path / "data"),
             "--out", str(out)]
     assert mod.main(argv) == 0
     rows = list(csv.DictReader(open(out / "fewshot.csv")))
     assert [(r["per_class"], r["variant"]) for r in rows] == [
-        ("10", "lorax+ncmf"), ("10", "simplecil"), ("10", "icarl")]
+        ("10", "lorax+ncmf"), ("10", "simplecil"), ("10", "icarl"), ("10", "icarl@k1")]
     assert all(0.0 <= float(r["aa_mean"]) <= 100.0 for r in rows)
     text = (out / "fewshot.md").read_text()
     assert "| 10 | lorax+ncmf | 0 |" in text and "--variants lorax+ncmf,simplecil,icarl" in text
+    configs = {v: (out / "runs" / "10" / v / "seed0" / "config.yaml").read_text()
+               for v in ("icarl", "icarl@k1")}
+    assert "adapt_blocks: null" in configs["icarl"] and "adapt_blocks: 1" in configs["icarl@k1"]
     steps = (out / "runs" / "10" / "lorax+ncmf" / "seed0" / "steps.jsonl").read_text().splitlines()
     assert [json.loads(s)["task_length"]["steps"] for s in steps] == [2, 2]  # --set reached the run
     # finished runs are reused: the table-only pass finds both
     assert mod.main(argv + ["--table-only"]) == 0
-    assert len(list(csv.DictReader(open(out / "fewshot.csv")))) == 3
+    assert len(list(csv.DictReader(open(out / "fewshot.csv")))) == 4

@@ -1,5 +1,10 @@
 """The class-attention extractor (``lorax-ca``): shared frozen pass, isolation of old tasks,
-batched = one by one, the cost formula against counted FLOPs, and the strategy end to end."""
+batched = one by one, the cost formula against counted FLOPs, and the strategy end to end.
+
+The invariants of every kind that reads one shared frozen pass (a new task starts at the frozen
+feature, the frozen pass runs once whatever the number of tasks, training a new task leaves
+the old ones bit-identical) run here for ``class-attention`` and ``side`` (``lorax-side``,
+whose other tests are in test_side.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +22,7 @@ from lorax_cil.models.extractors.class_attention import (
     ClassAttentionSpec,
     class_attention_flops,
 )
+from lorax_cil.models.extractors.side import SideSpec
 from lorax_cil.training.config import RunConfig, merge_config
 from lorax_cil.training.runner import Run, resume_run
 
@@ -40,11 +46,18 @@ def layerscale_vit(depth: int = 4):
     return wrap_timm_vit(model.eval(), name="vit-ls-test")
 
 
-def make_net(k: int = 2, tasks: int = 1, backbone=None, **spec) -> ExpandableNet:
+SHARED_PASS_KINDS = ("class-attention", "side")
+#: a tensor each kind starts at zero (so a new task starts at the frozen feature)
+ZERO_STARTED = {"class-attention": ".B", "side": "up.weight"}
+
+
+def make_net(k: int | None = 2, tasks: int = 1, backbone=None, kind: str = "class-attention",
+             **spec) -> ExpandableNet:
     torch.manual_seed(0)
     bb = backbone if backbone is not None else layerscale_vit()
-    net = ExpandableNet(backbone=bb, extractor="class-attention", adapt_blocks=k,
-                        spec=ClassAttentionSpec(r=4, alpha=8.0, **spec))
+    options = (ClassAttentionSpec(r=4, alpha=8.0, **spec) if kind == "class-attention"
+               else SideSpec(**{"width": 8, "alpha": 16.0, **spec}))
+    net = ExpandableNet(backbone=bb, extractor=kind, adapt_blocks=k, spec=options)
     for _ in range(tasks):
         net.add_task(2)
     return net
@@ -62,15 +75,16 @@ def x_batch(n: int = 3) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
 
 
+@pytest.mark.parametrize("kind", SHARED_PASS_KINDS)
 @pytest.mark.parametrize("backbone", ["layerscale", "vit-test"])
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_a_new_task_starts_at_the_frozen_feature(backbone, k):
+@pytest.mark.parametrize("k", [1, 2, None])
+def test_a_new_task_starts_at_the_frozen_feature(kind, backbone, k):
     torch.manual_seed(0)
     bb = layerscale_vit() if backbone == "layerscale" else create_backbone("vit-test", pretrained=False)
     x = x_batch()
     with torch.no_grad():
         frozen = bb(x)
-    net = ExpandableNet(backbone=bb, extractor="class-attention", adapt_blocks=k)
+    net = ExpandableNet(backbone=bb, extractor=kind, adapt_blocks=k)
     net.add_task(2)
     net.eval()
     with torch.no_grad():
@@ -82,8 +96,9 @@ def test_a_new_task_starts_at_the_frozen_feature(backbone, k):
         assert (net.forward_all(x).features - frozen).abs().max() > 1e-2
 
 
-def test_the_frozen_pass_runs_once_whatever_the_number_of_tasks():
-    net = make_net(k=2, tasks=1)
+@pytest.mark.parametrize("kind", SHARED_PASS_KINDS)
+def test_the_frozen_pass_runs_once_whatever_the_number_of_tasks(kind):
+    net = make_net(k=2, tasks=1, kind=kind)
     L = net.backbone.num_blocks
     calls = {i: 0 for i in range(L)}
     hooks = [net.backbone.block(i).register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
@@ -105,9 +120,13 @@ def test_the_frozen_pass_runs_once_whatever_the_number_of_tasks():
                 if mode == "train":
                     out.logits.sum().backward()
                     net.zero_grad(set_to_none=True)
-                # blocks 0 .. L-2 run once; of block L-1 only its qkv runs (keys and values)
-                assert calls == {**{i: 1 for i in range(L - 1)}, L - 1: 0}, (T, mode, calls)
-                assert len(last_qkv) == 1 and net.ext.shared_passes == before + 1
+                if kind == "class-attention":
+                    # blocks 0 .. L-2 run once; of block L-1 only its qkv runs (keys and values)
+                    assert calls == {**{i: 1 for i in range(L - 1)}, L - 1: 0}, (T, mode, calls)
+                    assert len(last_qkv) == 1
+                else:  # every block runs once, its output tapped
+                    assert calls == {i: 1 for i in range(L)}, (T, mode, calls)
+                assert net.ext.shared_passes == before + 1
     finally:
         for h in hooks:
             h.remove()
@@ -130,8 +149,9 @@ def test_batched_tasks_equal_tasks_one_by_one():
     assert not torch.allclose(together[0], together[1])
 
 
-def test_training_a_new_task_leaves_old_tasks_bit_identical():
-    net = make_net(k=2, tasks=1)
+@pytest.mark.parametrize("kind", SHARED_PASS_KINDS)
+def test_training_a_new_task_leaves_old_tasks_bit_identical(kind):
+    net = make_net(k=2, tasks=1, kind=kind, dropout=0.2)
     randomise(net, 0)
     x = x_batch(6)
     net.eval()
@@ -152,7 +172,7 @@ def test_training_a_new_task_leaves_old_tasks_bit_identical():
         loss = torch.nn.functional.cross_entropy(out.logits, y)
         loss = loss + 0.1 * torch.nn.functional.cross_entropy(out.div_logits, net.divergence_targets(y))
         loss.backward()
-        # gradients reach the newest task's token and LoRA factors only
+        # gradients reach the newest task's module only
         assert all(p.grad is not None for p in net.ext.parameters_of(1))
         assert all(p.grad is None for p in net.ext.parameters_of(0))
         assert all(p.grad is None for p in net.backbone.parameters())
@@ -161,7 +181,9 @@ def test_training_a_new_task_leaves_old_tasks_bit_identical():
     s0_after = net.extractor_state_dict(0)
     assert s0.keys() == s0_after.keys() and all(torch.equal(s0[k], s0_after[k]) for k in s0)
     assert all(torch.equal(v, net.backbone.state_dict()[k]) for k, v in backbone.items())
-    assert any(v.abs().sum() > 0 for k, v in net.extractor_state_dict(1).items() if k.endswith(".B"))
+    # the new task trained (a tensor that starts at zero moved)
+    assert any(v.abs().sum() > 0 for k, v in net.extractor_state_dict(1).items()
+               if k.endswith(ZERO_STARTED[kind]))
     net.eval()
     with torch.no_grad():
         h = net.trunk(x)

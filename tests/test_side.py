@@ -1,6 +1,7 @@
-"""The side extractor (``lorax-side``): a new task starts at the frozen feature, one frozen pass
-for every task, isolation of old tasks, state round trip, refusal of non-token backbones, the
-cost formula against counted FLOPs, and the strategy end to end."""
+"""The side extractor (``lorax-side``): state round trip, refusal of non-token backbones, the
+cost formula against counted FLOPs, and the strategy end to end. The invariants it shares with
+``class-attention`` (start at the frozen feature, one frozen pass for every task, isolation of
+old tasks) are parametrized over both kinds in test_class_attention.py."""
 
 from __future__ import annotations
 
@@ -19,6 +20,9 @@ from test_class_attention import (
     randomise,
     x_batch,
 )
+from test_class_attention import (
+    make_net as ca_make_net,
+)
 
 from conftest import assert_same_training_result
 from lorax_cil.models.backbones import create_backbone
@@ -27,93 +31,8 @@ from lorax_cil.models.extractors.side import SideSpec, side_flops
 from lorax_cil.training.runner import resume_run
 
 
-def make_net(k: int | None = 2, tasks: int = 1, backbone=None, **spec) -> ExpandableNet:
-    torch.manual_seed(0)
-    bb = backbone if backbone is not None else layerscale_vit()
-    net = ExpandableNet(backbone=bb, extractor="side", adapt_blocks=k,
-                        spec=SideSpec(**{"width": 8, "alpha": 16.0, **spec}))
-    for _ in range(tasks):
-        net.add_task(2)
-    return net
-
-
-@pytest.mark.parametrize("backbone", ["layerscale", "vit-test"])
-@pytest.mark.parametrize("k", [1, 3, None])
-def test_a_new_task_starts_at_the_frozen_feature(backbone, k):
-    torch.manual_seed(0)
-    bb = layerscale_vit() if backbone == "layerscale" else create_backbone("vit-test", pretrained=False)
-    x = x_batch()
-    with torch.no_grad():
-        frozen = bb(x)
-    net = ExpandableNet(backbone=bb, extractor="side", adapt_blocks=k)
-    net.add_task(2)
-    net.eval()
-    with torch.no_grad():
-        feats = net.forward_all(x).features
-    torch.testing.assert_close(feats, frozen, atol=2e-5, rtol=1e-5)
-    randomise(net, 0)
-    with torch.no_grad():
-        assert (net.forward_all(x).features - frozen).abs().max() > 1e-2
-
-
-def test_the_frozen_pass_runs_once_whatever_the_number_of_tasks():
-    net = make_net(k=None, tasks=1)
-    L = net.backbone.num_blocks
-    calls = {i: 0 for i in range(L)}
-    hooks = [net.backbone.block(i).register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
-             for i in range(L)]
-    x = x_batch(4)
-    try:
-        for T in (1, 4):
-            while net.num_tasks < T:
-                net.add_task(2)
-            for mode in ("eval", "train"):
-                net.train(mode == "train")
-                for i in calls:
-                    calls[i] = 0
-                before = net.ext.shared_passes
-                out = net.forward_all(x)
-                if mode == "train":
-                    out.logits.sum().backward()
-                    net.zero_grad(set_to_none=True)
-                assert calls == {i: 1 for i in range(L)}, (T, mode, calls)
-                assert net.ext.shared_passes == before + 1
-    finally:
-        for h in hooks:
-            h.remove()
-
-
-def test_training_a_new_task_leaves_old_tasks_bit_identical():
-    net = make_net(k=2, tasks=1, dropout=0.2)
-    randomise(net, 0)
-    x = x_batch(6)
-    net.eval()
-    with torch.no_grad():
-        f0 = net.ext.features(net.trunk(x), [0], train=False)[0].clone()
-    s0 = net.extractor_state_dict(0)
-    net.add_task(2)
-    net.train()
-    assert {id(p) for p in net.trainable_parameters()} == (
-        {id(p) for p in net.ext.parameters_of(1)} | {id(p) for p in net.head.parameters()}
-        | {id(p) for p in net.div_head.parameters()})
-    opt = torch.optim.AdamW(net.trainable_parameters(), lr=1e-2, weight_decay=0.1)
-    y = torch.tensor([0, 1, 2, 3, 2, 3])
-    for _ in range(3):
-        out = net.forward_all(x)
-        loss = torch.nn.functional.cross_entropy(out.logits, y)
-        loss.backward()
-        assert all(p.grad is not None for p in net.ext.parameters_of(1))
-        assert all(p.grad is None for p in net.ext.parameters_of(0))
-        assert all(p.grad is None for p in net.backbone.parameters())
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    s0_after = net.extractor_state_dict(0)
-    assert all(torch.equal(s0[k], s0_after[k]) for k in s0)
-    assert net.extractor_state_dict(1)["up.weight"].abs().sum() > 0  # the new task trained
-    net.eval()
-    with torch.no_grad():
-        both = net.forward_all(x).features  # the old task's dropout is off: same feature
-    torch.testing.assert_close(both[:, : net.feature_dim], f0, atol=1e-6, rtol=1e-5)
+def make_net(k: int | None = 2, tasks: int = 1, **spec) -> ExpandableNet:
+    return ca_make_net(k=k, tasks=tasks, kind="side", **spec)
 
 
 def test_state_and_architecture_round_trip():

@@ -26,6 +26,9 @@ Every extractor receives a :class:`Tail`: the shared backbone and the block wher
 start. Modules an extractor owns outside the backbone go in ``self.extractors`` (one entry per
 task, or one shared entry): the default state, freezing and parameter methods work on them.
 Kinds that wrap backbone layers instead (LoRA, MoLE) list the wrapped names in ``self.targets``.
+A kind that owns one new module per task can derive from :class:`ModulePerTask` and define only
+``new_module()`` and ``features``; kinds whose tasks all read one frozen pass cache it per batch
+with :class:`SharedPass`.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ from torch import nn
 from lorax_cil.models.base import BlockBackbone
 from lorax_cil.models.state import copy_state_strict
 
-__all__ = ["Tail", "Extractor", "SharedPass", "register_extractor", "get_extractor", "list_extractors"]
+__all__ = ["Tail", "Extractor", "ModulePerTask", "SharedPass", "register_extractor", "get_extractor",
+           "list_extractors"]
 
 
 class Tail:
@@ -196,7 +200,7 @@ class Extractor(nn.Module):
     def __init__(self, tail: Tail, spec: Any = None) -> None:
         super().__init__()
         self.tail = tail
-        self.spec = spec
+        self.spec = spec if spec is not None or self.spec_type is None else self.spec_type()
         self.targets: list[str] = []
         self.extractors = nn.ModuleList()
 
@@ -246,6 +250,29 @@ class Extractor(nn.Module):
         if self.spec_key is None or self.spec is None:
             return {}
         return {self.spec_key: self.spec.to_dict()}
+
+
+class ModulePerTask(Extractor):
+    """An extractor kind that owns one new module per task in ``self.extractors``
+    (``class-attention``, ``side``): :meth:`new_module` builds it; adding a task freezes the
+    previous module (no gradient, ``frozen = True``, which the kind reads to switch its
+    dropout off) and appends the new one on the backbone's device and dtype."""
+
+    def new_module(self) -> nn.Module:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def add_task(self, t: int) -> None:
+        if t:
+            self.freeze(t - 1)
+        ref = next(self.tail.backbone.parameters())
+        self.extractors.append(self.new_module().to(ref.device, ref.dtype))
+        assert len(self.extractors) == t + 1, (len(self.extractors), t)
+
+    def freeze(self, t: int) -> None:
+        mod = self.extractors[t]
+        for p in mod.parameters():
+            p.requires_grad_(False)
+        mod.frozen = True
 
 
 _REGISTRY: dict[str, type[Extractor]] = {}

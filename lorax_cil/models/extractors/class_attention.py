@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from lorax_cil.models.base import BlockBackbone
-from lorax_cil.models.extractors.base import Extractor, SharedPass, Tail, register_extractor
+from lorax_cil.models.extractors.base import ModulePerTask, SharedPass, Tail, register_extractor
 from lorax_cil.models.timm_vit import TimmViTBackbone
 from lorax_cil.utils import strict_from_dict
 
@@ -174,7 +174,7 @@ def _vit_parts(tail: Tail) -> tuple[nn.Module, list[nn.Module]]:
 
 
 @register_extractor("class-attention")
-class ClassAttentionExtractor(Extractor):
+class ClassAttentionExtractor(ModulePerTask):
     """A :class:`TaskToken` per task in ``self.extractors``; the frozen backbone runs once per
     image for all of them (``spec``: :class:`ClassAttentionSpec`)."""
 
@@ -182,7 +182,6 @@ class ClassAttentionExtractor(Extractor):
     spec_type = ClassAttentionSpec
 
     def __init__(self, tail: Tail, spec: Any = None) -> None:
-        spec = spec if spec is not None else ClassAttentionSpec()
         super().__init__(tail, spec)
         self.model, self.blocks = _vit_parts(tail)
         attn, mlp = self.blocks[0].attn, self.blocks[0].mlp
@@ -196,19 +195,8 @@ class ClassAttentionExtractor(Extractor):
         return len(self.blocks)
 
     # --- growth --------------------------------------------------------------------------------
-    def add_task(self, t: int) -> None:
-        if t:
-            self.freeze(t - 1)
-        ref = next(self.tail.backbone.parameters())
-        tok = TaskToken(dim=self.tail.backbone.feature_dim, dims=self.dims, k=self.k, spec=self.spec)
-        self.extractors.append(tok.to(ref.device, ref.dtype))
-        assert len(self.extractors) == t + 1, (len(self.extractors), t)
-
-    def freeze(self, t: int) -> None:
-        mod = self.extractors[t]
-        for p in mod.parameters():
-            p.requires_grad_(False)
-        mod.frozen = True
+    def new_module(self) -> nn.Module:
+        return TaskToken(dim=self.tail.backbone.feature_dim, dims=self.dims, k=self.k, spec=self.spec)
 
     # --- the shared frozen pass ----------------------------------------------------------------
     @property

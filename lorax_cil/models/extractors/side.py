@@ -40,7 +40,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from lorax_cil.models.extractors.base import Extractor, SharedPass, Tail, register_extractor
+from lorax_cil.models.extractors.base import ModulePerTask, SharedPass, Tail, register_extractor
 from lorax_cil.models.extractors.class_attention import block_flops
 from lorax_cil.utils import strict_from_dict
 
@@ -124,7 +124,7 @@ class SideNet(nn.Module):
 
 
 @register_extractor("side")
-class SideExtractor(Extractor):
+class SideExtractor(ModulePerTask):
     """A :class:`SideNet` per task in ``self.extractors``; the frozen backbone runs once per
     image for all of them (``spec``: :class:`SideSpec`)."""
 
@@ -132,7 +132,6 @@ class SideExtractor(Extractor):
     spec_type = SideSpec
 
     def __init__(self, tail: Tail, spec: Any = None) -> None:
-        spec = spec if spec is not None else SideSpec()
         super().__init__(tail, spec)
         self._shared = SharedPass()
         self._check_layout()
@@ -165,19 +164,8 @@ class SideExtractor(Extractor):
                 f"outputs of shapes {sorted(set(shapes))}")
 
     # --- growth --------------------------------------------------------------------------------
-    def add_task(self, t: int) -> None:
-        if t:
-            self.freeze(t - 1)
-        ref = next(self.tail.backbone.parameters())
-        net = SideNet(dim=self.tail.backbone.feature_dim, k=self.k, spec=self.spec)
-        self.extractors.append(net.to(ref.device, ref.dtype))
-        assert len(self.extractors) == t + 1, (len(self.extractors), t)
-
-    def freeze(self, t: int) -> None:
-        mod = self.extractors[t]
-        for p in mod.parameters():
-            p.requires_grad_(False)
-        mod.frozen = True
+    def new_module(self) -> nn.Module:
+        return SideNet(dim=self.tail.backbone.feature_dim, k=self.k, spec=self.spec)
 
     # --- the shared frozen pass ----------------------------------------------------------------
     def shared(self, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -63,6 +63,19 @@ def make_net(k: int | None = 2, tasks: int = 1, backbone=None, kind: str = "clas
     return net
 
 
+def assert_rebuilt_net_agrees(net: ExpandableNet, arch: dict, sd: dict) -> ExpandableNet:
+    """The network rebuilt from ``arch`` (after a JSON round trip) and loaded with ``sd``,
+    checked to give ``net``'s logits exactly."""
+    again = ExpandableNet.from_architecture(arch, layerscale_vit())
+    again.load_learned_state_dict(sd)
+    net.eval()
+    again.eval()
+    x = x_batch()
+    with torch.no_grad():
+        assert torch.equal(net(x), again(x))
+    return again
+
+
 def randomise(net: ExpandableNet, t: int) -> None:
     """Give task ``t`` a trained-looking state (B and the token offset start at zero)."""
     g = torch.Generator().manual_seed(100 + t)
@@ -201,13 +214,7 @@ def test_state_and_architecture_round_trip():
     sd = net.learned_state_dict()
     assert "extractor.0.token" in sd and "extractor.2.blocks.1.fc2.B" in sd
     assert not any(".proj." in k or ".fc1." in k for k in sd)
-    again = ExpandableNet.from_architecture(arch, layerscale_vit())
-    again.load_learned_state_dict(sd)
-    net.eval()
-    again.eval()
-    x = x_batch()
-    with torch.no_grad():
-        assert torch.equal(net(x), again(x))
+    again = assert_rebuilt_net_agrees(net, arch, sd)
     report = net.parameter_report()
     d, r, hidden = 48, 4, 192
     per = d + 2 * (r * (d + d) + r * (hidden + d))  # token + 2 blocks x (q, fc2)

@@ -13,9 +13,9 @@ import torch
 
 # the strategy tests share test_class_attention's generated data
 from test_class_attention import (
+    assert_rebuilt_net_agrees,
     ca_config,
     data_root,  # noqa: F401  (fixture)
-    layerscale_vit,
     make_run,
     randomise,
     x_batch,
@@ -43,13 +43,7 @@ def test_state_and_architecture_round_trip():
     assert arch["extractor"] == "side" and arch["side"]["width"] == 8 and arch["side"]["mlp_ratio"] == 1.5
     sd = net.learned_state_dict()
     assert "extractor.2.down.2.weight" in sd and "extractor.0.mlp.1.fc2.bias" in sd
-    again = ExpandableNet.from_architecture(arch, layerscale_vit())
-    again.load_learned_state_dict(sd)
-    net.eval()
-    again.eval()
-    x = x_batch()
-    with torch.no_grad():
-        assert torch.equal(net(x), again(x))
+    assert_rebuilt_net_agrees(net, arch, sd)
     d, w, hid, k = 48, 8, 12, 2
     per = (k + 1) * (d * w + w) + k * (w * hid + hid + hid * w + w) + (w * d + d)
     assert net.parameter_report()["per_extractor"] == [per] * 3

@@ -220,3 +220,28 @@ def test_torchrun_refusals_name_every_strategy_that_can_train_distributed():
     with pytest.raises(ValueError, match="lorax-ca"):
         _check_distributed_strategy("icarl", object())
     _check_distributed(["lorax-ca", "finetune"])  # every one of them is accepted
+
+
+@pytest.mark.parametrize("strategy", ["lorax-ca", "lorax-side"])
+def test_shared_pass_strategies_train_under_torchrun_as_in_one_process(synth_root, tmp_path, strategy):
+    """The kinds whose tasks read one shared frozen pass (class-attention tokens, side networks)
+    train under torchrun: after 2 tasks every stored tensor matches a one-process run (the sums
+    of the gradient all-reduce in another order), and the second task's module did train (its
+    zero-initialised output is no longer zero)."""
+    from safetensors.torch import load_file
+
+    from lorax_cil.cli import main
+
+    args = [a for a in RUN_ARGS if a != TASKS[2]] + ["--strategy", strategy]  # 2 tasks
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    torchrun(["-m", "lorax_cil", "train", "--data-path", str(synth_root), *args, "--out", str(ddp)])
+    assert main(["train", "--data-path", str(synth_root), *args, "--out", str(single)]) == 0
+    a, b = (load_file(str(r / "checkpoints" / "exp_001" / "tensors.safetensors")) for r in (ddp, single))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=2e-3), key
+    zero_init = {"lorax-ca": ".B", "lorax-side": "up.weight"}[strategy]
+    trained = [k for k in a if k.startswith("extractor.1.") and k.endswith(zero_init)]
+    assert trained and all(float(a[k].abs().max()) > 0 for k in trained)
+    steps = [json.loads(line) for line in (ddp / "steps.jsonl").read_text().splitlines()]
+    assert [s["world_size"] for s in steps] == [2, 2]

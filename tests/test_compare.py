@@ -77,6 +77,7 @@ def test_mean_and_std_over_two_seeds_are_right(two_seeds):
     summary = json.loads((out / "finetune" / "seed1" / "summary.json").read_text())
     row = runs[(runs.strategy == "finetune") & (runs.seed == 1)].iloc[0]
     assert row["aa"] == pytest.approx(summary["multi_real_aa"])
+    assert row["strict"] == pytest.approx(summary["strict_aa"]) and row["strict"] <= row["aa"]
     assert row["infer_ms"] > 0 and row["exemplars"] == 0
 
 

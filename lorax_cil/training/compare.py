@@ -53,6 +53,7 @@ TABLE_METRICS: tuple[tuple[str, str, float, str], ...] = (
     ("bwt", "BWT %", 100.0, ".2f"),
     ("forgetting", "forgetting %", 100.0, ".2f"),
     ("binary", "final binary acc %", 100.0, ".2f"),
+    ("strict", "final strict acc %", 100.0, ".2f"),
     ("trainable_params", "trainable params/task", 1.0, ",.0f"),
     ("stored_params", "total stored params", 1.0, ",.0f"),
     ("exemplars", "exemplars", 1.0, ".0f"),
@@ -379,6 +380,7 @@ def _collect(cfg: RunConfig, run_dir: Path, images: Any) -> tuple[dict[str, Any]
         "step_avg": summary["multi_real_step_average_accuracy"],
         "bwt": summary["multi_real_bwt"], "forgetting": summary["multi_real_forgetting"],
         "binary": summary["binary_aa"],
+        "strict": summary.get("strict_aa"),  # absent: n/a (a summary written before it existed)
         "trainable_params": params.get("trainable", float("nan")),
         "stored_params": params.get("total_stored", float("nan")),
         "exemplars": sum(int(v) for v in steps[-1]["memory_per_class"].values()),
@@ -487,9 +489,10 @@ _NOTES = """Columns (docs/metrics.md, docs/baselines.md): AA = mean multi-real a
 task after the last one; step-avg = mean over steps of the average accuracy on the tasks seen so
 far; BWT (Lopez-Paz) and forgetting (Chaudhry) from the multi-real matrix (n/a for `joint`, which is
 evaluated after the last task only); final binary acc = real-vs-fake accuracy averaged over tasks
-after the last one; trainable params/task = parameters updated while training the last task
-(extractor + heads); total stored params = everything the final model keeps (frozen backbone
-included, exemplar images excluded); exemplars = images in memory at the end; train s = training
-wall time summed over tasks; inference ms/img = final model, this process, same evaluation images
-for every strategy, after a warm-up batch, fastest of three passes.
+after the last one; final strict acc = the same for the exact class (generator and real/fake);
+trainable params/task = parameters updated while training the last task (extractor + heads);
+total stored params = everything the final model keeps (frozen backbone included, exemplar
+images excluded); exemplars = images in memory at the end; train s = training wall time summed
+over tasks; inference ms/img = final model, this process, same evaluation images for every
+strategy, after a warm-up batch, fastest of three passes.
 """

@@ -16,7 +16,10 @@ and number of tasks ``T`` it measures, in one process tree, after warm-up, the m
 * ``merged``: one detector whose weights hold the mean of the ``T`` adapters (one pass);
 * ``lorax-ca-k{4}``, ``lorax-ca-all``: class-attention extractors (a per-task query token on
   the last 4 / all blocks over the shared frozen pass, ViT configs only); their "floor" column
-  is the FLOP model :func:`~lorax_cil.models.extractors.class_attention.class_attention_flops`.
+  is the FLOP model :func:`~lorax_cil.models.extractors.class_attention.class_attention_flops`;
+* ``lorax-side-w64``: side networks of width 64 on every block over the shared frozen pass
+  (``lorax-side``, ViT configs only); "floor" is the FLOP model
+  :func:`~lorax_cil.models.extractors.side.side_flops`.
 
 ``--methods`` measures a subset (``plain`` always runs: it is the unit of the training ratios);
 rows of other methods already in ``--out`` are kept, so one filtered invocation adds or
@@ -75,12 +78,15 @@ CONFIGS = {
 DEFAULT_CONFIGS = ("vit-test", "efficientnet-lite0", "vit-b16")
 DEFAULT_TASKS = (1, 5, 7, 12)
 DEEP_KS = (1, 2, 3)
-#: class-attention variants: adapted blocks (``None``: all)
-CA_VARIANTS = {"lorax-ca-k4": 4, "lorax-ca-all": None}
+#: the kinds whose tasks all read one shared frozen pass (ViT configs only): method ->
+#: (extractor kind, adapted blocks (``None``: all)); ``lorax-side-w64`` has side width 64
+SHARED_PASS_VARIANTS = {"lorax-ca-k4": ("class-attention", 4), "lorax-ca-all": ("class-attention", None),
+                        "lorax-side-w64": ("side", None)}
+SIDE_WIDTH = 64
 METHODS = ("plain", "reference", "lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS], "merged",
-           *CA_VARIANTS)
-#: class-attention targets (issue "12 generators for one pass"): inference and training step
-#: at the largest T at most 1.5 plain passes / plain fine-tuning steps, memory 1.3x of T = 1
+           *SHARED_PASS_VARIANTS)
+#: targets of the shared-pass kinds (issue "12 generators for one pass"): inference and training
+#: step at the largest T at most 1.5 plain passes / plain fine-tuning steps, memory 1.3x of T = 1
 CA_INFER_BOUND, CA_TRAIN_BOUND, CA_MEMORY_BOUND = 1.5, 1.5, 1.3
 FIELDS = ("config", "method", "T", "k", "batch", "infer_ms_per_image", "infer_images_per_s",
           "infer_ratio", "floor_ratio", "floor_measured_ratio", "train_ms_per_image",
@@ -165,25 +171,33 @@ def _lora_net(cfg: BenchConfig, backbone: Any, k: int | None) -> Any:
     return ExpandableNet(backbone=copy.deepcopy(backbone), extractor="lora", adapt_blocks=k, lora=spec)
 
 
-def _ca_net(cfg: BenchConfig, backbone: Any, k: int | None) -> Any:
+def _shared_pass_net(cfg: BenchConfig, backbone: Any, method: str) -> Any:
+    """The network of a :data:`SHARED_PASS_VARIANTS` method: class-attention tokens with the
+    config's LoRA rank, or side networks of width :data:`SIDE_WIDTH`."""
     from lorax_cil.models.expandable import ExpandableNet
     from lorax_cil.models.extractors.class_attention import ClassAttentionSpec
+    from lorax_cil.models.extractors.side import SideSpec
 
-    spec = ClassAttentionSpec(r=cfg.lora_r, alpha=float(cfg.lora_r), dropout=0.0)
-    return ExpandableNet(backbone=copy.deepcopy(backbone), extractor="class-attention",
-                         adapt_blocks=k, spec=spec)
+    kind, k = SHARED_PASS_VARIANTS[method]
+    spec: Any = (SideSpec(width=SIDE_WIDTH, alpha=float(SIDE_WIDTH)) if kind == "side" else
+                 ClassAttentionSpec(r=cfg.lora_r, alpha=float(cfg.lora_r), dropout=0.0))
+    return ExpandableNet(backbone=copy.deepcopy(backbone), extractor=kind, adapt_blocks=k, spec=spec)
 
 
-def _ca_formula(net: Any, x: Any, T: int) -> float:
-    """Plain passes of the class-attention FLOP model for ``net`` on input ``x``."""
+def _shared_pass_formula(net: Any, x: Any, T: int) -> float:
+    """Plain passes of the FLOP model of ``net``'s kind (class attention or side networks) on
+    input ``x``."""
     from lorax_cil.models.extractors.class_attention import class_attention_flops
+    from lorax_cil.models.extractors.side import side_flops
 
     bb = net.backbone
     blk = bb.block(0)
     n = int(bb.stem(x[:1]).shape[1])
-    return class_attention_flops(n=n, dim=bb.feature_dim, hidden=blk.mlp.fc1.out_features,
-                                 L=bb.num_blocks, k=net.ext.k, T=T, r=net.ext.spec.r,
-                                 targets=net.ext.spec.targets)["passes"]
+    shape = dict(n=n, dim=bb.feature_dim, hidden=blk.mlp.fc1.out_features, L=bb.num_blocks,
+                 k=net.ext.k, T=T)
+    if net.extractor == "side":
+        return side_flops(**shape, width=net.ext.spec.width, mlp_ratio=net.ext.spec.mlp_ratio)["passes"]
+    return class_attention_flops(**shape, r=net.ext.spec.r, targets=net.ext.spec.targets)["passes"]
 
 
 def _grow(net: Any, T: int) -> None:
@@ -196,6 +210,9 @@ def _grow(net: Any, T: int) -> None:
                 for name, p in net.extractors[-1].named_parameters():
                     if name == "token" or name.endswith(".B"):
                         p.normal_(0, 0.02)
+                continue
+            if net.extractor == "side":
+                net.extractors[-1].up.weight.normal_(0, 0.02)
                 continue
             for layer in net.ext.layers:
                 layer.adapters[-1].lora_B.weight.normal_(0, 0.02)
@@ -365,8 +382,8 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
         return {"rows": rows, "profiles": profiles}
 
     k = int(method.rsplit("k", 1)[1]) if method.startswith("lorax-deep") else None
-    if method in CA_VARIANTS:
-        net = _ca_net(cfg, backbone, CA_VARIANTS[method]).to(device)
+    if method in SHARED_PASS_VARIANTS:
+        net = _shared_pass_net(cfg, backbone, method).to(device)
     else:
         net = _lora_net(cfg, backbone, k).to(device)
     for T in tasks:
@@ -383,9 +400,9 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
         else:
             infer_s, plain_s = pair(no_grad(lambda: net(x)))
         floor, floor_measured = 1.0, None
-        if method in CA_VARIANTS:
+        if method in SHARED_PASS_VARIANTS:
             with torch.no_grad():
-                floor = _ca_formula(net, x, T)
+                floor = _shared_pass_formula(net, x, T)
         elif k is not None:
             with torch.no_grad(), autocast():
                 f_s, p_s = _floor_s(backbone, k, T, x, pair)
@@ -408,7 +425,7 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
             with torch.no_grad():
                 profiles["infer"] = _profile(lambda: net(x))
         peak = (_peak_rss_mb(), _peak_rss_mb() - base_rss)
-        rows.append(_row(cfg, method, T, net.ext.k if method in CA_VARIANTS else k, infer_s, plain_s,
+        rows.append(_row(cfg, method, T, net.ext.k if method in SHARED_PASS_VARIANTS else k, infer_s, plain_s,
                          train_rel, plain_train_s, peak, device,
                          floor=floor, floor_measured=floor_measured))
     return {"rows": rows, "profiles": profiles}
@@ -578,7 +595,7 @@ def check_targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[Check]:
                 checks.append(Check(f"full-depth lorax training T={t} / reference",
                                     float(lx["train_ratio"]) / float(ref["train_ratio"]),
                                     1.0, "lorax", cfg.name))
-    for m in CA_VARIANTS:
+    for m in SHARED_PASS_VARIANTS:
         r = at.get((m, T))
         if r is None:
             continue
@@ -588,7 +605,7 @@ def check_targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[Check]:
             checks.append(Check(f"{m} training step T={T} x plain fine-tuning step",
                                 float(r["train_ratio"]), CA_TRAIN_BOUND, m, cfg.name))
     T1 = min(int(r["T"]) for r in rows)
-    for m in CA_VARIANTS:
+    for m in SHARED_PASS_VARIANTS:
         lo, hi = at.get((m, T1)), at.get((m, T))
         if lo and hi and T > T1 and lo["train_ms_per_image"] != "":
             checks.append(Check(f"{m} training peak RSS (process) T={T} / T={T1}",
@@ -626,10 +643,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
 def class_attention_markdown(rows: list[dict[str, Any]]) -> str:
     """The class-attention rows beside their FLOP model: inference in plain passes (measured and
     model), training in plain fine-tuning steps, peak RSS relative to the smallest T."""
-    sel = [r for r in rows if r["method"] in CA_VARIANTS]
+    sel = [r for r in rows if r["method"] in SHARED_PASS_VARIANTS]
     if not sel:
         return ("Not measured in this run: `python benchmarks/speed.py --configs vit-b16 dinov2-vits14 "
-                "--methods lorax-ca-k4 lorax-ca-all` adds the rows.")
+                "--methods lorax-ca-k4 lorax-ca-all lorax-side-w64` adds the rows.")
     lines = ["| config | method | k | T | inference x plain | FLOP model x plain | measured / model "
              "| training x plain FT step | peak RSS / smallest T |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -820,7 +837,10 @@ Methods:
 - **merged**: a single detector holding the mean of the T adapters (one pass);
 - **lorax-ca-k4**, **lorax-ca-all**: class-attention extractors (`lorax-ca`, docs/lorax.md): the
   frozen backbone runs once for every task, and each task's query token reads the frozen tokens
-  of the last 4 / all blocks with its own LoRA (ViT configs only).
+  of the last 4 / all blocks with its own LoRA (ViT configs only);
+- **lorax-side-w64**: side networks (`lorax-side`, docs/class-attention.md): the frozen backbone
+  runs once for every task, and each task's width-64 side stream processes every token, fed by
+  the frozen tokens of every block (ViT configs only).
 
 Training rows are one step of the newest extractor at task T (old extractors frozen, run without
 autograd, except in `reference`, which trains as the official code: every adapter's pass under
@@ -832,16 +852,19 @@ for EfficientNet-Lite0 (its blocks differ in cost).
 
 {markdown_table(rows)}
 
-## Class-attention extractors against their cost model
+## Shared-pass extractors against their cost model
 
-The FLOP model (`lorax_cil.models.extractors.class_attention.class_attention_flops`, checked
-against torch's FLOP counter in the tests) counts the matrix products: the shared pass is
+The class-attention FLOP model (`lorax_cil.models.extractors.class_attention.class_attention_flops`,
+checked against torch's FLOP counter in the tests) counts the matrix products: the shared pass is
 `L - 1` whole blocks plus `norm1` and `qkv` of the last block; each task adds, per adapted
 block, one token through the query projection, attention over the `N` frozen keys, the output
 projection and the MLP, plus its LoRA factors. "measured / model" above 1 is what the model
 leaves out: norms, softmax and the per-call overhead of the small per-token products, which
-dominates on CPU at small batches. The method, and its accuracy against full-depth LoRAX and
-`lorax-deep`: [class-attention.md](class-attention.md).
+dominates on CPU at small batches. The side networks' model
+(`lorax_cil.models.extractors.side.side_flops`, tested the same way) is one plain pass plus, per
+task, `k + 1` down-projections of every token to width `w`, `k` per-token side MLPs and one
+up-projection. The methods, and their accuracy against full-depth LoRAX and `lorax-deep`:
+[class-attention.md](class-attention.md).
 
 {class_attention_markdown(rows)}
 
@@ -890,11 +913,10 @@ every epoch from the cached outputs.
 - On a ViT with many generators, `lorax-ca` (class-attention tokens, see above) costs about one
   plain pass whatever T: the per-task work is one token per adapted block, not k blocks.
   `lorax-side` (a width-`w` side network per task over every token, fed by the frozen tokens of
-  every block) also shares one frozen pass; its FLOP model
-  (`lorax_cil.models.extractors.side.side_flops`, tested against torch's FLOP counter) gives
-  1.11 plain passes at T = 12 on ViT-B/16 with `w = 64`. It was not timed here: on the demo
-  scenario it is less accurate than `lorax-ca`
-  ([class-attention.md](class-attention.md#per-token-side-networks-lorax-side-measured-below-class-attention)).
+  every block) also shares one frozen pass; its FLOP model gives 1.11 plain passes at T = 12
+  on ViT-B/16 with `w = 64` (measured: the `lorax-side-w64` rows above, when this run has them).
+  Its accuracy against full depth depends on the training length
+  ([class-attention.md](class-attention.md#per-token-side-networks-lorax-side)).
 - Memory grows with T by the adapters, the head and the cached folded weights of the adapted
   layers (one weight copy per adapted layer and task, about 110 MB per task for full-depth
   ViT-B/16 attention). All layers together cache at most 512 MB (`LORAX_CIL_FOLD_CACHE_MB`,
@@ -1016,8 +1038,8 @@ def speed(args: argparse.Namespace, out: Path, device: Any, amp: bool, command: 
             crows: list[dict[str, Any]] = []
             plain_train = None
             for method in methods:
-                if method in CA_VARIANTS and not cfg.uniform_blocks:
-                    continue  # class attention needs a ViT (the configs of equal-cost blocks)
+                if method in SHARED_PASS_VARIANTS and not cfg.uniform_blocks:
+                    continue  # class attention / side networks need a ViT (equal-cost blocks)
                 kw = dict(device=device, repeats=args.repeats, warmup=args.warmup, amp=amp,
                           train=not args.no_train, plain_train_s=plain_train,
                           min_time=0.0 if args.smoke else args.min_time)

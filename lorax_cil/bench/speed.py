@@ -640,9 +640,10 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def class_attention_markdown(rows: list[dict[str, Any]]) -> str:
-    """The class-attention rows beside their FLOP model: inference in plain passes (measured and
-    model), training in plain fine-tuning steps, peak RSS relative to the smallest T."""
+def shared_pass_markdown(rows: list[dict[str, Any]]) -> str:
+    """The shared-pass rows (class attention, side networks) beside their FLOP model: inference
+    in plain passes (measured and model), training in plain fine-tuning steps, peak RSS relative
+    to the smallest T."""
     sel = [r for r in rows if r["method"] in SHARED_PASS_VARIANTS]
     if not sel:
         return ("Not measured in this run: `python benchmarks/speed.py --configs vit-b16 dinov2-vits14 "
@@ -866,7 +867,7 @@ task, `k + 1` down-projections of every token to width `w`, `k` per-token side M
 up-projection. The methods, and their accuracy against full-depth LoRAX and `lorax-deep`:
 [class-attention.md](class-attention.md).
 
-{class_attention_markdown(rows)}
+{shared_pass_markdown(rows)}
 
 ## Targets at T = {meta['max_T']}
 

@@ -87,7 +87,7 @@ METHODS = ("plain", "reference", "lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS]
            *SHARED_PASS_VARIANTS)
 #: targets of the shared-pass kinds (issue "12 generators for one pass"): inference and training
 #: step at the largest T at most 1.5 plain passes / plain fine-tuning steps, memory 1.3x of T = 1
-CA_INFER_BOUND, CA_TRAIN_BOUND, CA_MEMORY_BOUND = 1.5, 1.5, 1.3
+SHARED_INFER_BOUND, SHARED_TRAIN_BOUND, SHARED_MEMORY_BOUND = 1.5, 1.5, 1.3
 FIELDS = ("config", "method", "T", "k", "batch", "infer_ms_per_image", "infer_images_per_s",
           "infer_ratio", "floor_ratio", "floor_measured_ratio", "train_ms_per_image",
           "train_ratio", "train_peak_rss_mb", "train_peak_rss_growth_mb", "threads", "device")
@@ -600,17 +600,17 @@ def check_targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[Check]:
         if r is None:
             continue
         checks.append(Check(f"{m} inference T={T} x plain (FLOP model {float(r['floor_ratio']):.2f})",
-                            float(r["infer_ratio"]), CA_INFER_BOUND, m, cfg.name))
+                            float(r["infer_ratio"]), SHARED_INFER_BOUND, m, cfg.name))
         if r["train_ratio"] != "":
             checks.append(Check(f"{m} training step T={T} x plain fine-tuning step",
-                                float(r["train_ratio"]), CA_TRAIN_BOUND, m, cfg.name))
+                                float(r["train_ratio"]), SHARED_TRAIN_BOUND, m, cfg.name))
     T1 = min(int(r["T"]) for r in rows)
     for m in SHARED_PASS_VARIANTS:
         lo, hi = at.get((m, T1)), at.get((m, T))
         if lo and hi and T > T1 and lo["train_ms_per_image"] != "":
             checks.append(Check(f"{m} training peak RSS (process) T={T} / T={T1}",
                                 float(hi["train_peak_rss_mb"]) / float(lo["train_peak_rss_mb"]),
-                                CA_MEMORY_BOUND, m, cfg.name))
+                                SHARED_MEMORY_BOUND, m, cfg.name))
     for m in ("lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS]):
         lo, hi = at.get((m, T1)), at.get((m, T))
         if lo and hi and T > T1 and lo["train_ms_per_image"] != "":

@@ -22,7 +22,7 @@ Cost per task (multiply-accumulates per token): ``(k + 1) D w + 2 k m w^2``, aga
 ``L (4 D^2 + 2 D h)`` for a plain pass (``h``: the MLP width; attention's ``N^2`` terms left
 out), i.e. about ``((k + 1) w / D + 4 k w^2 / D^2) / (12 L)`` of a pass at ``m = 2``,
 ``h = 4 D``. :func:`side_flops` gives the exact model (tested against torch's FLOP counter);
-the kind has not been timed by benchmarks/speed.py.
+benchmarks/speed.py measures it (method ``lorax-side-w64``, docs/performance.md).
 
 Memory: the shared pass keeps ``k + 1`` normalised token maps ``(B, N, D)`` per batch (for
 ViT-B/16 at 224 px and a batch of 32 on every block, about 240 MB in float32).

@@ -103,3 +103,37 @@ def test_compare_announces_the_keys_a_preset_fixes():
     assert "finetune: train.memory_size=0 (fixed by the strategy; the shared value 40 does not " \
            "apply)" in lines
     assert not any("memory_size" in line for line in preset_changes(shared, "finetune-replay"))
+
+
+@pytest.mark.parametrize("strategy, r, alpha, dropout", [
+    ("lorax", 64, 16.0, 0.1),        # LoRA's official values
+    ("lorax-ca", 8, 16.0, 0.1),      # the task tokens' LoRA
+    ("lorax-side", 64, 64.0, 0.0),   # side width r: scale 1, no dropout (the measured setting)
+    ("lorax-side", 32, 32.0, 0.0),
+])
+def test_unset_lora_alpha_and_dropout_take_the_extractor_kinds_defaults(strategy, r, alpha, dropout):
+    cfg = merge_config(RunConfig(), {"model": {"lora_r": r}, "train": {"strategy": strategy}},
+                       source="test")
+    assert cfg.model.lora_alpha is None and cfg.model.lora_dropout is None
+    got = apply_preset(cfg, {"model.lora_r": "--lora-r"}).model
+    assert (got.lora_alpha, got.lora_dropout) == (alpha, dropout)
+    # a set value is never replaced, whatever the kind
+    mine = merge_config(cfg, {"model": {"lora_alpha": 8.0, "lora_dropout": 0.2}}, source="test")
+    got = apply_preset(mine, {"model.lora_alpha": "--lora-alpha"}).model
+    assert (got.lora_alpha, got.lora_dropout) == (8.0, 0.2)
+
+
+def test_compare_announces_strategy_defaults_and_reuses_no_run_of_another_side_width():
+    from lorax_cil.training.compare import config_differences, preset_changes
+
+    lines = preset_changes(RunConfig(), "lorax-side")
+    assert "lorax-side: model.lora_alpha=64.0 (the strategy's default; the shared configuration " \
+           "leaves it unset)" in lines
+    run = apply_preset(merge_config(RunConfig(), {"train": {"strategy": "lorax-side"}},
+                                    source="test"))
+    wider = apply_preset(merge_config(RunConfig(), {"model": {"lora_r": 128},
+                                                    "train": {"strategy": "lorax-side"}},
+                                      source="test"))
+    diff = config_differences(run.to_dict(), wider.to_dict())
+    assert "model.lora_r: run has 64, requested 128" in diff
+    assert "model.lora_alpha: run has 64.0, requested 128.0" in diff

@@ -62,6 +62,9 @@ TABLE_METRICS: tuple[tuple[str, str, float, str], ...] = (
 )
 #: Config keys that do not change results (ignored when checking a run directory).
 RUNTIME_KEYS = ("out", "plugins", "train.device", "train.num_workers")
+#: Extractor kinds that read ``model.lora_*`` (LoRA; the task tokens' LoRA of
+#: ``class-attention``; the width, scale and dropout of ``side``).
+LORA_KEY_KINDS = ("lora", "class-attention", "side")
 
 
 @dataclass
@@ -181,7 +184,12 @@ def preset_changes(cfg: RunConfig, strategy: str) -> list[str]:
     for section in ("model", "train"):
         a, b = getattr(shared, section), getattr(fixed, section)
         for key in a.__dataclass_fields__:
-            if getattr(a, key) != getattr(b, key):
+            if getattr(a, key) == getattr(b, key):
+                continue
+            if getattr(a, key) is None:
+                out.append(f"{strategy}: {section}.{key}={getattr(b, key)!r} (the strategy's "
+                           "default; the shared configuration leaves it unset)")
+            else:
                 out.append(f"{strategy}: {section}.{key}={getattr(b, key)!r} (fixed by the "
                            f"strategy; the shared value {getattr(a, key)!r} does not apply)")
     return out
@@ -315,7 +323,8 @@ def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[st
 
     Both sides are normalised through :class:`RunConfig` (missing keys take their defaults).
     Ignored: :data:`RUNTIME_KEYS`, ``baselines.<name>_*`` keys of other strategies than the
-    requested one, and ``model.lora_*`` keys when the requested extractor is not ``lora``.
+    requested one, and ``model.lora_*`` keys when the requested extractor does not read them
+    (:data:`LORA_KEY_KINDS`).
     """
     from lorax_cil.training.registry import list_strategies
 
@@ -329,7 +338,7 @@ def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[st
             return False
         if key.startswith("baselines."):
             return key.split(".", 1)[1].split("_", 1)[0] not in others
-        return not (key.startswith("model.lora_") and b.get("model.extractor") != "lora")
+        return not (key.startswith("model.lora_") and b.get("model.extractor") not in LORA_KEY_KINDS)
 
     keys = [k for k in dict.fromkeys([*a, *b]) if relevant(k)]
     return [f"{k}: run has {a.get(k)!r}, requested {b.get(k)!r}" for k in keys

@@ -63,8 +63,11 @@ class ModelConfig:
         extractor: ``lora``, ``full``, ``finetune`` or ``frozen``.
         adapt_blocks: extractors start at block ``L - adapt_blocks`` (``None``: all blocks).
         lora_r: LoRA rank.
-        lora_alpha: LoRA alpha (scaling = alpha / r).
-        lora_dropout: LoRA dropout.
+        lora_alpha: LoRA alpha (scaling = alpha / r). ``None``: the extractor kind's default,
+            filled in by the strategy preset (:func:`~lorax_cil.training.registry.apply_preset`):
+            16 for the LoRA-based kinds (the official value), the width for ``side`` (scale 1).
+        lora_dropout: LoRA dropout. ``None``: the kind's default, 0.1 for the LoRA-based kinds
+            (official), 0 for ``side``.
         lora_targets: preset name, regex, or ``auto`` (the backbone family's default preset).
         divergence_head: auxiliary divergence head on the newest extractor.
     """
@@ -76,8 +79,8 @@ class ModelConfig:
     extractor: str = "lora"
     adapt_blocks: int | None = None
     lora_r: int = 64
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.1
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
     lora_targets: str = "auto"
     divergence_head: bool = True
 

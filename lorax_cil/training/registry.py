@@ -19,7 +19,7 @@ from typing import Any, Callable, Mapping
 from lorax_cil.training.config import ModelConfig, RunConfig
 
 __all__ = ["StrategyPreset", "PresetConflictError", "register_strategy", "get_strategy",
-           "list_strategies", "apply_preset", "preset_table"]
+           "list_strategies", "apply_preset", "kind_defaults", "preset_table"]
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,23 @@ def apply_preset(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> R
         obj = model if section == "model" else train
         if f"{section}.{key}" not in explicit and getattr(obj, key) is None:
             setattr(obj, key, value)
-    return dataclasses.replace(cfg, model=model, train=train)
+    return dataclasses.replace(cfg, model=kind_defaults(model), train=train)
+
+
+def kind_defaults(model: ModelConfig) -> ModelConfig:
+    """``model`` with ``lora_alpha`` / ``lora_dropout`` left at ``None`` set to the defaults of
+    its extractor kind (``Extractor.config_defaults``: LoRA's 16 / 0.1, a side network's width /
+    0). Set values are kept; an unknown kind is left for the network build to name."""
+    if model.lora_alpha is not None and model.lora_dropout is not None:
+        return model
+    # the extractor registry imports torch; this module stays importable without it
+    from lorax_cil.models.extractors import get_extractor, list_extractors
+
+    if model.extractor not in list_extractors():
+        return model
+    values = get_extractor(model.extractor).config_defaults(model.lora_r)
+    return dataclasses.replace(model, **{k: v for k, v in values.items()
+                                         if getattr(model, k) is None})
 
 
 def _default_section(key: str) -> str:

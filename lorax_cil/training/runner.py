@@ -97,8 +97,9 @@ def build_network(cfg: RunConfig, backbone: Any):
     network when its preset names one (see :class:`~lorax_cil.training.run_protocol.RunModel`)."""
     from lorax_cil.models.heads import build_expandable_net
     from lorax_cil.models.lora import LoraSpec
-    from lorax_cil.training.registry import get_strategy
+    from lorax_cil.training.registry import get_strategy, kind_defaults
 
+    cfg = dataclasses.replace(cfg, model=kind_defaults(cfg.model))  # a config without its preset
     network = get_strategy(cfg.train.strategy).network
     if network is not None:
         return network(cfg, backbone)

@@ -15,6 +15,7 @@ between kinds sits behind these members (only the first three have no default):
 ``architecture()``              JSON fields added to the network's architecture record
 ``with_aux_loss(run)``          ``(features, extra training loss or None)`` of one training forward
 ``configure(spec, k, L)``       classmethod: resolve the spec and ``adapt_blocks`` before building
+``config_defaults(r)``          classmethod: ``model.lora_alpha`` / ``lora_dropout`` when unset
 ==============================  ===================================================================
 
 Class attributes: ``grows`` (one feature block per task; ``False``: one block shared by every
@@ -41,6 +42,7 @@ import torch
 from torch import nn
 
 from lorax_cil.models.base import BlockBackbone
+from lorax_cil.models.lora import LoraSpec
 from lorax_cil.models.state import copy_state_strict
 
 __all__ = ["Tail", "Extractor", "ModulePerTask", "SharedPass", "register_extractor", "get_extractor",
@@ -210,6 +212,13 @@ class Extractor(nn.Module):
         if spec is None and cls.spec_type is not None:
             spec = cls.spec_type()
         return spec, adapt_blocks
+
+    @classmethod
+    def config_defaults(cls, lora_r: int) -> dict[str, float]:
+        """``model.lora_alpha`` and ``model.lora_dropout`` for a configuration that leaves them
+        unset (``None``), given ``model.lora_r``: LoRA's official values here (alpha 16, dropout
+        0.1); a kind that reads these keys with another meaning overrides it."""
+        return {"lora_alpha": float(LoraSpec.alpha), "lora_dropout": float(LoraSpec.dropout)}
 
     @property
     def feature_dim(self) -> int:

@@ -131,6 +131,13 @@ class SideExtractor(ModulePerTask):
     spec_key = "side"
     spec_type = SideSpec
 
+    @classmethod
+    def config_defaults(cls, lora_r: int) -> dict[str, float]:
+        """``model.lora_r`` is the width here: alpha defaults to it (the side feature enters
+        at scale 1, :class:`SideSpec`'s own default) and dropout to :class:`SideSpec`'s (0), the
+        setting measured in docs/class-attention.md."""
+        return {"lora_alpha": float(lora_r), "lora_dropout": float(SideSpec.dropout)}
+
     def __init__(self, tail: Tail, spec: Any = None) -> None:
         super().__init__(tail, spec)
         self._shared = SharedPass()

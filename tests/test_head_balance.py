@@ -189,6 +189,31 @@ def test_ncm_frozen_keeps_old_class_scores_and_reads_no_exemplar(data_root, tmp_
         assert loaded.own_blocks and torch.equal(loaded(x), net(x))
 
 
+def test_ncm_frozen_matrices_of_a_finished_run_equal_what_the_readout_recorded(data_root, tmp_path):
+    """Re-reading a run's last checkpoint with ncm-frozen gives the matrices the run recorded
+    while training with that read-out (old blocks never change); a head-trained run is read
+    with class means too, and a shared extractor is refused."""
+    import numpy as np
+
+    from lorax_cil.training.evaluate import ncm_frozen_matrices
+
+    run = tiny_run(data_root, tmp_path / "ncmf", readout="ncm-frozen", memory_size=4)
+    run.train()
+    got = ncm_frozen_matrices(run.run_dir)
+    assert got["task_names"] == ["a", "b"]
+    for kind in ("multi_real", "binary", "strict"):
+        np.testing.assert_allclose(got[kind], run.matrices[kind].matrix, atol=1e-12)
+    head = tiny_run(data_root, tmp_path / "head", readout="head", memory_size=4)
+    head.train()
+    read = ncm_frozen_matrices(head.run_dir)
+    assert np.isnan(read["multi_real"][0, 1]) and not np.isnan(read["multi_real"][1]).any()
+    assert read["summary"]["multi_real"]["aa"] == pytest.approx(read["multi_real"][1].mean())
+    ft = tiny_run(data_root, tmp_path / "ft", strategy="finetune-replay", memory_size=4)
+    ft.train()
+    with pytest.raises(ValueError, match="needs one frozen feature block per task"):
+        ncm_frozen_matrices(ft.run_dir)
+
+
 @pytest.mark.parametrize("kind", ["full", "class-attention", "finetune"])
 def test_ncm_update_keeps_old_blocks_exactly_when_old_extractors_are_frozen(kind):
     from lorax_cil.models.backbones import create_backbone

@@ -7,7 +7,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["load_trained", "evaluate_run"]
+__all__ = ["load_trained", "evaluate_run", "ncm_frozen_matrices"]
 
 
 def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple[Any, Any, Any, dict]:
@@ -120,3 +120,78 @@ def evaluate_run(
     if out:
         write_json(out, result)
     return result
+
+
+def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
+                        device: str = "cpu") -> dict[str, Any]:
+    """The accuracy matrices a finished run would have recorded with the ``ncm-frozen``
+    read-out (``train.readout=ncm-frozen``), computed from its last checkpoint without training.
+
+    Exact for extractors that grow (the LoRAX family, DER, MEMO): the blocks of tasks ``0..t``
+    never change after task ``t``, so the class means of task ``t``'s classes (over its training
+    images, evaluation transforms, as the read-out computes them after the task) and every score
+    they give are what the run would have computed then, and row ``s`` of a matrix is the
+    argmax over the classes of tasks ``0..s``. A run trained with the linear head can so be
+    read both ways on the same training.
+
+    ``data_path``: the folder that now holds the run's task folders (by name), when its data
+    moved. Either way the data must be what the run trained on (file names and sizes against
+    its ``data_manifest.json``), or the call stops naming the tasks that changed.
+
+    Returns ``{"multi_real" | "binary" | "strict": (T, T) array (NaN above the diagonal),
+    "summary": {kind: summarize_matrix(...)}, "task_names": [...]}``.
+    """
+    import torch
+
+    from lorax_cil.benchmarks.scenarios import resolve_scenario
+    from lorax_cil.benchmarks.streams import build_cil_benchmark
+    from lorax_cil.benchmarks.transforms import TransformConfig
+    from lorax_cil.evaluation.metrics import (
+        binary_correct,
+        multi_real_correct,
+        strict_correct,
+        summarize_matrix,
+    )
+    from lorax_cil.models.heads import blockwise_cosine_logits
+    from lorax_cil.training.head_balance import feature_table
+    from lorax_cil.training.integrity import check_finished_run_data
+
+    net, cfg, sc, _ = load_trained(run, device=device)
+    if data_path is not None:
+        sc = resolve_scenario("custom", data_path=data_path, tasks=list(sc.task_names))
+    check_finished_run_data(Path(run), cfg, sc)
+    if not net.ext.grows:
+        raise ValueError(f"run {run}: the ncm-frozen read-out needs one frozen feature block per "
+                         f"task; extractor {net.extractor!r} shares one block across tasks")
+    d = cfg.data
+    tcfg = TransformConfig.for_backbone(net.backbone.spec, d, augment=False)
+    bench = build_cil_benchmark(sc, transform_config=tcfg, eval_split=d.eval_split,
+                                calib_fraction=d.calib_fraction, seed=cfg.train.seed)
+    T, E = net.num_tasks, net.num_extractors
+    if E != T:
+        raise ValueError(f"run {run}: {E} feature blocks for {T} tasks")
+    table = np.array(sc.class_is_fake[: net.num_classes])
+    offsets = np.cumsum([0, *net.task_classes])
+    table_args = dict(device=device, batch_size=cfg.train.eval_batch_size)
+    means, blocks = [], []
+    for t in range(T):
+        feats, labels = feature_table(net, bench.train_stream[t].dataset, **table_args)
+        for c in range(int(offsets[t]), int(offsets[t + 1])):
+            if not bool((labels == c).any()):
+                raise ValueError(f"run {run}: class {c} of task {sc.task_names[t]!r} has no "
+                                 "training image")
+            means.append(feats[labels == c].double().mean(0).float())
+            blocks.append(t + 1)
+    protos, class_blocks = torch.stack(means), torch.tensor(blocks)
+    rules = {"multi_real": multi_real_correct, "binary": binary_correct,
+             "strict": strict_correct}
+    R = {kind: np.full((T, T), np.nan) for kind in rules}
+    for j in range(T):
+        feats, labels = feature_table(net, bench.test_stream[j].dataset, **table_args)
+        scores = blockwise_cosine_logits(feats, protos, class_blocks, E)
+        for s in range(j, T):
+            pred = scores[:, : int(offsets[s + 1])].argmax(1).numpy()
+            for kind, rule in rules.items():
+                R[kind][s, j] = float(np.mean(rule(pred, labels.numpy(), table)))
+    return {**R, "summary": {kind: summarize_matrix(R[kind]) for kind in rules},
+            "task_names": list(sc.task_names[:T])}

@@ -203,6 +203,18 @@ def test_ncm_frozen_matrices_of_a_finished_run_equal_what_the_readout_recorded(d
     assert got["task_names"] == ["a", "b"]
     for kind in ("multi_real", "binary", "strict"):
         np.testing.assert_allclose(got[kind], run.matrices[kind].matrix, atol=1e-12)
+    # the same through the CLI, with its JSON (NaN above the diagonal written as null)
+    import json
+
+    from lorax_cil.cli import main
+    assert main(["eval", "--run", str(run.run_dir), "--rescore", "ncm-frozen",
+                 "--out", str(tmp_path / "r.json")]) == 0
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["multi_real"][0][1] is None
+    np.testing.assert_allclose(np.array(written["multi_real"], dtype=float),
+                               run.matrices["multi_real"].matrix, atol=1e-12)
+    assert main(["eval", "--run", str(run.run_dir), "--rescore", "ncm-frozen",
+                 "--tasks", "a"]) == 2
     head = tiny_run(data_root, tmp_path / "head", readout="head", memory_size=4)
     head.train()
     read = ncm_frozen_matrices(head.run_dir)

@@ -140,6 +140,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--tasks", nargs="+", default=None)
     e.add_argument("--eval-split", default=None, help="split to evaluate (default: the run's)")
     e.add_argument("--out", default=None, help="JSON file for the results")
+    e.add_argument("--rescore", choices=["ncm-frozen"], default=None,
+                   help="instead: the run's accuracy matrices, AA and BWT had it been read with "
+                        "this read-out (exact, from its last checkpoint and its training data, "
+                        "no training; --data-path if the data moved)")
     add_plugin_flag(e)
     e.set_defaults(func=cmd_eval)
 
@@ -355,6 +359,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorax_cil.training.evaluate import evaluate_run
 
     load_cli_plugins(args)
+    if args.rescore:
+        return _rescore(args)
     result = evaluate_run(args.run, scenario=args.scenario, data_path=args.data_path,
                           tasks=args.tasks, eval_split=args.eval_split, out=args.out)
     for task, r in result["per_task"].items():
@@ -370,4 +376,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
               f"{len(issues['substituted_files'])} that failed to decode left out of n")
         for path in [*issues.get("unreadable_files", []), *issues["substituted_files"]][:10]:
             print(f"  {printable(path)}")
+    return 0
+
+
+def _rescore(args: argparse.Namespace) -> int:
+    """``eval --rescore ncm-frozen``: the run's matrices under that read-out."""
+    import numpy as np
+
+    from lorax_cil.errors import UserError
+    from lorax_cil.training.evaluate import ncm_frozen_matrices
+    from lorax_cil.utils import write_json
+
+    other = [f for f, v in (("--scenario", args.scenario), ("--tasks", args.tasks),
+                            ("--eval-split", args.eval_split)) if v]
+    if other:
+        raise UserError(f"--rescore reads the run on its own tasks and evaluation split; "
+                        f"{', '.join(other)} cannot be used with it (--data-path can)")
+    got = ncm_frozen_matrices(args.run, data_path=args.data_path)
+    names = got["task_names"]
+    R = got["multi_real"]
+    print(f"multi-real accuracy (%) with the {args.rescore} read-out: row = after task, "
+          "column = evaluated task")
+    width = max(len(n) for n in names)
+    print(" " * (width + 2) + "  ".join(f"{j:>6d}" for j in range(len(names))))
+    for i, name in enumerate(names):
+        row = "  ".join("      " if np.isnan(v) else f"{100 * v:6.2f}" for v in R[i])
+        print(f"{name:<{width}}  {row}")
+    for kind in ("multi_real", "binary", "strict"):
+        sm = got["summary"][kind]
+        print(f"{kind:<10} AA {100 * sm['aa']:6.2f}  BWT {100 * sm['bwt']:6.2f}  "
+              f"forgetting {100 * sm['forgetting']:6.2f}")
+    if args.out:
+        write_json(args.out, {"run": str(args.run), "readout": args.rescore,
+                              "task_names": names, "summary": got["summary"],
+                              **{k: [[None if np.isnan(v) else float(v) for v in row]
+                                     for row in got[k]] for k in ("multi_real", "binary", "strict")}})
     return 0

@@ -11,10 +11,10 @@ data and order; its final multi-real AA and BWT are appended to ``<out>/accuracy
 it finishes, and rows already there are skipped, so the script can be stopped and rerun. The
 table (mean and std over seeds, and each method's gap to full depth) goes to ``<out>/accuracy.md``.
 
-``--rescore ncm-frozen`` reads every finished run of the table again with the ``ncm-frozen``
-read-out (:func:`lorax_cil.training.evaluate.ncm_frozen_matrices`: exact, from the last
-checkpoint, no training) and writes ``<out>/accuracy-ncm-frozen.md`` (and its CSV), so runs
-trained with the linear head are compared under both read-outs on the same training.
+``--rescore ncm-frozen`` (or ``head``) reads every finished run of the table again with that
+read-out (:func:`lorax_cil.training.evaluate.readout_matrices`: exact, no training) and writes
+``<out>/accuracy-<readout>.md`` (and its CSV), so the same training is compared under both
+read-outs.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "class_attention"))
     p.add_argument("--render-only", action="store_true", help="only rewrite accuracy.md from the CSV")
-    p.add_argument("--rescore", choices=["ncm-frozen"], default=None,
+    p.add_argument("--rescore", choices=["head", "ncm-frozen"], default=None,
                    help="also read every finished run with this read-out (from its last "
                         "checkpoint, no training) into accuracy-<readout>.md")
     args = p.parse_args(argv)
@@ -179,7 +179,7 @@ def rescore(out: Path, rows: list[dict], readout: str) -> list[dict]:
     """``rows`` with AA and BWT read with ``readout`` from each run's last checkpoint (cached in
     ``<out>/accuracy-<readout>.csv``); a run folder whose recorded AA is not its row's (another
     setting's run) is refused."""
-    from lorax_cil.training.evaluate import ncm_frozen_matrices
+    from lorax_cil.training.evaluate import readout_matrices
 
     cache_path = out / f"accuracy-{readout}.csv"
     key = ("scenario", "backbone", "size", "per_class", "epochs", "method", "seed")
@@ -195,7 +195,7 @@ def rescore(out: Path, rows: list[dict], readout: str) -> list[dict]:
             raise SystemExit(f"{run_dir}: its AA {100 * summary['multi_real_aa']:.3f} is not the "
                              f"CSV row's {row['aa']} (a run of another setting)")
         data = out / f"{row['scenario']}-{row['size']}px-{row['per_class']}"  # as run_one made it
-        got = ncm_frozen_matrices(run_dir, data_path=data)["summary"]["multi_real"]
+        got = readout_matrices(run_dir, readout, data_path=data)["summary"]["multi_real"]
         new = {**row, "aa": round(100 * got["aa"], 3), "bwt": round(100 * got["bwt"], 3)}
         new_rows.append(new)
         fresh = not cache_path.is_file()

@@ -189,13 +189,14 @@ def test_ncm_frozen_keeps_old_class_scores_and_reads_no_exemplar(data_root, tmp_
         assert loaded.own_blocks and torch.equal(loaded(x), net(x))
 
 
-def test_ncm_frozen_matrices_of_a_finished_run_equal_what_the_readout_recorded(data_root, tmp_path):
+def test_finished_runs_are_read_exactly_with_either_readout(data_root, tmp_path):
     """Re-reading a run's last checkpoint with ncm-frozen gives the matrices the run recorded
-    while training with that read-out (old blocks never change); a head-trained run is read
-    with class means too, and a shared extractor is refused."""
+    while training with that read-out (old blocks never change), and re-reading the checkpoint
+    of every task with the head gives those of a head-trained run; each run can be read the
+    other way, a shared extractor or missing per-task checkpoints are refused."""
     import numpy as np
 
-    from lorax_cil.training.evaluate import ncm_frozen_matrices
+    from lorax_cil.training.evaluate import ncm_frozen_matrices, readout_matrices
 
     run = tiny_run(data_root, tmp_path / "ncmf", readout="ncm-frozen", memory_size=4)
     run.train()
@@ -220,6 +221,25 @@ def test_ncm_frozen_matrices_of_a_finished_run_equal_what_the_readout_recorded(d
     read = ncm_frozen_matrices(head.run_dir)
     assert np.isnan(read["multi_real"][0, 1]) and not np.isnan(read["multi_real"][1]).any()
     assert read["summary"]["multi_real"]["aa"] == pytest.approx(read["multi_real"][1].mean())
+    # the head read-out, from the checkpoint of every task: exact on a head-trained run ...
+    again = readout_matrices(head.run_dir, "head")
+    for kind in ("multi_real", "binary", "strict"):
+        np.testing.assert_allclose(again[kind], head.matrices[kind].matrix, atol=1e-12)
+    # ... and available for a run trained with ncm-frozen (its last row: the final head)
+    other = readout_matrices(run.run_dir, "head")
+    from lorax_cil.training.runner import predict_dataset
+
+    final = run.net.eval()
+    final.readout = "head"
+    for j in range(2):
+        pred, _, y = predict_dataset(final, run.bench.test_stream[j].dataset, batch_size=16,
+                                     device=torch.device("cpu"))
+        assert float(np.mean(pred == y)) == pytest.approx(other["strict"][1, j], abs=1e-12)
+    once = tiny_run(data_root, tmp_path / "once", readout="head", memory_size=4,
+                    checkpoint_every_task=False)
+    once.train()
+    with pytest.raises(ValueError, match="missing exp_000"):
+        readout_matrices(once.run_dir, "head")
     ft = tiny_run(data_root, tmp_path / "ft", strategy="finetune-replay", memory_size=4)
     ft.train()
     with pytest.raises(ValueError, match="needs one frozen feature block per task"):

@@ -140,10 +140,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--tasks", nargs="+", default=None)
     e.add_argument("--eval-split", default=None, help="split to evaluate (default: the run's)")
     e.add_argument("--out", default=None, help="JSON file for the results")
-    e.add_argument("--rescore", choices=["ncm-frozen"], default=None,
-                   help="instead: the run's accuracy matrices, AA and BWT had it been read with "
-                        "this read-out (exact, from its last checkpoint and its training data, "
-                        "no training; --data-path if the data moved)")
+    e.add_argument("--rescore", choices=["head", "ncm-frozen"], default=None,
+                   help="instead: the run's accuracy matrices, AA and BWT read with this "
+                        "read-out, whichever it trained with (exact, no training: ncm-frozen "
+                        "from the last checkpoint and the training data, head from the "
+                        "checkpoint of every task; --data-path if the data moved)")
     add_plugin_flag(e)
     e.set_defaults(func=cmd_eval)
 
@@ -380,11 +381,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _rescore(args: argparse.Namespace) -> int:
-    """``eval --rescore ncm-frozen``: the run's matrices under that read-out."""
+    """``eval --rescore READOUT``: the run's matrices under that read-out."""
     import numpy as np
 
     from lorax_cil.errors import UserError
-    from lorax_cil.training.evaluate import ncm_frozen_matrices
+    from lorax_cil.training.evaluate import readout_matrices
     from lorax_cil.utils import write_json
 
     other = [f for f, v in (("--scenario", args.scenario), ("--tasks", args.tasks),
@@ -392,7 +393,7 @@ def _rescore(args: argparse.Namespace) -> int:
     if other:
         raise UserError(f"--rescore reads the run on its own tasks and evaluation split; "
                         f"{', '.join(other)} cannot be used with it (--data-path can)")
-    got = ncm_frozen_matrices(args.run, data_path=args.data_path)
+    got = readout_matrices(args.run, args.rescore, data_path=args.data_path)
     names = got["task_names"]
     R = got["multi_real"]
     print(f"multi-real accuracy (%) with the {args.rescore} read-out: row = after task, "

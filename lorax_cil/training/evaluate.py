@@ -7,7 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["load_trained", "evaluate_run", "ncm_frozen_matrices"]
+__all__ = ["load_trained", "evaluate_run", "readout_matrices", "ncm_frozen_matrices", "head_matrices",
+           "RESCORE_READOUTS"]
 
 
 def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple[Any, Any, Any, dict]:
@@ -122,6 +123,103 @@ def evaluate_run(
     return result
 
 
+#: read-outs :func:`readout_matrices` computes for a finished run
+RESCORE_READOUTS = ("head", "ncm-frozen")
+
+
+def readout_matrices(run: str | Path, readout: str, *, data_path: str | Path | None = None,
+                     device: str = "cpu") -> dict[str, Any]:
+    """The accuracy matrices a finished run would have recorded with ``readout``, without
+    training: ``ncm-frozen`` (:func:`ncm_frozen_matrices`) or ``head`` (:func:`head_matrices`).
+
+    Returns ``{"multi_real" | "binary" | "strict": (T, T) array (NaN above the diagonal),
+    "summary": {kind: summarize_matrix(...)}, "task_names": [...]}``.
+    """
+    if readout == "ncm-frozen":
+        return ncm_frozen_matrices(run, data_path=data_path, device=device)
+    if readout == "head":
+        return head_matrices(run, data_path=data_path, device=device)
+    raise ValueError(f"readout must be one of {list(RESCORE_READOUTS)}, got {readout!r}")
+
+
+def _rescore_data(run: str | Path, cfg: Any, sc: Any, net: Any,
+                  data_path: str | Path | None) -> tuple[Any, Any]:
+    """``(scenario, benchmark)`` of the run's own tasks (at ``data_path`` when given), refused
+    when the data is not what the run trained on."""
+    from lorax_cil.benchmarks.scenarios import resolve_scenario
+    from lorax_cil.benchmarks.streams import build_cil_benchmark
+    from lorax_cil.benchmarks.transforms import TransformConfig
+    from lorax_cil.training.integrity import check_finished_run_data
+
+    if data_path is not None:
+        sc = resolve_scenario("custom", data_path=data_path, tasks=list(sc.task_names))
+    check_finished_run_data(Path(run), cfg, sc)
+    d = cfg.data
+    tcfg = TransformConfig.for_backbone(net.backbone.spec, d, augment=False)
+    return sc, build_cil_benchmark(sc, transform_config=tcfg, eval_split=d.eval_split,
+                                   calib_fraction=d.calib_fraction, seed=cfg.train.seed)
+
+
+def _matrices(T: int, predict: Any, bench: Any, table: np.ndarray,
+              names: Sequence[str]) -> dict[str, Any]:
+    """Matrices from ``predict(s, j) -> (pred, labels)`` (row ``s``: after task ``s``)."""
+    from lorax_cil.evaluation.metrics import (
+        binary_correct,
+        multi_real_correct,
+        strict_correct,
+        summarize_matrix,
+    )
+
+    rules = {"multi_real": multi_real_correct, "binary": binary_correct,
+             "strict": strict_correct}
+    R = {kind: np.full((T, T), np.nan) for kind in rules}
+    for s in range(T):
+        for j in range(s + 1):
+            pred, labels = predict(s, j)
+            for kind, rule in rules.items():
+                R[kind][s, j] = float(np.mean(rule(pred, labels, table)))
+    return {**R, "summary": {kind: summarize_matrix(R[kind]) for kind in rules},
+            "task_names": list(names[:T])}
+
+
+def head_matrices(run: str | Path, *, data_path: str | Path | None = None,
+                  device: str = "cpu") -> dict[str, Any]:
+    """The accuracy matrices of ``run`` read with its linear head, from the checkpoint written
+    after every task (``train.checkpoint_every_task``, the default): row ``s`` is the network
+    of checkpoint ``s`` with its head read (an NCM read-out set aside), so a run trained with
+    ``ncm-frozen`` or ``ncm`` is read the official way on the same training. Exact: each
+    checkpoint holds the head as it was after its task."""
+    import torch
+
+    from lorax_cil.models.heads import NCMExpandableNet
+    from lorax_cil.training.runner import predict_dataset
+
+    net, cfg, sc, _ = load_trained(run, device=device)
+    T = net.num_tasks
+    folders = [Path(run) / "checkpoints" / f"exp_{s:03d}" for s in range(T)]
+    missing = [f.name for f in folders if not (f / "meta.json").is_file()]
+    if missing:
+        raise ValueError(f"run {run}: the head read-out of every step needs the checkpoint "
+                         f"written after every task (train.checkpoint_every_task); missing "
+                         f"{', '.join(missing)}")
+    sc, bench = _rescore_data(run, cfg, sc, net, data_path)
+    table = np.array(sc.class_is_fake[: net.num_classes])
+    state = {"step": -1, "net": None}
+
+    def predict(s: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        if state["step"] != s:
+            step_net = load_trained(folders[s], device=device)[0]
+            if isinstance(step_net, NCMExpandableNet):
+                step_net.readout = "head"
+            state.update(step=s, net=step_net)
+        pred, _, labels = predict_dataset(state["net"], bench.test_stream[j].dataset,
+                                          batch_size=cfg.train.eval_batch_size,
+                                          device=torch.device(device))
+        return pred, labels
+
+    return _matrices(T, predict, bench, table, sc.task_names)
+
+
 def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
                         device: str = "cpu") -> dict[str, Any]:
     """The accuracy matrices a finished run would have recorded with the ``ncm-frozen``
@@ -143,33 +241,17 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
     """
     import torch
 
-    from lorax_cil.benchmarks.scenarios import resolve_scenario
-    from lorax_cil.benchmarks.streams import build_cil_benchmark
-    from lorax_cil.benchmarks.transforms import TransformConfig
-    from lorax_cil.evaluation.metrics import (
-        binary_correct,
-        multi_real_correct,
-        strict_correct,
-        summarize_matrix,
-    )
     from lorax_cil.models.heads import blockwise_cosine_logits
     from lorax_cil.training.head_balance import feature_table
-    from lorax_cil.training.integrity import check_finished_run_data
 
     net, cfg, sc, _ = load_trained(run, device=device)
-    if data_path is not None:
-        sc = resolve_scenario("custom", data_path=data_path, tasks=list(sc.task_names))
-    check_finished_run_data(Path(run), cfg, sc)
     if not net.ext.grows:
         raise ValueError(f"run {run}: the ncm-frozen read-out needs one frozen feature block per "
                          f"task; extractor {net.extractor!r} shares one block across tasks")
-    d = cfg.data
-    tcfg = TransformConfig.for_backbone(net.backbone.spec, d, augment=False)
-    bench = build_cil_benchmark(sc, transform_config=tcfg, eval_split=d.eval_split,
-                                calib_fraction=d.calib_fraction, seed=cfg.train.seed)
     T, E = net.num_tasks, net.num_extractors
     if E != T:
         raise ValueError(f"run {run}: {E} feature blocks for {T} tasks")
+    sc, bench = _rescore_data(run, cfg, sc, net, data_path)
     table = np.array(sc.class_is_fake[: net.num_classes])
     offsets = np.cumsum([0, *net.task_classes])
     table_args = dict(device=device, batch_size=cfg.train.eval_batch_size)
@@ -183,15 +265,13 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
             means.append(feats[labels == c].double().mean(0).float())
             blocks.append(t + 1)
     protos, class_blocks = torch.stack(means), torch.tensor(blocks)
-    rules = {"multi_real": multi_real_correct, "binary": binary_correct,
-             "strict": strict_correct}
-    R = {kind: np.full((T, T), np.nan) for kind in rules}
-    for j in range(T):
-        feats, labels = feature_table(net, bench.test_stream[j].dataset, **table_args)
-        scores = blockwise_cosine_logits(feats, protos, class_blocks, E)
-        for s in range(j, T):
-            pred = scores[:, : int(offsets[s + 1])].argmax(1).numpy()
-            for kind, rule in rules.items():
-                R[kind][s, j] = float(np.mean(rule(pred, labels.numpy(), table)))
-    return {**R, "summary": {kind: summarize_matrix(R[kind]) for kind in rules},
-            "task_names": list(sc.task_names[:T])}
+    scored: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+
+    def predict(s: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+        if j not in scored:
+            feats, labels = feature_table(net, bench.test_stream[j].dataset, **table_args)
+            scored[j] = (blockwise_cosine_logits(feats, protos, class_blocks, E), labels.numpy())
+        scores, labels = scored[j]
+        return scores[:, : int(offsets[s + 1])].argmax(1).numpy(), labels
+
+    return _matrices(T, predict, bench, table, sc.task_names)

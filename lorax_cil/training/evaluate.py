@@ -160,8 +160,7 @@ def _rescore_data(run: str | Path, cfg: Any, sc: Any, net: Any,
                                    calib_fraction=d.calib_fraction, seed=cfg.train.seed)
 
 
-def _matrices(T: int, predict: Any, bench: Any, table: np.ndarray,
-              names: Sequence[str]) -> dict[str, Any]:
+def _matrices(T: int, predict: Any, table: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
     """Matrices from ``predict(s, j) -> (pred, labels)`` (row ``s``: after task ``s``)."""
     from lorax_cil.evaluation.metrics import (
         binary_correct,
@@ -217,7 +216,7 @@ def head_matrices(run: str | Path, *, data_path: str | Path | None = None,
                                           device=torch.device(device))
         return pred, labels
 
-    return _matrices(T, predict, bench, table, sc.task_names)
+    return _matrices(T, predict, table, sc.task_names)
 
 
 def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
@@ -274,4 +273,4 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
         scores, labels = scored[j]
         return scores[:, : int(offsets[s + 1])].argmax(1).numpy(), labels
 
-    return _matrices(T, predict, bench, table, sc.task_names)
+    return _matrices(T, predict, table, sc.task_names)

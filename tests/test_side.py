@@ -100,6 +100,30 @@ def test_cost_formula_at_twelve_tasks(n, dim, width, passes):
     assert round(cost["passes"], 2) == passes
 
 
+def test_side_networks_run_together_as_each_alone_and_the_training_one_apart(monkeypatch):
+    """Evaluation runs every task's side network in one batched pass; the result is each
+    network's own output, and a task that trains with dropout is never batched."""
+    net = make_net(k=2, tasks=4, dropout=0.5)
+    for t in range(4):
+        randomise(net, t)
+    net.eval()
+    h = net.trunk(x_batch())
+    with torch.no_grad():
+        alone = [net.ext.features(h, [t], train=False)[0] for t in range(4)]
+        together = net.ext.features(h, [0, 1, 2, 3], train=False)
+    for a, b in zip(alone, together):
+        torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(together[0], together[1])
+    batched = []
+    original = type(net.ext)._run_together
+    monkeypatch.setattr(type(net.ext), "_run_together",
+                        lambda self, taps, tasks: batched.append(list(tasks)) or
+                        original(self, taps, tasks))
+    net.train()  # tasks 0-2 are frozen, task 3 trains with dropout
+    net.ext.features(h, [0, 1, 2, 3], train=True)
+    assert batched == [[0, 1, 2]]
+
+
 # --- the strategy end to end ----------------------------------------------------------------------
 def side_config(**model):
     cfg = ca_config(lora_r=8, lora_alpha=8, **model)

@@ -114,6 +114,13 @@ def test_side_networks_run_together_as_each_alone_and_the_training_one_apart(mon
     for a, b in zip(alone, together):
         torch.testing.assert_close(b, a, atol=1e-6, rtol=1e-5)
     assert not torch.allclose(together[0], together[1])
+    # frozen networks are stacked once; a weight changed in place (a loaded state) is seen
+    with torch.no_grad():
+        next(net.ext.extractors[1].parameters()).mul_(-1.0)
+        again = net.ext.features(h, [0, 1, 2, 3], train=False)
+        torch.testing.assert_close(again[1], net.ext.features(h, [1], train=False)[0],
+                                   atol=1e-6, rtol=1e-5)
+    assert not torch.allclose(again[1], together[1])
     batched = []
     original = type(net.ext)._run_together
     monkeypatch.setattr(type(net.ext), "_run_together",

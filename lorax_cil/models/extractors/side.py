@@ -33,6 +33,7 @@ DINOv2). Backbones whose blocks change shape (CNN stages) are refused with a mes
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Sequence
 
@@ -217,30 +218,52 @@ class SideExtractor(ModulePerTask):
         rounding."""
         nets = [self.extractors[t] for t in tasks]
         T, w = len(nets), self.spec.width
-        dt = nets[0].up.weight.dtype
         B, N, D = taps[0].shape
+        W = self._stacked(nets)
+        s = None
+        for j in range(len(W["down_w"])):
+            y = F.linear(taps[j].to(W["up_w"].dtype).reshape(B * N, D), W["down_w"][j],
+                         W["down_b"][j])
+            y = y.view(B * N, T, w).transpose(0, 1)  # (T, B N, w)
+            if s is None:
+                s = y
+                continue
+            s = s + y  # block j's tap, then block j's side MLP (index j - 1)
+            a = torch.baddbmm(W["fc1_b"][j - 1], F.layer_norm(s, (w,)), W["fc1_w"][j - 1])
+            s = s + torch.baddbmm(W["fc2_b"][j - 1], F.gelu(a), W["fc2_w"][j - 1])
+        pooled = F.layer_norm(s.reshape(T, B, N, w).mean(dim=2), (w,))  # (T, B, w)
+        return list(torch.baddbmm(W["up_b"], pooled, W["up_w"]).unbind(0))  # T x (B, D)
+
+    def _stacked(self, nets: Sequence[SideNet]) -> dict[str, Any]:
+        """The weights of ``nets`` stacked for :meth:`_run_together` (down-projections
+        concatenated per tap, the rest stacked and transposed for ``baddbmm``). Kept while no
+        parameter of the group changed (the version counters of every tensor are part of the
+        key), so frozen networks are stacked once."""
+        params = [p for n in nets for p in n.parameters()]
+        key = (tuple(id(n) for n in nets), tuple(p._version for p in params),
+               params[0].device, params[0].dtype)
+        cached = getattr(self, "_stack_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
 
         def stack(get: Any) -> torch.Tensor:
             return torch.stack([get(n) for n in nets])
 
-        def down(j: int) -> torch.Tensor:  # (T, B N, w)
-            weight = torch.cat([n.down[j].weight for n in nets])
-            bias = torch.cat([n.down[j].bias for n in nets])
-            y = F.linear(taps[j].to(dt).reshape(B * N, D), weight, bias)
-            return y.view(B * N, T, w).transpose(0, 1)
-
-        s = down(0)
-        for j in range(len(nets[0].mlp)):
-            s = s + down(j + 1)
-            u = F.layer_norm(s, (w,))
-            a = torch.baddbmm(stack(lambda n: n.mlp[j]["fc1"].bias).unsqueeze(1), u,
-                              stack(lambda n: n.mlp[j]["fc1"].weight).transpose(1, 2))
-            s = s + torch.baddbmm(stack(lambda n: n.mlp[j]["fc2"].bias).unsqueeze(1), F.gelu(a),
-                                  stack(lambda n: n.mlp[j]["fc2"].weight).transpose(1, 2))
-        pooled = F.layer_norm(s.reshape(T, B, N, w).mean(dim=2), (w,))  # (T, B, w)
-        up = torch.baddbmm(stack(lambda n: n.up.bias).unsqueeze(1), pooled,
-                           stack(lambda n: n.up.weight).transpose(1, 2))  # (T, B, D)
-        return list(up.unbind(0))
+        k = len(nets[0].mlp)
+        with torch.no_grad() if not any(p.requires_grad for p in params) else contextlib.nullcontext():
+            W = {
+                "down_w": [torch.cat([n.down[j].weight for n in nets]) for j in range(k + 1)],
+                "down_b": [torch.cat([n.down[j].bias for n in nets]) for j in range(k + 1)],
+                "fc1_w": [stack(lambda n: n.mlp[j]["fc1"].weight.t()) for j in range(k)],
+                "fc1_b": [stack(lambda n: n.mlp[j]["fc1"].bias).unsqueeze(1) for j in range(k)],
+                "fc2_w": [stack(lambda n: n.mlp[j]["fc2"].weight.t()) for j in range(k)],
+                "fc2_b": [stack(lambda n: n.mlp[j]["fc2"].bias).unsqueeze(1) for j in range(k)],
+                "up_w": stack(lambda n: n.up.weight.t()),
+                "up_b": stack(lambda n: n.up.bias).unsqueeze(1),
+            }
+        if not any(p.requires_grad for p in params):  # a group that can train is not kept
+            self._stack_cache = (key, W)
+        return W
 
 
 # --- cost model ---------------------------------------------------------------------------------

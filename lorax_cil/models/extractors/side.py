@@ -236,21 +236,22 @@ class SideExtractor(ModulePerTask):
 
     def _stacked(self, nets: Sequence[SideNet]) -> dict[str, Any]:
         """The weights of ``nets`` stacked for :meth:`_run_together` (down-projections
-        concatenated per tap, the rest stacked and transposed for ``baddbmm``). Kept while no
-        parameter of the group changed (the version counters of every tensor are part of the
-        key), so frozen networks are stacked once."""
+        concatenated per tap, the rest stacked and transposed for ``baddbmm``). Without a
+        gradient to carry they are kept while no parameter of the group changed (the version
+        counters of every tensor are part of the key): frozen networks are stacked once."""
         params = [p for n in nets for p in n.parameters()]
+        graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         key = (tuple(id(n) for n in nets), tuple(p._version for p in params),
                params[0].device, params[0].dtype)
         cached = getattr(self, "_stack_cache", None)
-        if cached is not None and cached[0] == key:
+        if not graph and cached is not None and cached[0] == key:
             return cached[1]
 
         def stack(get: Any) -> torch.Tensor:
             return torch.stack([get(n) for n in nets])
 
         k = len(nets[0].mlp)
-        with torch.no_grad() if not any(p.requires_grad for p in params) else contextlib.nullcontext():
+        with contextlib.nullcontext() if graph else torch.no_grad():
             W = {
                 "down_w": [torch.cat([n.down[j].weight for n in nets]) for j in range(k + 1)],
                 "down_b": [torch.cat([n.down[j].bias for n in nets]) for j in range(k + 1)],
@@ -261,7 +262,7 @@ class SideExtractor(ModulePerTask):
                 "up_w": stack(lambda n: n.up.weight.t()),
                 "up_b": stack(lambda n: n.up.bias).unsqueeze(1),
             }
-        if not any(p.requires_grad for p in params):  # a group that can train is not kept
+        if not graph:
             self._stack_cache = (key, W)
         return W
 

@@ -25,7 +25,9 @@ out), i.e. about ``((k + 1) w / D + 4 k w^2 / D^2) / (12 L)`` of a pass at ``m =
 benchmarks/speed.py measures it (method ``lorax-side-w64``, docs/performance.md).
 
 Memory: the shared pass keeps ``k + 1`` normalised token maps ``(B, N, D)`` per batch (for
-ViT-B/16 at 224 px and a batch of 32 on every block, about 240 MB in float32).
+ViT-B/16 at 224 px and a batch of 32 on every block, about 240 MB in float32). Side networks
+that do not train run together (one matmul per tap for all tasks), from a stacked copy of
+their weights kept between batches (about 3.5 MB per task for ViT-B/16 at ``w = 64``).
 
 Supported backbones: any whose blocks keep a ``(B, N, D)`` token layout (timm ViTs, DeiT,
 DINOv2). Backbones whose blocks change shape (CNN stages) are refused with a message.
@@ -142,7 +144,12 @@ class SideExtractor(ModulePerTask):
     def __init__(self, tail: Tail, spec: Any = None) -> None:
         super().__init__(tail, spec)
         self._shared = SharedPass()
+        self._stack_cache: tuple[Any, dict[str, Any]] | None = None
         self._check_layout()
+
+    def add_task(self, t: int) -> None:
+        self._stack_cache = None  # a new group of networks: nothing stacked is reused
+        super().add_task(t)
 
     @property
     def k(self) -> int:
@@ -243,9 +250,8 @@ class SideExtractor(ModulePerTask):
         graph = torch.is_grad_enabled() and any(p.requires_grad for p in params)
         key = (tuple(id(n) for n in nets), tuple(p._version for p in params),
                params[0].device, params[0].dtype)
-        cached = getattr(self, "_stack_cache", None)
-        if not graph and cached is not None and cached[0] == key:
-            return cached[1]
+        if not graph and self._stack_cache is not None and self._stack_cache[0] == key:
+            return self._stack_cache[1]
 
         def stack(get: Any) -> torch.Tensor:
             return torch.stack([get(n) for n in nets])

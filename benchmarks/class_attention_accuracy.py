@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lorax_cil.training.config import READOUTS  # noqa: E402  (torch-free)
+from lorax_cil.training.config import READOUTS, RESCORE_READOUTS  # noqa: E402  (torch-free)
 
 #: method name -> (strategy, adapt_blocks[, model overrides]); ``None`` = every block (for
 #: ``lorax``, which has no ``adapt_blocks`` default; ``lorax-ca`` would replace ``None`` by its
@@ -79,6 +79,21 @@ def run_one(args: argparse.Namespace, data: Path, method: str, seed: int) -> dic
             "train_seconds": round(s["train_seconds"], 1)}
 
 
+def data_folder(out: Path, scenario: str, size: object, per_class: object) -> Path:
+    """Where the runs' data is synthesized under ``out``."""
+    return out / f"{scenario}-{size}px-{per_class}"
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append ``row`` to the CSV ``path`` (header written with the first row)."""
+    fresh = not path.is_file()
+    with open(path, "a", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(FIELDS))
+        if fresh:
+            w.writeheader()
+        w.writerow(row)
+
+
 def read_rows(path: Path) -> list[dict]:
     if not path.is_file():
         return []
@@ -125,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "class_attention"))
     p.add_argument("--render-only", action="store_true", help="only rewrite accuracy.md from the CSV")
-    p.add_argument("--rescore", choices=["head", "ncm-frozen"], default=None,
+    p.add_argument("--rescore", choices=list(RESCORE_READOUTS), default=None,
                    help="also read every finished run with this read-out (from its last "
                         "checkpoint, no training) into accuracy-<readout>.md")
     args = p.parse_args(argv)
@@ -141,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     setting = {"scenario": args.scenario, "backbone": args.backbone, "size": str(args.size),
                "per_class": str(args.per_class), "epochs": str(args.epochs)}
     if not args.render_only:
-        data = out / f"{args.scenario}-{args.size}px-{args.per_class}"
+        data = data_folder(out, args.scenario, args.size, args.per_class)
         synthesize(data, scenario=args.scenario, per_class=args.per_class, size=args.size, seed=0)
         for seed in args.seeds:
             for method in args.methods:
@@ -150,12 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                        and all(r[k] == v for k, v in setting.items()) for r in done):
                     continue
                 row = run_one(args, data, method, seed)
-                new = not csv_path.is_file()
-                with open(csv_path, "a", newline="", encoding="utf-8") as fh:
-                    w = csv.DictWriter(fh, fieldnames=list(FIELDS))
-                    if new:
-                        w.writeheader()
-                    w.writerow(row)
+                append_row(csv_path, row)
                 print(f"[done] {method} seed {seed}: AA {row['aa']:.1f} BWT {row['bwt']:.1f} "
                       f"({row['train_seconds']:.0f} s)", flush=True)
         (out / "accuracy.json").write_text(json.dumps({
@@ -194,16 +204,11 @@ def rescore(out: Path, rows: list[dict], readout: str) -> list[dict]:
         if abs(100 * summary["multi_real_aa"] - float(row["aa"])) > 1e-3:
             raise SystemExit(f"{run_dir}: its AA {100 * summary['multi_real_aa']:.3f} is not the "
                              f"CSV row's {row['aa']} (a run of another setting)")
-        data = out / f"{row['scenario']}-{row['size']}px-{row['per_class']}"  # as run_one made it
+        data = data_folder(out, row["scenario"], row["size"], row["per_class"])
         got = readout_matrices(run_dir, readout, data_path=data)["summary"]["multi_real"]
         new = {**row, "aa": round(100 * got["aa"], 3), "bwt": round(100 * got["bwt"], 3)}
         new_rows.append(new)
-        fresh = not cache_path.is_file()
-        with open(cache_path, "a", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(FIELDS))
-            if fresh:
-                w.writeheader()
-            w.writerow(new)
+        append_row(cache_path, new)
         print(f"[{readout}] {row['method']} seed {row['seed']}: AA {new['aa']:.1f} "
               f"(head {float(row['aa']):.1f}) BWT {new['bwt']:.1f}", flush=True)
     return new_rows

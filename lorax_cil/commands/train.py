@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from lorax_cil.training.config import RESCORE_READOUTS  # torch-free
+
 __all__ = ["register", "config_from_args", "explicit_settings", "parse_set"]
 
 #: flag name -> (section, key, type)
@@ -140,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--tasks", nargs="+", default=None)
     e.add_argument("--eval-split", default=None, help="split to evaluate (default: the run's)")
     e.add_argument("--out", default=None, help="JSON file for the results")
-    e.add_argument("--rescore", choices=["head", "ncm-frozen"], default=None,
+    e.add_argument("--rescore", choices=list(RESCORE_READOUTS), default=None,
                    help="instead: the run's accuracy matrices, AA and BWT read with this "
                         "read-out, whichever it trained with (exact, no training: ncm-frozen "
                         "from the last checkpoint and the training data, head from the "

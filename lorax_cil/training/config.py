@@ -390,6 +390,8 @@ def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) ->
 
 #: values of ``train.readout`` (lorax_cil.training.head_balance; torch-free for the CLI's --help)
 READOUTS = ("head", "ncm", "ncm-frozen")
+#: read-outs a finished run can be read with afterwards (``lorax-cil eval --rescore``)
+RESCORE_READOUTS = ("head", "ncm-frozen")
 
 #: ``train`` keys added after runs were first saved, with the behaviour those runs had: a saved
 #: configuration without them means these values (see :func:`saved_run_config`).

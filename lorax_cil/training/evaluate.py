@@ -7,6 +7,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lorax_cil.training.config import RESCORE_READOUTS
+
 __all__ = ["load_trained", "evaluate_run", "readout_matrices", "ncm_frozen_matrices", "head_matrices",
            "RESCORE_READOUTS"]
 
@@ -123,10 +125,6 @@ def evaluate_run(
     return result
 
 
-#: read-outs :func:`readout_matrices` computes for a finished run
-RESCORE_READOUTS = ("head", "ncm-frozen")
-
-
 def readout_matrices(run: str | Path, readout: str, *, data_path: str | Path | None = None,
                      device: str = "cpu") -> dict[str, Any]:
     """The accuracy matrices a finished run would have recorded with ``readout``, without
@@ -241,7 +239,7 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
     import torch
 
     from lorax_cil.models.heads import blockwise_cosine_logits
-    from lorax_cil.training.head_balance import feature_table
+    from lorax_cil.training.head_balance import feature_class_means, feature_table
 
     net, cfg, sc, _ = load_trained(run, device=device)
     if not net.ext.grows:
@@ -257,13 +255,14 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
     means, blocks = [], []
     for t in range(T):
         feats, labels = feature_table(net, bench.train_stream[t].dataset, **table_args)
-        for c in range(int(offsets[t]), int(offsets[t + 1])):
-            if not bool((labels == c).any()):
-                raise ValueError(f"run {run}: class {c} of task {sc.task_names[t]!r} has no "
-                                 "training image")
-            means.append(feats[labels == c].double().mean(0).float())
-            blocks.append(t + 1)
-    protos, class_blocks = torch.stack(means), torch.tensor(blocks)
+        classes = list(range(int(offsets[t]), int(offsets[t + 1])))
+        missing = [c for c in classes if not bool((labels == c).any())]
+        if missing:
+            raise ValueError(f"run {run}: classes {missing} of task {sc.task_names[t]!r} have no "
+                             "training image")
+        means.append(feature_class_means(feats, labels, classes))
+        blocks += [t + 1] * len(classes)
+    protos, class_blocks = torch.cat(means), torch.tensor(blocks)
     scored: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
 
     def predict(s: int, j: int) -> tuple[np.ndarray, np.ndarray]:

@@ -45,7 +45,7 @@ from torch.utils.data import DataLoader
 from lorax_cil.models.heads import NCMExpandableNet, set_prototype_rows, weight_align
 from lorax_cil.training.config import READOUTS
 
-__all__ = ["HeadOptions", "HeadBalancer", "feature_table", "check_head_options"]
+__all__ = ["HeadOptions", "HeadBalancer", "feature_table", "feature_class_means", "check_head_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,8 @@ def feature_table(net: Any, dataset: Any, *, device: Any, batch_size: int = 64,
     return torch.cat(feats), torch.cat(labels)
 
 
-def _means(feats: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
+def feature_class_means(feats: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
+    """Mean feature of each class in ``classes`` (float64 sums, float32 result)."""
     return torch.stack([feats[labels == c].double().mean(0) for c in classes]).float()
 
 
@@ -156,7 +157,7 @@ class HeadBalancer:
         missing = [c for c in classes if not bool((labels == c).any())]
         if missing:
             raise ValueError(f"prototype initialisation: classes {missing} have no training image")
-        scale = set_prototype_rows(net.head, classes, _means(feats, labels, classes), first)
+        scale = set_prototype_rows(net.head, classes, feature_class_means(feats, labels, classes), first)
         logger.info("head: rows %s initialised from class means (scale %.3f)", classes, scale)
 
     # --- after training ---------------------------------------------------------------------
@@ -238,7 +239,7 @@ class HeadBalancer:
         F = net.num_features
         protos = torch.zeros(net.num_classes, F)
         classes = list(range(first, net.num_classes))
-        protos[first:] = _means(new_feats, new_labels, classes)
+        protos[first:] = feature_class_means(new_feats, new_labels, classes)
         if first:
             old = net.prototypes.detach().cpu().float()
             # extractors that grow freeze the old blocks, a frozen extractor never changes:

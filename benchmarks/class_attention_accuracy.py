@@ -210,7 +210,7 @@ def rescore(out: Path, rows: list[dict], readout: str) -> list[dict]:
         new_rows.append(new)
         append_row(cache_path, new)
         print(f"[{readout}] {row['method']} seed {row['seed']}: AA {new['aa']:.1f} "
-              f"(head {float(row['aa']):.1f}) BWT {new['bwt']:.1f}", flush=True)
+              f"(as trained {float(row['aa']):.1f}) BWT {new['bwt']:.1f}", flush=True)
     return new_rows
 
 

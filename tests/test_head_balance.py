@@ -226,7 +226,7 @@ def test_finished_runs_are_read_exactly_with_either_readout(data_root, tmp_path)
     for kind in ("multi_real", "binary", "strict"):
         np.testing.assert_allclose(again[kind], head.matrices[kind].matrix, atol=1e-12)
     # ... and available for a run trained with ncm-frozen (its last row: the final head)
-    other = readout_matrices(run.run_dir, "head")
+    other = readout_matrices(run.run_dir, "head", recorded=False)
     from lorax_cil.training.runner import predict_dataset
 
     final = run.net.eval()
@@ -244,6 +244,89 @@ def test_finished_runs_are_read_exactly_with_either_readout(data_root, tmp_path)
     ft.train()
     with pytest.raises(ValueError, match="needs one frozen feature block per task"):
         ncm_frozen_matrices(ft.run_dir)
+
+
+def test_rescoring_leaves_out_evaluation_files_that_fail_to_decode(tmp_path):
+    """An evaluation image whose pixels do not decode is left out of every n while training;
+    reading the run again gives the recorded matrices, so it is left out there too."""
+    import numpy as np
+
+    from lorax_cil.training.evaluate import readout_matrices
+
+    root = make_cddb_tree(tmp_path / "d", tasks=("a", "b"), n=6, size=(36, 36),
+                          subclass_tasks=())
+    victim = root / "a" / "val" / "1_fake" / "000.png"
+    victim.write_bytes(victim.read_bytes()[:60])  # header intact, pixels truncated
+    run = tiny_run(root, tmp_path / "r", readout="ncm-frozen", memory_size=4)
+    run.train()
+    assert str(victim) in run.bench.issues.substituted_files
+    for readout, want in (("ncm-frozen", run.matrices), ("head", run.head_matrices)):
+        got = readout_matrices(run.run_dir, readout, recorded=False)
+        for kind in ("multi_real", "binary", "strict"):
+            np.testing.assert_allclose(got[kind], want[kind].matrix, atol=1e-12)
+
+
+def test_class_mean_runs_record_the_linear_head_from_the_same_passes(data_root, tmp_path):
+    """A run that reads by class means records the head's matrices too: equal to reading the
+    checkpoint of every task with the head afterwards, written as CSV and in summary.json,
+    carried through an interrupted and resumed run; a head-trained run records one set."""
+    import json
+
+    import numpy as np
+
+    from lorax_cil.training.evaluate import readout_matrices
+    from lorax_cil.training.runner import resume_run
+
+    run = tiny_run(data_root, tmp_path / "ncmf", readout="ncm-frozen", memory_size=4)
+    summary = run.train()
+    after = readout_matrices(run.run_dir, "head", recorded=False)  # from every task's checkpoint
+    assert after["source"] == "checkpoints"
+    assert readout_matrices(run.run_dir, "head")["source"] == "recorded"
+    for kind in ("multi_real", "binary", "strict"):
+        np.testing.assert_allclose(run.head_matrices[kind].matrix, after[kind], atol=1e-12)
+    # the two read-outs are different numbers on this run, not one matrix written twice
+    assert not np.allclose(run.head_matrices["ap"].matrix[1], run.matrices["ap"].matrix[1])
+    assert summary["readout"] == "ncm-frozen"
+    assert summary["head_readout"]["multi_real_aa"] == pytest.approx(
+        after["summary"]["multi_real"]["aa"], abs=1e-12)
+    assert summary["head_readout"]["multi_real_bwt"] == pytest.approx(
+        after["summary"]["multi_real"]["bwt"], abs=1e-12)
+    written = json.loads((run.run_dir / "summary.json").read_text())
+    assert written["head_readout"] == summary["head_readout"]
+    from lorax_cil.evaluation.metrics import AccuracyMatrix
+
+    csv = AccuracyMatrix.from_csv(run.run_dir / "accuracy_multi_real-head.csv").matrix
+    np.testing.assert_allclose(csv, after["multi_real"], atol=1e-12)
+    assert (run.run_dir / "ap-head.csv").is_file()
+    # interrupted after the first task and resumed: the same head matrices
+    part = tiny_run(data_root, tmp_path / "part", readout="ncm-frozen", memory_size=4)
+    part.train(stop_after=1)
+    resumed = resume_run(tmp_path / "part")
+    resumed.train()
+    for kind in ("multi_real", "binary", "strict", "ap"):
+        np.testing.assert_allclose(resumed.head_matrices[kind].matrix,
+                                   run.head_matrices[kind].matrix, atol=1e-12)
+    # a checkpoint without them (written before they were recorded): the resumed run says so
+    # and records only its own read-out, rather than a head matrix with missing rows
+    old = tiny_run(data_root, tmp_path / "old", readout="ncm-frozen", memory_size=4)
+    old.head_matrices = None
+    old.train(stop_after=1)
+    said = []
+    later = resume_run(tmp_path / "old", progress=said.append)
+    assert later.head_matrices is None and any("no linear-head matrices" in m for m in said)
+    assert "head_readout" not in later.train()
+    # without the checkpoint of every task the recorded matrices still answer
+    once = tiny_run(data_root, tmp_path / "once", readout="ncm-frozen", memory_size=4,
+                    checkpoint_every_task=False)
+    once.train()
+    got = readout_matrices(once.run_dir, "head")
+    np.testing.assert_allclose(got["multi_real"], run.head_matrices["multi_real"].matrix,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="missing exp_000"):
+        readout_matrices(once.run_dir, "head", recorded=False)
+    head = tiny_run(data_root, tmp_path / "head", readout="head", memory_size=4)
+    assert head.train().get("head_readout") is None and head.head_matrices is None
+    assert not (head.run_dir / "accuracy_multi_real-head.csv").exists()
 
 
 @pytest.mark.parametrize("kind", ["full", "class-attention", "finetune"])

@@ -165,6 +165,48 @@ def test_api_agrees_with_predict_dataset_on_paths_pil_and_tensors(run_dir):
     assert len(one) == 1 and one[0]["top1_prob"] == pytest.approx(want[0].max(), abs=1e-5)
 
 
+def test_readout_option_reads_the_linear_head_of_a_class_mean_run(run_dir, capsys):
+    """The fixture run reads by ncm-frozen class means; --readout head predicts with its linear
+    head (the probabilities of the network switched to its head), every row names the read-out,
+    and a read-out the checkpoint does not hold is refused with a message naming it."""
+    import lorax_cil
+    from lorax_cil.benchmarks.streams import build_cil_benchmark
+    from lorax_cil.benchmarks.transforms import TransformConfig
+    from lorax_cil.training.evaluate import load_trained
+    from lorax_cil.training.runner import predict_dataset
+
+    net, cfg, scenario, _ = load_trained(run_dir)
+    spec = net.backbone.spec
+    tcfg = TransformConfig(size=cfg.data.crop or spec.input_size, mean=spec.mean, std=spec.std)
+    bench = build_cil_benchmark(scenario, transform_config=tcfg, eval_split="val")
+    ds = bench.test_stream[1].dataset
+    paths = [s.path for s in bench.samples["test"][1]]
+    _, means, _ = predict_dataset(net, ds, batch_size=8, device=torch.device("cpu"))
+    net.readout = "head"
+    _, head, _ = predict_dataset(net, ds, batch_size=8, device=torch.device("cpu"))
+    assert not np.allclose(means, head)  # two different prediction rules
+
+    pred = lorax_cil.load(run_dir, device="cpu")
+    assert pred.readout == "ncm-frozen"
+    np.testing.assert_allclose(pred.predict_proba(paths), means, atol=1e-5)
+    pred.select_readout("head")
+    np.testing.assert_allclose(pred.predict_proba(paths), head, atol=1e-5)
+    assert pred.describe()["readout"] == "head"
+    assert pred.describe()["trained_readout"] == "ncm-frozen"
+    pred.select_readout("ncm-frozen")  # and back: the run's own rule and model id
+    np.testing.assert_allclose(pred.predict_proba(paths), means, atol=1e-5)
+    assert "@" not in pred.identity.model_id
+
+    code, out, err = _cli(capsys, "--model", run_dir, *paths, "--readout", "head", "--top-k", "4")
+    rows = _rows(out)
+    assert code == 0 and len(rows) == len(paths)
+    assert all(r["model_id"].endswith("@head") for r in rows)
+    np.testing.assert_allclose([float(r["top1_prob"]) for r in rows], head.max(1), atol=1e-5)
+    code, out, err = _cli(capsys, "--model", run_dir, paths[0], "--readout", "ncm")
+    assert code == 2 and out == "" and "read-out 'ncm' is not in this checkpoint" in err
+    assert "ncm-frozen class means" in err and "Traceback" not in err
+
+
 def test_predict_streams_lazily_and_keeps_input_order(run_dir):
     import lorax_cil
 
@@ -260,7 +302,8 @@ def test_model_card_has_the_required_sections(run_dir, tmp_path):
     for fact in ("`vit-test`", "weights tag", "`random`", manifest["listing_sha256"],
                  "evaluation split", "`val`", "exemplar memory", "4 images in total", "seed",
                  "epochs per task", "docs/metrics.md", "multi-real accuracy", "AA",
-                 "randomly initialised", "unseen generator"):
+                 "randomly initialised", "unseen generator", "`ncm-frozen`",
+                 "multi_real, linear head"):
         assert fact in card, fact
     from lorax_cil.detection.model import AdapterConfig, BackboneRecipe, Detector, save_detector
     from lorax_cil.training.model_card import write_model_card

@@ -11,6 +11,8 @@ import argparse
 import sys
 from typing import Any
 
+from lorax_cil.training.config import READOUTS
+
 __all__ = ["register", "cmd_predict"]
 
 
@@ -32,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, default=None,
                    help="decision threshold on the fake score (default: a detector's calibrated "
                         "threshold; 0.5 for runs, where it matches the argmax class)")
+    p.add_argument("--readout", default=None, choices=READOUTS,
+                   help="a run's read-out (default: the one it trained with); head reads the "
+                        "linear head of a run trained with class means")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2,
                    help="threads reading images ahead of the model (0: none; default: 2)")
@@ -82,6 +87,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _check_out(args.out, items, args.model)
     load_cli_plugins(args)
     predictor = load(args.model, device=args.device)
+    if args.readout is not None:
+        select = getattr(predictor, "select_readout", None)
+        if select is None:
+            raise ValueError(f"--readout {args.readout}: {args.model} is not a class-incremental "
+                             "run (a detector has one output)")
+        select(args.readout)
     header = predictor.describe()
     if args.threshold is not None:
         header.update(threshold=args.threshold, threshold_source="--threshold")

@@ -348,14 +348,22 @@ def print_run_report(run: Any, summary: dict[str, Any]) -> None:
     from lorax_cil.evaluation.reports import format_matrix
 
     names = run.scenario.task_names
+    readout = f", read-out {summary['readout']}" if summary.get("readout") else ""
     print(f"\n{summary['strategy']} on {summary['scenario']}: multi-real accuracy matrix "
-          "(row = after training task, column = evaluated task)")
+          f"(row = after training task, column = evaluated task{readout})")
     print(format_matrix(run.matrices["multi_real"].matrix, names, scale=100.0, floatfmt=".1f"))
-    print(f"AA {100 * summary['multi_real_aa']:.2f}  step-average "
-          f"{100 * summary['multi_real_step_average_accuracy']:.2f}  BWT "
-          f"{100 * summary['multi_real_bwt']:.2f}  forgetting "
-          f"{100 * summary['multi_real_forgetting']:.2f}  (multi-real, %)")
+    print(_headline(summary))
+    if summary.get("head_readout"):
+        print(f"read with the linear head (same passes, accuracy_multi_real-head.csv): "
+              f"{_headline(summary['head_readout'])}")
     print(f"outputs: {run.run_dir}", file=sys.stdout)
+
+
+def _headline(s: dict[str, Any]) -> str:
+    return (f"AA {100 * s['multi_real_aa']:.2f}  step-average "
+            f"{100 * s['multi_real_step_average_accuracy']:.2f}  BWT "
+            f"{100 * s['multi_real_bwt']:.2f}  forgetting "
+            f"{100 * s['multi_real_forgetting']:.2f}  (multi-real, %)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -398,8 +406,10 @@ def _rescore(args: argparse.Namespace) -> int:
     got = readout_matrices(args.run, args.rescore, data_path=args.data_path)
     names = got["task_names"]
     R = got["multi_real"]
-    print(f"multi-real accuracy (%) with the {args.rescore} read-out: row = after task, "
-          "column = evaluated task")
+    source = {"recorded": "recorded during training",
+              "checkpoints": "computed from the checkpoints and the data"}[got["source"]]
+    print(f"multi-real accuracy (%) with the {args.rescore} read-out ({source}): row = after "
+          "task, column = evaluated task")
     width = max(len(n) for n in names)
     print(" " * (width + 2) + "  ".join(f"{j:>6d}" for j in range(len(names))))
     for i, name in enumerate(names):
@@ -411,7 +421,7 @@ def _rescore(args: argparse.Namespace) -> int:
               f"forgetting {100 * sm['forgetting']:6.2f}")
     if args.out:
         write_json(args.out, {"run": str(args.run), "readout": args.rescore,
-                              "task_names": names, "summary": got["summary"],
+                              "source": got["source"], "task_names": names, "summary": got["summary"],
                               **{k: [[None if np.isnan(v) else float(v) for v in row]
                                      for row in got[k]] for k in ("multi_real", "binary", "strict")}})
     return 0

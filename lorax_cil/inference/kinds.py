@@ -14,6 +14,7 @@ Fake scores:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 from lorax_cil.inference.loading import RUN_KIND
 from lorax_cil.inference.predictor import ModelIdentity, Predictor
+from lorax_cil.training.config import READOUTS
 
 __all__ = ["RunPredictor", "DetectorPredictor", "config_hash", "run_dir_of", "eval_transform"]
 
@@ -90,7 +92,52 @@ class RunPredictor(Predictor):
                    device=device)
         pred.task_names = scenario.task_names[: n // 2]
         pred.class_is_fake = np.array(scenario.class_is_fake[:n], dtype=bool)
+        identity.details["readout"] = pred.readout
         return pred
+
+    @property
+    def readout(self) -> str:
+        """How the network reads its classes now: ``ncm`` or ``ncm-frozen`` (class means),
+        ``head`` otherwise (the linear head, or a baseline network's own output)."""
+        from lorax_cil.models.heads import NCMExpandableNet
+
+        net = self.model
+        if isinstance(net, NCMExpandableNet) and net.readout == "ncm":
+            return "ncm-frozen" if net.own_blocks else "ncm"
+        return "head"
+
+    def select_readout(self, readout: str) -> None:
+        """Predict with ``readout`` instead of the run's own: a run that reads by class means
+        (``train.readout=ncm`` / ``ncm-frozen``) also has its trained linear head, so ``head``
+        is always available; class means are available only in the kind the run computed.
+
+        Raises:
+            ValueError: ``readout`` unknown, or class means the checkpoint does not hold.
+        """
+        from lorax_cil.models.heads import NCMExpandableNet
+
+        if readout not in READOUTS:
+            raise ValueError(f"unknown read-out {readout!r}; choose from {', '.join(READOUTS)}")
+        net = self.model
+        if readout == "head":
+            if isinstance(net, NCMExpandableNet):
+                net.readout = "head"
+        elif not isinstance(net, NCMExpandableNet) or ("ncm-frozen" if net.own_blocks
+                                                        else "ncm") != readout:
+            have = "its linear head" if not isinstance(net, NCMExpandableNet) else \
+                f"its linear head and {'ncm-frozen' if net.own_blocks else 'ncm'} class means"
+            raise ValueError(f"{self.identity.path}: read-out {readout!r} is not in this "
+                             f"checkpoint (it holds {have}; class means are computed during "
+                             "training with train.readout)")
+        else:
+            net.readout = "ncm"
+        details = self.identity.details
+        trained = details.setdefault("trained_readout", details["readout"])
+        base = details.setdefault("trained_model_id", self.identity.model_id)
+        # every row names the read-out when it is not the run's own: another prediction rule
+        model_id = base if readout == trained else f"{base}@{readout}"
+        self.identity = dataclasses.replace(self.identity, model_id=model_id)
+        details["readout"] = self.readout
 
     def probabilities(self, batch: Any) -> np.ndarray:
         import torch

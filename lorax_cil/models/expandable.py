@@ -58,12 +58,16 @@ class ExpandableOutput:
         aux_loss: in training mode, the extractor's extra training loss (``"mole"``: the
             load-balancing losses of the trainable extractor, summed and already multiplied by
             ``MoleSpec.balance_weight``; add it to the training loss); otherwise ``None``.
+        head_logits: when ``logits`` come from another read-out (the class means of
+            :class:`~lorax_cil.models.heads.NCMExpandableNet`), the linear head's logits of the
+            same pass; otherwise ``None`` (``logits`` are the head's).
     """
 
     logits: torch.Tensor
     div_logits: torch.Tensor | None
     features: torch.Tensor
     aux_loss: torch.Tensor | None = None
+    head_logits: torch.Tensor | None = None
 
 
 class ExpandableNet(TaskClassCounts, nn.Module):

@@ -155,7 +155,7 @@ class NCMExpandableNet(ExpandableNet):
                                              self.num_extractors, self.readout_scale)
         else:
             logits = cosine_logits(out.features, self.prototypes, self.readout_scale)
-        return dataclasses.replace(out, logits=logits)
+        return dataclasses.replace(out, logits=logits, head_logits=out.logits)
 
     def learned_state_dict(self) -> dict[str, torch.Tensor]:
         sd = super().learned_state_dict()

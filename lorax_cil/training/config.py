@@ -133,9 +133,11 @@ class TrainConfig:
             concatenated features, kept after each task) or ``ncm-frozen`` (each class's
             mean on the feature blocks of its own time, never updated) for evaluation and
             prediction;
-            ``None``: the strategy's default, ``ncm-frozen`` for ``lorax``, ``lorax-deep`` and
-            ``lorax-mole`` (chosen by ``benchmarks/fewshot.py``, see docs/fewshot.md) and
-            ``head`` otherwise. ``head`` reproduces the official LoRAX.
+            ``None``: the strategy's default, ``ncm-frozen`` for ``lorax``, ``lorax-deep``,
+            ``lorax-mole`` and ``lorax-side`` (chosen by ``benchmarks/fewshot.py``, see
+            docs/fewshot.md) and ``head`` otherwise. ``head`` reproduces the official LoRAX.
+            With ``ncm`` / ``ncm-frozen`` the run records the linear head's matrices too
+            (``accuracy_<metric>-head.csv``, ``summary.json`` ``head_readout``).
         cache_trunk: compute the frozen trunk once per training image and task and train every
             epoch from the cached outputs (LoRAX family; refused when the training transform
             is random). Memory: one trunk output per training image.

@@ -126,17 +126,19 @@ def evaluate_run(
 
 
 def readout_matrices(run: str | Path, readout: str, *, data_path: str | Path | None = None,
-                     device: str = "cpu") -> dict[str, Any]:
+                     device: str = "cpu", recorded: bool = True) -> dict[str, Any]:
     """The accuracy matrices a finished run would have recorded with ``readout``, without
     training: ``ncm-frozen`` (:func:`ncm_frozen_matrices`) or ``head`` (:func:`head_matrices`).
 
     Returns ``{"multi_real" | "binary" | "strict": (T, T) array (NaN above the diagonal),
-    "summary": {kind: summarize_matrix(...)}, "task_names": [...]}``.
+    "summary": {kind: summarize_matrix(...)}, "task_names": [...], "source": ...}``;
+    ``source`` says where they come from: ``recorded`` (during training) or ``checkpoints``
+    (computed now from the checkpoints and the data).
     """
     if readout == "ncm-frozen":
         return ncm_frozen_matrices(run, data_path=data_path, device=device)
     if readout == "head":
-        return head_matrices(run, data_path=data_path, device=device)
+        return head_matrices(run, data_path=data_path, device=device, recorded=recorded)
     raise ValueError(f"readout must be one of {list(RESCORE_READOUTS)}, got {readout!r}")
 
 
@@ -158,14 +160,11 @@ def _rescore_data(run: str | Path, cfg: Any, sc: Any, net: Any,
                                    calib_fraction=d.calib_fraction, seed=cfg.train.seed)
 
 
-def _matrices(T: int, predict: Any, table: np.ndarray, names: Sequence[str]) -> dict[str, Any]:
-    """Matrices from ``predict(s, j) -> (pred, labels)`` (row ``s``: after task ``s``)."""
-    from lorax_cil.evaluation.metrics import (
-        binary_correct,
-        multi_real_correct,
-        strict_correct,
-        summarize_matrix,
-    )
+def _matrices(T: int, predict: Any, table: np.ndarray, names: Sequence[str],
+              bench: Any) -> dict[str, Any]:
+    """Matrices from ``predict(s, j) -> (pred, labels)`` over the test stream of ``bench``
+    (row ``s``: after task ``s``); files that failed to decode are left out, as in training."""
+    from lorax_cil.evaluation.metrics import binary_correct, multi_real_correct, strict_correct
 
     rules = {"multi_real": multi_real_correct, "binary": binary_correct,
              "strict": strict_correct}
@@ -173,26 +172,57 @@ def _matrices(T: int, predict: Any, table: np.ndarray, names: Sequence[str]) -> 
     for s in range(T):
         for j in range(s + 1):
             pred, labels = predict(s, j)
+            bench.issues.collect()  # a file fails to decode when it is read: after predict
+            bad = bench.issues.substituted_files
+            keep = np.array([x.path not in bad for x in bench.samples["test"][j]], dtype=bool)
+            pred, labels = pred[keep], labels[keep]
             for kind, rule in rules.items():
                 R[kind][s, j] = float(np.mean(rule(pred, labels, table)))
-    return {**R, "summary": {kind: summarize_matrix(R[kind]) for kind in rules},
-            "task_names": list(names[:T])}
+    return _result(R, names[:T], "checkpoints")
+
+
+def _result(R: dict[str, np.ndarray], names: Sequence[str], source: str) -> dict[str, Any]:
+    from lorax_cil.evaluation.metrics import summarize_matrix
+
+    return {**R, "summary": {kind: summarize_matrix(m) for kind, m in R.items()},
+            "task_names": list(names), "source": source}
+
+
+def _recorded_head(meta: dict[str, Any], net: Any) -> dict[str, np.ndarray] | None:
+    """The head's matrices a run that reads by class means recorded beside its own while
+    training (``None`` for other runs, and for runs resumed from a checkpoint without them)."""
+    from lorax_cil.models.heads import NCMExpandableNet
+
+    rows = meta.get("head_matrices")
+    if not rows or not isinstance(net, NCMExpandableNet):
+        return None
+    k = int(meta["completed_tasks"])
+    return {kind: np.array([[np.nan if v is None else v for v in r] for r in rows[kind]],
+                           dtype=float)[:k, :k] for kind in ("multi_real", "binary", "strict")}
 
 
 def head_matrices(run: str | Path, *, data_path: str | Path | None = None,
-                  device: str = "cpu") -> dict[str, Any]:
-    """The accuracy matrices of ``run`` read with its linear head, from the checkpoint written
-    after every task (``train.checkpoint_every_task``, the default): row ``s`` is the network
-    of checkpoint ``s`` with its head read (an NCM read-out set aside), so a run trained with
-    ``ncm-frozen`` or ``ncm`` is read the official way on the same training. Exact: each
-    checkpoint holds the head as it was after its task."""
+                  device: str = "cpu", recorded: bool = True) -> dict[str, Any]:
+    """The accuracy matrices of ``run`` read with its linear head.
+
+    With ``recorded`` and no ``data_path``, a run that reads by class means gives the head's
+    matrices it recorded beside its own while training, from the same passes. Otherwise, or
+    for a run that did not record them, they are computed from the checkpoint written after every task
+    (``train.checkpoint_every_task``, the default): row ``s`` is the network of checkpoint
+    ``s`` with its head read (an NCM read-out set aside), so a run trained with ``ncm-frozen``
+    or ``ncm`` is read the official way on the same training. Exact: each checkpoint holds the
+    head as it was after its task."""
     import torch
 
     from lorax_cil.models.heads import NCMExpandableNet
     from lorax_cil.training.runner import predict_dataset
 
-    net, cfg, sc, _ = load_trained(run, device=device)
+    net, cfg, sc, meta = load_trained(run, device=device)
     T = net.num_tasks
+    if recorded and data_path is None:
+        R = _recorded_head(meta, net)
+        if R is not None:
+            return _result(R, sc.task_names[:T], "recorded")
     folders = [Path(run) / "checkpoints" / f"exp_{s:03d}" for s in range(T)]
     missing = [f.name for f in folders if not (f / "meta.json").is_file()]
     if missing:
@@ -214,7 +244,7 @@ def head_matrices(run: str | Path, *, data_path: str | Path | None = None,
                                           device=torch.device(device))
         return pred, labels
 
-    return _matrices(T, predict, table, sc.task_names)
+    return _matrices(T, predict, table, sc.task_names, bench)
 
 
 def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
@@ -272,4 +302,4 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
         scores, labels = scored[j]
         return scores[:, : int(offsets[s + 1])].argmax(1).numpy(), labels
 
-    return _matrices(T, predict, table, sc.task_names)
+    return _matrices(T, predict, table, sc.task_names, bench)

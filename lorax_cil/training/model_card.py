@@ -148,6 +148,10 @@ def _run_model_section(cfg: Mapping, ck: Mapping, summary: Mapping, weights_tag:
         ("per-task extractor", f"{lora}; adapted blocks: {m.get('adapt_blocks') or 'all'}"),
         ("classes", f"{2 * (summary.get('completed_tasks') or 0)}: `<task>/real`, "
                     "`<task>/fake` per trained task"),
+        *([("read-out", f"`{t.get('readout')}`"
+                        + (" (class means; `predict --readout head` reads the trained linear "
+                           "head)" if summary.get("head_readout") else ""))]
+          if t.get("readout") else []),
         ("parameters", f"{params.get('trainable', '?')} trainable, "
                        f"{params.get('total_stored', '?')} stored"),
         ("checkpoint", f"`checkpoints/{ck['_folder']}` (safetensors + JSON, format version "
@@ -181,6 +185,12 @@ def _run_metrics_section(summary: Mapping, steps: list[Mapping]) -> str:
     rows = [(kind, *[format_value(summary.get(f"{kind}_{k}"), pct=True)
                      for k in ("aa", "step_average_accuracy", "bwt", "forgetting")])
             for kind in ("multi_real", "binary", "strict")]
+    head = summary.get("head_readout")
+    if head:  # the linear head, read in the same passes
+        rows.append(("multi_real, linear head", *[format_value(head.get(f"multi_real_{k}"),
+                                                               pct=True)
+                                                  for k in ("aa", "step_average_accuracy", "bwt",
+                                                            "forgetting")]))
     out = ("## Metrics\n\nAfter the last completed task "
            f"({summary.get('completed_tasks')} of {len(summary.get('task_order', []))}), on the "
            f"`{summary.get('eval_split')}` split:\n\n"

@@ -6,6 +6,9 @@ Run directory::
     data_manifest.json       the data the run used (counts, listing hash, data issues)
     steps.jsonl              one JSON record per completed task (with per-epoch loss and time)
     accuracy_<metric>.csv    accuracy matrices (multi_real, binary, strict) and ap.csv
+    accuracy_<metric>-head.csv, ap-head.csv
+                             the linear head's matrices, from the same passes, when the run
+                             reads by class means (train.readout ncm / ncm-frozen)
     summary.json             AA, step-average accuracy, BWT, forgetting, parameters, time
     accuracy_matrix.png, accuracy_over_steps.png
     checkpoints/exp_NNN/     tensors.safetensors + meta.json after every task
@@ -113,11 +116,34 @@ def build_network(cfg: RunConfig, backbone: Any):
     return build_expandable_net(cfg.train.readout, **kwargs)
 
 
+@dataclass
+class DatasetScores:
+    """Class probabilities of one pass over a dataset (:func:`score_dataset`).
+
+    Attributes:
+        probs: ``(N, num_classes)`` softmax of the network's logits (its read-out).
+        labels: ``(N,)`` true labels.
+        head_probs: the linear head's probabilities of the same pass when the network reads
+            another way (:attr:`ExpandableOutput.head_logits`); ``None`` otherwise.
+    """
+
+    probs: np.ndarray
+    labels: np.ndarray
+    head_probs: np.ndarray | None = None
+
+    @property
+    def pred(self) -> np.ndarray:
+        return self.probs.argmax(1) if self.probs.size else np.zeros(0, dtype=np.int64)
+
+    @property
+    def head_pred(self) -> np.ndarray | None:
+        return None if self.head_probs is None else self.head_probs.argmax(1)
+
+
 @torch.no_grad()
-def predict_dataset(net: Any, dataset: Any, *, batch_size: int, device: torch.device,
-                    num_workers: int = 0,
-                    sharded: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Predicted classes, class probabilities and true labels over an avalanche dataset.
+def score_dataset(net: Any, dataset: Any, *, batch_size: int, device: torch.device,
+                  num_workers: int = 0, sharded: bool = False) -> DatasetScores:
+    """Class probabilities and true labels over an avalanche dataset, in dataset order.
 
     With ``sharded`` under ``torchrun``, each rank scores one contiguous part of the dataset and
     every rank receives all results in dataset order, each sample exactly once.
@@ -128,20 +154,43 @@ def predict_dataset(net: Any, dataset: Any, *, batch_size: int, device: torch.de
     n = len(dataset)
     start, stop = dist.shard_bounds(n) if sharded else (0, n)
     part = dataset if (start, stop) == (0, n) else dataset.subset(range(start, stop))
-    probs, labels = [], []
+    forward_all = getattr(net, "forward_all", None)
+    probs, head, labels = [], [], []
     if len(part):
         loader = DataLoader(part.eval(), batch_size=batch_size, shuffle=False,
                             num_workers=num_workers, collate_fn=getattr(part, "collate_fn", None))
         for batch in loader:
-            logits = net(batch[0].to(device)).float()
-            probs.append(torch.softmax(logits, dim=1).cpu())
+            x = batch[0].to(device)
+            if forward_all is None:
+                logits, head_logits = net(x), None
+            else:
+                out = forward_all(x)
+                logits, head_logits = out.logits, out.head_logits
+            probs.append(torch.softmax(logits.float(), dim=1).cpu())
+            if head_logits is not None:
+                head.append(torch.softmax(head_logits.float(), dim=1).cpu())
             labels.append(torch.as_tensor(batch[1]))
-    p = torch.cat(probs).numpy() if probs else np.zeros((0, 0), dtype=np.float32)
+    empty = np.zeros((0, 0), dtype=np.float32)
+    p = torch.cat(probs).numpy() if probs else empty
+    h = torch.cat(head).numpy() if head else None
     y = torch.cat(labels).numpy() if labels else np.zeros(0, dtype=np.int64)
     if sharded and dist.is_distributed():
-        rows, ys = dist.gather_ordered(n, start, [list(p), list(y)])
+        # per item: the head's row, or None from a network without one (every rank has the
+        # same network; a rank with an empty shard contributes no item either way)
+        rows, ys, heads = dist.gather_ordered(
+            n, start, [list(p), list(y), list(h) if h is not None else [None] * len(y)])
         p, y = np.stack(rows).astype(np.float32), np.asarray(ys)
-    return p.argmax(1), p, y
+        h = None if not heads or any(r is None for r in heads) else np.stack(heads).astype(np.float32)
+    return DatasetScores(probs=p, labels=y, head_probs=h)
+
+
+def predict_dataset(net: Any, dataset: Any, *, batch_size: int, device: torch.device,
+                    num_workers: int = 0,
+                    sharded: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(predicted classes, class probabilities, true labels)`` of :func:`score_dataset`."""
+    s = score_dataset(net, dataset, batch_size=batch_size, device=device,
+                      num_workers=num_workers, sharded=sharded)
+    return s.pred, s.probs, s.labels
 
 
 @dataclass
@@ -216,6 +265,11 @@ class Run:
         self.net = None
         self.strategy = None
         self.matrices: dict[str, Any] = {}
+        #: the linear head's matrices, recorded beside :attr:`matrices` when the network reads
+        #: by class means (``train.readout=ncm`` / ``ncm-frozen``; the head trains either way
+        #: and one pass gives both); ``None`` otherwise, or when a resumed run's checkpoint did
+        #: not record them from its first task
+        self.head_matrices: dict[str, Any] | None = None
         self.steps: list[dict[str, Any]] = []
 
     # --- construction ----------------------------------------------------------------------
@@ -224,6 +278,7 @@ class Run:
         from lorax_cil.benchmarks.streams import build_cil_benchmark
         from lorax_cil.benchmarks.transforms import TransformConfig
         from lorax_cil.evaluation.metrics import AccuracyMatrix
+        from lorax_cil.models.heads import NCMExpandableNet
         from lorax_cil.training.progress import EpochProgress
         from lorax_cil.training.registry import get_strategy
 
@@ -272,6 +327,9 @@ class Run:
             enable_trunk_cache(self.strategy, self.bench)
         names = scenario.task_names
         self.matrices = {m: AccuracyMatrix(len(names), task_names=names) for m in METRICS}
+        if isinstance(self.net, NCMExpandableNet):
+            self.head_matrices = {m: AccuracyMatrix(len(names), task_names=names)
+                                  for m in METRICS}
 
     # --- the loop --------------------------------------------------------------------------
     @property
@@ -391,17 +449,27 @@ class Run:
         table = np.array(self.scenario.class_is_fake[: self.net.num_classes])
         for i in range(j + 1):
             ds = self.bench.test_stream[i].dataset
-            pred, probs, labels = predict_dataset(self.net, ds,
-                                                  batch_size=self.cfg.train.eval_batch_size,
-                                                  device=self.device,
-                                                  num_workers=self.cfg.train.num_workers,
-                                                  sharded=True)
+            scores = score_dataset(self.net, ds, batch_size=self.cfg.train.eval_batch_size,
+                                   device=self.device, num_workers=self.cfg.train.num_workers,
+                                   sharded=True)
             keep = self.decoded_mask("test", i)
-            pred, probs, labels = pred[keep], probs[keep], labels[keep]
+            labels = scores.labels[keep]
             tasks = np.full(labels.shape, i)
-            res = evaluate_predictions(pred, labels, probs, tasks, table[labels], table)[i]
+
+            def rates(probs: np.ndarray) -> dict[str, float]:
+                probs = probs[keep]
+                return evaluate_predictions(probs.argmax(1), labels, probs, tasks,
+                                            table[labels], table)[i]
+
+            res = rates(scores.probs)
             for m in METRICS:
                 self.matrices[m].set(j, i, res[m])
+            if self.head_matrices is not None:
+                if scores.head_probs is None:
+                    raise RuntimeError("the network gave no linear-head scores to record")
+                head = rates(scores.head_probs)
+                for m in METRICS:
+                    self.head_matrices[m].set(j, i, head[m])
             out[self.scenario.task_names[i]] = res
         return out
 
@@ -451,6 +519,8 @@ class Run:
                           "".join(json.dumps(s, sort_keys=True) + "\n" for s in self.steps))
         for m, mat in self.matrices.items():
             mat.to_csv(self.run_dir / ("ap.csv" if m == "ap" else f"accuracy_{m}.csv"))
+        for m, mat in (self.head_matrices or {}).items():
+            mat.to_csv(self.run_dir / ("ap-head.csv" if m == "ap" else f"accuracy_{m}-head.csv"))
 
     def summary(self) -> dict[str, Any]:
         """AA, step-average accuracy, BWT and forgetting for every accuracy type, and costs."""
@@ -469,9 +539,14 @@ class Run:
             "effective_batch_size": self.cfg.train.batch_size,
             "memory_exemplars": self.steps[-1].get("memory_exemplars") if self.steps else None,
         }
+        out["readout"] = self.cfg.train.readout
         for m in ("multi_real", "binary", "strict"):
             for k, v in self.matrices[m].summary().items():
                 out[f"{m}_{k}"] = v
+        if self.head_matrices is not None:
+            # the same keys for the linear head, read in the same passes
+            out["head_readout"] = {f"{m}_{k}": v for m in ("multi_real", "binary", "strict")
+                                   for k, v in self.head_matrices[m].summary().items()}
         if self.steps:
             params = self.steps[-1]["parameters"]
             out["parameters"] = params
@@ -523,6 +598,8 @@ class Run:
             "memory": self.strategy.memory.state(self.bench.paths_of),
             "steps": self.steps,
             "matrices": {m: _nan_to_none(mat.matrix) for m, mat in self.matrices.items()},
+            "head_matrices": None if self.head_matrices is None else
+            {m: _nan_to_none(mat.matrix) for m, mat in self.head_matrices.items()},
             "config": self.cfg.to_dict(),
             # Randomness is re-seeded at the start of every task from (seed, task index), so
             # the next task's RNG state is fully determined by these two numbers.
@@ -549,11 +626,15 @@ class Run:
         self.net.to(self.device)
         k = meta["completed_tasks"]
         self.steps = list(meta["steps"])
-        for m, rows in meta["matrices"].items():
-            arr = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
-            for j in range(k):
-                for i in range(j + 1):
-                    self.matrices[m].set(j, i, arr[j, i])
+        _restore_matrices(self.matrices, meta["matrices"], k)
+        if self.head_matrices is not None:
+            recorded = meta.get("head_matrices")
+            if recorded:
+                _restore_matrices(self.head_matrices, recorded, k)
+            else:  # a checkpoint written before the head was recorded: rows 0..k-1 are lost
+                self.head_matrices = None
+                self.progress("  the checkpoint has no linear-head matrices: this run records "
+                              "only its read-out's (train.readout)")
         by_class = {}
         for t in range(k):
             ds = self.bench.train_stream[t].dataset
@@ -565,6 +646,15 @@ class Run:
         if clock is not None:  # logged iteration numbers continue where the run stopped
             clock.train_iterations = sum(e.get("batches", 0) for s in self.steps
                                          for e in s.get("epochs") or ())
+
+
+def _restore_matrices(matrices: Mapping[str, Any], recorded: Mapping[str, Any], k: int) -> None:
+    """Rows ``0..k-1`` of checkpointed matrices (``None`` for NaN) into ``matrices``."""
+    for m, rows in recorded.items():
+        arr = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
+        for j in range(k):
+            for i in range(j + 1):
+                matrices[m].set(j, i, arr[j, i])
 
 
 def _check_distributed_strategy(name: str, strategy: Any) -> None:

@@ -54,6 +54,9 @@ TABLE_METRICS: tuple[tuple[str, str, float, str], ...] = (
     ("forgetting", "forgetting %", 100.0, ".2f"),
     ("binary", "final binary acc %", 100.0, ".2f"),
     ("strict", "final strict acc %", 100.0, ".2f"),
+    # runs that read by class means (train.readout ncm / ncm-frozen) read with their linear head
+    ("head_aa", "AA, linear head %", 100.0, ".2f"),
+    ("head_bwt", "BWT, linear head %", 100.0, ".2f"),
     ("trainable_params", "trainable params/task", 1.0, ",.0f"),
     ("stored_params", "total stored params", 1.0, ",.0f"),
     ("exemplars", "exemplars", 1.0, ".0f"),
@@ -380,6 +383,7 @@ def _collect(cfg: RunConfig, run_dir: Path, images: Any) -> tuple[dict[str, Any]
              (run_dir / "steps.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     R = AccuracyMatrix.from_csv(run_dir / "accuracy_multi_real.csv").matrix
     params = summary.get("parameters", {})
+    head = summary.get("head_readout") or {}  # n/a: a run that reads with its head, or a baseline
     device = resolve_device(cfg.train.device)
     net = load_trained(run_dir, device=str(device))[0]
     ms = inference_ms_per_image(net, images, batch_size=cfg.train.eval_batch_size, device=device)
@@ -390,6 +394,7 @@ def _collect(cfg: RunConfig, run_dir: Path, images: Any) -> tuple[dict[str, Any]
         "bwt": summary["multi_real_bwt"], "forgetting": summary["multi_real_forgetting"],
         "binary": summary["binary_aa"],
         "strict": summary.get("strict_aa"),  # absent: n/a (a summary written before it existed)
+        "head_aa": head.get("multi_real_aa"), "head_bwt": head.get("multi_real_bwt"),
         "trainable_params": params.get("trainable", float("nan")),
         "stored_params": params.get("total_stored", float("nan")),
         "exemplars": sum(int(v) for v in steps[-1]["memory_per_class"].values()),

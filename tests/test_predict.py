@@ -278,6 +278,8 @@ def test_detector_folder_uses_its_calibrated_threshold(tmp_path, images, capsys)
     assert rows[0]["p_fake"] == pytest.approx(float(det.predict_proba(x)[0]), abs=1e-6)
     code, out, _ = _cli(capsys, "--model", tmp_path / "det", images / "a.png")
     assert code == 0 and _rows(out)[0]["threshold"] == "0.420000"
+    code, out, err = _cli(capsys, "--model", tmp_path / "det", images / "a.png", "--readout", "head")
+    assert code == 2 and out == "" and "--readout head" in err and "detector" in err
 
 
 def test_merge_results_and_unknown_kinds_are_refused_clearly(tmp_path):

@@ -71,10 +71,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="train.min_steps_per_task: raise a task's epochs until it trains this many "
                         "optimizer steps (default 0: the epoch count alone, as the tables below "
                         "were made)")
-    p.add_argument("--readout", choices=READOUTS, default="head",
-                   help="train.readout of the LoRAX-family strategies (default head: the linear "
-                        "head, as the tables below were made; ncm-frozen: the lorax default, see "
-                        "docs/fewshot.md)")
+    p.add_argument("--readout", choices=READOUTS, default=None,
+                   help="train.readout of the LoRAX-family strategies (default: each one's own, "
+                        "ncm-frozen for lorax; a run that reads by class means also records its "
+                        "linear head, shown as a second row)")
     p.add_argument("--memory-size", type=int, default=None,
                    help="exemplar budget (default: --memory-fraction of the training images)")
     p.add_argument("--memory-fraction", type=float, default=0.03,
@@ -264,25 +264,32 @@ def _compare(results: dict, matrices: dict, out: Path, args: argparse.Namespace,
     from lorax_cil.evaluation.reports import to_markdown
     from lorax_cil.utils import atomic_write_text
 
+    def row(name: str, s: dict, params: Any, seconds: float) -> dict[str, Any]:
+        return {"strategy": name,
+                "AA (multi-real %)": 100 * s["multi_real_aa"],
+                "step-avg %": 100 * s["multi_real_step_average_accuracy"],
+                "BWT %": 100 * s["multi_real_bwt"],
+                "forgetting %": 100 * s["multi_real_forgetting"],
+                "binary AA %": 100 * s["binary_aa"],
+                "trainable params/task": params, "train s": seconds}
+
     rows = []
     for name, s in results.items():
-        rows.append({
-            "strategy": name,
-            "AA (multi-real %)": 100 * s["multi_real_aa"],
-            "step-avg %": 100 * s["multi_real_step_average_accuracy"],
-            "BWT %": 100 * s["multi_real_bwt"],
-            "forgetting %": 100 * s["multi_real_forgetting"],
-            "binary AA %": 100 * s["binary_aa"],
-            "trainable params/task": s["parameters"]["trainable_extractor"],
-            "train s": s["train_seconds"],
-        })
+        params = s["parameters"]["trainable_extractor"]
+        readout = f" [{s['readout']}]" if s.get("head_readout") else ""
+        rows.append(row(name + readout, s, params, s["train_seconds"]))
+        if s.get("head_readout"):  # the same run read with its linear head: no training of its own
+            rows.append(row(f"{name} [linear head]", s["head_readout"], params, float("nan")))
     df = pd.DataFrame(rows).set_index("strategy")
     k = args.adapt_blocks
     caption = (f"{args.scenario}, backbone {args.backbone} at {args.size} px "
                f"({f'last {k} blocks adapted' if k else 'all blocks adapted'}), "
                f"{args.per_class} train images per class and task, "
                f"memory {args.memory_size_resolved} (fine-tuning: 0; simplecil: none), "
-               f"{args.epochs} epochs/task, eval split val, seed {args.seed}")
+               f"{args.epochs} epochs/task, eval split val, seed {args.seed}"
+               + ("; a [linear head] row is the run above it read with its trained linear head, "
+                  "from the same evaluation passes" if any(s.get("head_readout")
+                                                         for s in results.values()) else ""))
     table = to_markdown(df, floatfmt=".2f")
     print(f"\n[demo] summary ({caption})\n{table}")
     atomic_write_text(out / "summary.md", f"{caption}\n\n{table}\n")

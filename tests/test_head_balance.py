@@ -298,6 +298,20 @@ def test_class_mean_runs_record_the_linear_head_from_the_same_passes(data_root, 
     csv = AccuracyMatrix.from_csv(run.run_dir / "accuracy_multi_real-head.csv").matrix
     np.testing.assert_allclose(csv, after["multi_real"], atol=1e-12)
     assert (run.run_dir / "ap-head.csv").is_file()
+    # eval --readout head: the final model read with its head gives the recorded last row
+    from lorax_cil.cli import main
+    from lorax_cil.models.heads import READOUT_KINDS
+    from lorax_cil.training.config import READOUTS
+    from lorax_cil.training.evaluate import evaluate_run
+
+    assert READOUT_KINDS == READOUTS
+    got = evaluate_run(run.run_dir, readout="head")
+    assert got["readout"] == "head" and evaluate_run(run.run_dir)["readout"] == "ncm-frozen"
+    for i, name in enumerate(["a", "b"]):
+        assert got["per_task"][name]["multi_real"] == pytest.approx(
+            run.head_matrices["multi_real"].matrix[1, i], abs=1e-12)
+    assert main(["eval", "--run", str(run.run_dir), "--readout", "ncm"]) == 2
+    assert main(["eval", "--run", str(run.run_dir), "--rescore", "head", "--readout", "head"]) == 2
     # interrupted after the first task and resumed: the same head matrices
     part = tiny_run(data_root, tmp_path / "part", readout="ncm-frozen", memory_size=4)
     part.train(stop_after=1)

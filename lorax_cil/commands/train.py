@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lorax_cil.training.config import RESCORE_READOUTS  # torch-free
+from lorax_cil.training.config import READOUTS, RESCORE_READOUTS  # torch-free
 
 __all__ = ["register", "config_from_args", "explicit_settings", "parse_set"]
 
@@ -147,6 +147,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "read-out, whichever it trained with (exact, no training: ncm-frozen "
                         "from the last checkpoint and the training data, head from the "
                         "checkpoint of every task; --data-path if the data moved)")
+    e.add_argument("--readout", choices=READOUTS, default=None,
+                   help="read the classes this way instead of the run's own (head: the linear "
+                        "head of a run that reads by class means)")
     add_plugin_flag(e)
     e.set_defaults(func=cmd_eval)
 
@@ -373,7 +376,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.rescore:
         return _rescore(args)
     result = evaluate_run(args.run, scenario=args.scenario, data_path=args.data_path,
-                          tasks=args.tasks, eval_split=args.eval_split, out=args.out)
+                          tasks=args.tasks, eval_split=args.eval_split, out=args.out,
+                          readout=args.readout)
+    print(f"read-out: {result['readout']}")
     for task, r in result["per_task"].items():
         print(f"{task:<24} multi-real {100 * r['multi_real']:6.2f}  binary "
               f"{100 * r['binary']:6.2f}  strict {100 * r['strict']:6.2f}  AP {r['ap']:.3f}  "
@@ -399,10 +404,11 @@ def _rescore(args: argparse.Namespace) -> int:
     from lorax_cil.utils import write_json
 
     other = [f for f, v in (("--scenario", args.scenario), ("--tasks", args.tasks),
-                            ("--eval-split", args.eval_split)) if v]
+                            ("--eval-split", args.eval_split), ("--readout", args.readout)) if v]
     if other:
-        raise UserError(f"--rescore reads the run on its own tasks and evaluation split; "
-                        f"{', '.join(other)} cannot be used with it (--data-path can)")
+        raise UserError(f"--rescore names the read-out and reads the run on its own tasks and "
+                        f"evaluation split; {', '.join(other)} cannot be used with it "
+                        "(--data-path can)")
     got = readout_matrices(args.run, args.rescore, data_path=args.data_path)
     names = got["task_names"]
     R = got["multi_real"]

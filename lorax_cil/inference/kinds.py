@@ -24,7 +24,6 @@ import numpy as np
 
 from lorax_cil.inference.loading import RUN_KIND
 from lorax_cil.inference.predictor import ModelIdentity, Predictor
-from lorax_cil.training.config import READOUTS
 
 __all__ = ["RunPredictor", "DetectorPredictor", "config_hash", "run_dir_of", "eval_transform"]
 
@@ -97,40 +96,22 @@ class RunPredictor(Predictor):
 
     @property
     def readout(self) -> str:
-        """How the network reads its classes now: ``ncm`` or ``ncm-frozen`` (class means),
-        ``head`` otherwise (the linear head, or a baseline network's own output)."""
-        from lorax_cil.models.heads import NCMExpandableNet
+        """How the network reads its classes now (:func:`~lorax_cil.models.heads.current_readout`)."""
+        from lorax_cil.models.heads import current_readout
 
-        net = self.model
-        if isinstance(net, NCMExpandableNet) and net.readout == "ncm":
-            return "ncm-frozen" if net.own_blocks else "ncm"
-        return "head"
+        return current_readout(self.model)
 
     def select_readout(self, readout: str) -> None:
         """Predict with ``readout`` instead of the run's own: a run that reads by class means
         (``train.readout=ncm`` / ``ncm-frozen``) also has its trained linear head, so ``head``
-        is always available; class means are available only in the kind the run computed.
+        is always available; class means only in the kind the run computed.
 
         Raises:
             ValueError: ``readout`` unknown, or class means the checkpoint does not hold.
         """
-        from lorax_cil.models.heads import NCMExpandableNet
+        from lorax_cil.models.heads import use_readout
 
-        if readout not in READOUTS:
-            raise ValueError(f"unknown read-out {readout!r}; choose from {', '.join(READOUTS)}")
-        net = self.model
-        if readout == "head":
-            if isinstance(net, NCMExpandableNet):
-                net.readout = "head"
-        elif not isinstance(net, NCMExpandableNet) or ("ncm-frozen" if net.own_blocks
-                                                        else "ncm") != readout:
-            have = "its linear head" if not isinstance(net, NCMExpandableNet) else \
-                f"its linear head and {'ncm-frozen' if net.own_blocks else 'ncm'} class means"
-            raise ValueError(f"{self.identity.path}: read-out {readout!r} is not in this "
-                             f"checkpoint (it holds {have}; class means are computed during "
-                             "training with train.readout)")
-        else:
-            net.readout = "ncm"
+        use_readout(self.model, readout, where=str(self.identity.path))
         details = self.identity.details
         trained = details.setdefault("trained_readout", details["readout"])
         base = details.setdefault("trained_model_id", self.identity.model_id)

@@ -31,7 +31,8 @@ from torch import nn
 from lorax_cil.models.expandable import ExpandableNet, ExpandableOutput
 
 __all__ = ["weight_align", "set_prototype_rows", "cosine_logits", "blockwise_cosine_logits",
-           "NCMExpandableNet", "build_expandable_net"]
+           "NCMExpandableNet", "build_expandable_net", "READOUT_KINDS", "current_readout",
+           "use_readout"]
 
 READOUT_KEY = "readout.prototypes"
 
@@ -174,6 +175,43 @@ class NCMExpandableNet(ExpandableNet):
         record["readout"] = {"kind": "ncm-frozen" if self.own_blocks else "ncm",
                              "scale": self.readout_scale}
         return record
+
+
+#: the read-outs an expandable network can have (``train.readout``; the same tuple as the
+#: torch-free ``lorax_cil.training.config.READOUTS`` the CLI lists)
+READOUT_KINDS = ("head", "ncm", "ncm-frozen")
+
+
+def current_readout(net: Any) -> str:
+    """How ``net`` reads its classes now: ``ncm`` / ``ncm-frozen`` (class means of an
+    :class:`NCMExpandableNet`), ``head`` otherwise (the linear head, or a baseline's output)."""
+    if isinstance(net, NCMExpandableNet) and net.readout == "ncm":
+        return "ncm-frozen" if net.own_blocks else "ncm"
+    return "head"
+
+
+def use_readout(net: Any, readout: str, *, where: str = "the network") -> None:
+    """Make ``net`` read its classes with ``readout``: ``head`` is always there (a network
+    that reads by class means also has its trained linear head); ``ncm`` / ``ncm-frozen`` only
+    in the kind of class means the network holds (they are computed during training).
+
+    Raises:
+        ValueError: an unknown read-out, or class means ``net`` does not hold (the message
+            names ``where`` and what it holds).
+    """
+    if readout not in READOUT_KINDS:
+        raise ValueError(f"unknown read-out {readout!r}; choose from {', '.join(READOUT_KINDS)}")
+    ncm = isinstance(net, NCMExpandableNet)
+    if readout == "head":
+        if ncm:
+            net.readout = "head"
+        return
+    held = ("ncm-frozen" if net.own_blocks else "ncm") if ncm else None
+    if held != readout:
+        have = f"its linear head and {held} class means" if held else "its linear head"
+        raise ValueError(f"{where}: read-out {readout!r} is not in this checkpoint (it holds "
+                         f"{have}; class means are computed during training with train.readout)")
+    net.readout = "ncm"
 
 
 def build_expandable_net(readout: str | None, **kwargs: Any) -> ExpandableNet:

@@ -47,12 +47,15 @@ def evaluate_run(
     eval_split: str | None = None,
     out: str | Path | None = None,
     device: str = "cpu",
+    readout: str | None = None,
 ) -> dict[str, Any]:
     """Per-task accuracies and AP of a trained run on a scenario's evaluation split.
 
     Tasks are matched to the trained ones by name. A task the run never trained on has no
     attribution class of its own: its multi-real and strict accuracies are NaN and only binary
-    accuracy (real vs any fake class) and AP are reported.
+    accuracy (real vs any fake class) and AP are reported. ``readout``: read the classes this
+    way instead of the run's own (:func:`~lorax_cil.models.heads.use_readout`: ``head`` for a
+    run that reads by class means).
     """
     import torch
 
@@ -65,10 +68,13 @@ def evaluate_run(
         evaluate_predictions,
         fakeness_score,
     )
+    from lorax_cil.models.heads import current_readout, use_readout
     from lorax_cil.training.runner import predict_dataset
     from lorax_cil.utils import write_json
 
     net, cfg, trained, _ = load_trained(run, device=device)
+    if readout is not None:
+        use_readout(net, readout, where=f"run {run}")
     if scenario is None and (data_path is not None or tasks):
         # The run's own tasks, read from the folder given: never silently its original data.
         scenario = trained.name
@@ -112,6 +118,7 @@ def evaluate_run(
         "run": str(run),
         "scenario": sc.name,
         "eval_split": split,
+        "readout": current_readout(net),
         "per_task": per_task,
         "completed_tasks": net.num_classes // 2,
         "data_path": None if data_path is None else str(data_path),
@@ -214,7 +221,7 @@ def head_matrices(run: str | Path, *, data_path: str | Path | None = None,
     head as it was after its task."""
     import torch
 
-    from lorax_cil.models.heads import NCMExpandableNet
+    from lorax_cil.models.heads import use_readout
     from lorax_cil.training.runner import predict_dataset
 
     net, cfg, sc, meta = load_trained(run, device=device)
@@ -236,8 +243,7 @@ def head_matrices(run: str | Path, *, data_path: str | Path | None = None,
     def predict(s: int, j: int) -> tuple[np.ndarray, np.ndarray]:
         if state["step"] != s:
             step_net = load_trained(folders[s], device=device)[0]
-            if isinstance(step_net, NCMExpandableNet):
-                step_net.readout = "head"
+            use_readout(step_net, "head")
             state.update(step=s, net=step_net)
         pred, _, labels = predict_dataset(state["net"], bench.test_stream[j].dataset,
                                           batch_size=cfg.train.eval_batch_size,

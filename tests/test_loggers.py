@@ -71,6 +71,12 @@ def test_tensorboard_events_and_csv_read_back(data_root, tmp_path):
         assert [e.step for e in events] == list(range(i, 2))
         np.testing.assert_allclose([e.value for e in events], R[i:, i], rtol=1e-6)
     assert [e.step for e in acc.Scalars("AA/multi_real")] == [0, 1]
+    # lorax reads by ncm-frozen class means: the linear head's matrix is logged beside it
+    H = np.genfromtxt(out / "accuracy_multi_real-head.csv", delimiter=",", skip_header=1)[:, 1:]
+    for i, task in enumerate(("a", "b")):
+        events = acc.Scalars(f"AccuracyMatrix/multi_real-head/{task}")
+        np.testing.assert_allclose([e.value for e in events], H[i:, i], rtol=1e-6)
+    assert [e.step for e in acc.Scalars("AA/multi_real-head")] == [0, 1]
     assert {"AccuracyMatrix/binary/a", "AccuracyMatrix/strict/b"} <= tags
     # Avalanche's epoch metrics (through the evaluation plugin) and the epoch records
     loss_tags = [t for t in tags if t.startswith("Loss_Epoch/train_phase/train_stream")]

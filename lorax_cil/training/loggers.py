@@ -126,21 +126,25 @@ class RunLoggers:
                                 loggers=self.loggers)
 
     def log_step(self, j: int, matrices: Mapping[str, Any], task_names: Sequence[str],
-                 epochs: Sequence[Mapping[str, Any]] = (), first_epoch: int = 0) -> None:
+                 epochs: Sequence[Mapping[str, Any]] = (), first_epoch: int = 0,
+                 head_matrices: Mapping[str, Any] | None = None) -> None:
         """Row ``j`` of the accuracy matrices (one scalar per task), the AA after task ``j``,
         and the per-epoch learning rate, speed and time of the task (x = ``first_epoch``, the
-        epochs the run trained before this task, and on)."""
+        epochs the run trained before this task, and on). ``head_matrices``: the linear head's,
+        recorded beside a class-mean read-out, logged as ``<metric>-head``."""
         values: list[tuple[str, float, int]] = []
-        for metric in ("multi_real", "binary", "strict"):
-            mat = matrices[metric]
-            for i in range(j + 1):
-                v = float(mat.matrix[j, i])
-                if v == v:  # NaN: not evaluated (e.g. joint training before its last task)
-                    values.append((f"AccuracyMatrix/{metric}/{task_names[i]}", v, j))
-            row = [float(mat.matrix[j, i]) for i in range(j + 1)]
-            row = [v for v in row if v == v]
-            if row:
-                values.append((f"AA/{metric}", sum(row) / len(row), j))
+        sets = [("", matrices)] + ([("-head", head_matrices)] if head_matrices else [])
+        for suffix, mats in sets:
+            for metric in ("multi_real", "binary", "strict"):
+                mat, name = mats[metric], metric + suffix
+                for i in range(j + 1):
+                    v = float(mat.matrix[j, i])
+                    if v == v:  # NaN: not evaluated (e.g. joint training before its last task)
+                        values.append((f"AccuracyMatrix/{name}/{task_names[i]}", v, j))
+                row = [float(mat.matrix[j, i]) for i in range(j + 1)]
+                row = [v for v in row if v == v]
+                if row:
+                    values.append((f"AA/{name}", sum(row) / len(row), j))
         for e, rec in enumerate(epochs):
             for key in ("lr", "images_per_s", "seconds"):
                 if rec.get(key) is not None:

@@ -389,7 +389,7 @@ class Run:
         if self.run_loggers is not None:
             before = sum(len(s.get("epochs") or ()) for s in self.steps[:-1])
             self.run_loggers.log_step(j, self.matrices, self.scenario.task_names, record.epochs,
-                                      first_epoch=before)
+                                      first_epoch=before, head_matrices=self.head_matrices)
         if dist.is_main():
             self._write_step_outputs()
             if length is not None and length.derived:

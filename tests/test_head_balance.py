@@ -340,6 +340,12 @@ def test_class_mean_runs_record_the_linear_head_from_the_same_passes(data_root, 
         readout_matrices(once.run_dir, "head", recorded=False)
     head = tiny_run(data_root, tmp_path / "head", readout="head", memory_size=4)
     assert head.train().get("head_readout") is None and head.head_matrices is None
+    # a baseline with a classification rule of its own has no read-out to choose
+    proto = tiny_run(data_root, tmp_path / "simplecil", strategy="simplecil")
+    proto.train()
+    assert evaluate_run(proto.run_dir)["readout"] is None
+    with pytest.raises(ValueError, match="does not apply"):
+        evaluate_run(proto.run_dir, readout="head")
     assert not (head.run_dir / "accuracy_multi_real-head.csv").exists()
 
 

@@ -378,7 +378,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_run(args.run, scenario=args.scenario, data_path=args.data_path,
                           tasks=args.tasks, eval_split=args.eval_split, out=args.out,
                           readout=args.readout)
-    print(f"read-out: {result['readout']}")
+    if result["readout"]:
+        print(f"read-out: {result['readout']}")
     for task, r in result["per_task"].items():
         print(f"{task:<24} multi-real {100 * r['multi_real']:6.2f}  binary "
               f"{100 * r['binary']:6.2f}  strict {100 * r['strict']:6.2f}  AP {r['ap']:.3f}  "

@@ -91,12 +91,14 @@ class RunPredictor(Predictor):
                    device=device)
         pred.task_names = scenario.task_names[: n // 2]
         pred.class_is_fake = np.array(scenario.class_is_fake[:n], dtype=bool)
-        identity.details["readout"] = pred.readout
+        if pred.readout is not None:  # a baseline's own rule is not named
+            identity.details["readout"] = pred.readout
         return pred
 
     @property
-    def readout(self) -> str:
-        """How the network reads its classes now (:func:`~lorax_cil.models.heads.current_readout`)."""
+    def readout(self) -> str | None:
+        """How the network reads its classes now (:func:`~lorax_cil.models.heads.current_readout`;
+        ``None``: a baseline's own rule)."""
         from lorax_cil.models.heads import current_readout
 
         return current_readout(self.model)
@@ -113,7 +115,7 @@ class RunPredictor(Predictor):
 
         use_readout(self.model, readout, where=str(self.identity.path))
         details = self.identity.details
-        trained = details.setdefault("trained_readout", details["readout"])
+        trained = details.setdefault("trained_readout", details.get("readout"))
         base = details.setdefault("trained_model_id", self.identity.model_id)
         # every row names the read-out when it is not the run's own: another prediction rule
         model_id = base if readout == trained else f"{base}@{readout}"

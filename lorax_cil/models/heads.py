@@ -182,25 +182,30 @@ class NCMExpandableNet(ExpandableNet):
 READOUT_KINDS = ("head", "ncm", "ncm-frozen")
 
 
-def current_readout(net: Any) -> str:
+def current_readout(net: Any) -> str | None:
     """How ``net`` reads its classes now: ``ncm`` / ``ncm-frozen`` (class means of an
-    :class:`NCMExpandableNet`), ``head`` otherwise (the linear head, or a baseline's output)."""
+    :class:`NCMExpandableNet`), ``head`` (the linear head of an expandable network), or
+    ``None`` for another network (a baseline with a rule of its own, such as iCaRL's)."""
     if isinstance(net, NCMExpandableNet) and net.readout == "ncm":
         return "ncm-frozen" if net.own_blocks else "ncm"
-    return "head"
+    return "head" if isinstance(net, ExpandableNet) else None
 
 
 def use_readout(net: Any, readout: str, *, where: str = "the network") -> None:
-    """Make ``net`` read its classes with ``readout``: ``head`` is always there (a network
-    that reads by class means also has its trained linear head); ``ncm`` / ``ncm-frozen`` only
-    in the kind of class means the network holds (they are computed during training).
+    """Make ``net`` read its classes with ``readout``: ``head`` on any expandable network (one
+    that reads by class means also has its trained linear head); ``ncm`` / ``ncm-frozen``
+    only in the kind of class means the network holds (they are computed during training).
 
     Raises:
-        ValueError: an unknown read-out, or class means ``net`` does not hold (the message
-            names ``where`` and what it holds).
+        ValueError: an unknown read-out, a read-out the network does not hold, or a network
+            that is not expandable (the message names ``where`` and what it holds).
     """
     if readout not in READOUT_KINDS:
         raise ValueError(f"unknown read-out {readout!r}; choose from {', '.join(READOUT_KINDS)}")
+    if not isinstance(net, ExpandableNet):
+        raise ValueError(f"{where}: read-out {readout!r} does not apply: {type(net).__name__} "
+                         "reads its classes by its own rule (only the LoRAX family's expandable "
+                         "networks have read-outs to choose from)")
     ncm = isinstance(net, NCMExpandableNet)
     if readout == "head":
         if ncm:

@@ -133,11 +133,8 @@ class DatasetScores:
 
     @property
     def pred(self) -> np.ndarray:
+        """Predicted classes (the argmax of :attr:`probs`)."""
         return self.probs.argmax(1) if self.probs.size else np.zeros(0, dtype=np.int64)
-
-    @property
-    def head_pred(self) -> np.ndarray | None:
-        return None if self.head_probs is None else self.head_probs.argmax(1)
 
 
 @torch.no_grad()

@@ -214,11 +214,12 @@ def head_matrices(run: str | Path, *, data_path: str | Path | None = None,
 
     With ``recorded`` and no ``data_path``, a run that reads by class means gives the head's
     matrices it recorded beside its own while training, from the same passes. Otherwise, or
-    for a run that did not record them, they are computed from the checkpoint written after every task
-    (``train.checkpoint_every_task``, the default): row ``s`` is the network of checkpoint
-    ``s`` with its head read (an NCM read-out set aside), so a run trained with ``ncm-frozen``
-    or ``ncm`` is read the official way on the same training. Exact: each checkpoint holds the
-    head as it was after its task."""
+    for a run that did not record them, they are computed from the checkpoint written after
+    every task (``train.checkpoint_every_task``, the default): row ``s`` is the network of
+    checkpoint ``s`` with its head read (an NCM read-out set aside), so a run trained with
+    ``ncm-frozen`` or ``ncm`` is read the official way on the same training. Exact: each
+    checkpoint holds the head as it was after its task. Networks with a rule of their own
+    (iCaRL, SimpleCIL, ...) have no head to read and are refused."""
     import torch
 
     from lorax_cil.models.heads import use_readout

@@ -346,6 +346,8 @@ def test_class_mean_runs_record_the_linear_head_from_the_same_passes(data_root, 
     assert evaluate_run(proto.run_dir)["readout"] is None
     with pytest.raises(ValueError, match="does not apply"):
         evaluate_run(proto.run_dir, readout="head")
+    for readout in ("head", "ncm-frozen"):  # refused with a message, not an AttributeError
+        assert main(["eval", "--run", str(proto.run_dir), "--rescore", readout]) == 2
     assert not (head.run_dir / "accuracy_multi_real-head.csv").exists()
 
 

@@ -275,10 +275,15 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
     """
     import torch
 
+    from lorax_cil.models.expandable import ExpandableNet
     from lorax_cil.models.heads import blockwise_cosine_logits
     from lorax_cil.training.head_balance import feature_class_means, feature_table
 
     net, cfg, sc, _ = load_trained(run, device=device)
+    if not isinstance(net, ExpandableNet):
+        raise ValueError(f"run {run}: the ncm-frozen read-out reads the feature blocks of an "
+                         f"expandable network; {type(net).__name__} ({cfg.train.strategy}) "
+                         "classifies by a rule of its own")
     if not net.ext.grows:
         raise ValueError(f"run {run}: the ncm-frozen read-out needs one frozen feature block per "
                          f"task; extractor {net.extractor!r} shares one block across tasks")

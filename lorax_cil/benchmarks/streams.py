@@ -112,6 +112,14 @@ class CILBenchmark:
     def class_task(self) -> list[int]:
         return self.scenario.class_task
 
+    def decoded_mask(self, stream: str, task: int) -> list[bool]:
+        """Which samples of a stream's task decoded, in sample order (``False``: the file failed
+        to decode when it was read and another image was used in its place; metrics leave those
+        out). Call it after the samples were read: DataLoader workers' reports are merged here."""
+        self.issues.collect()
+        bad = self.issues.substituted_files
+        return [s.path not in bad for s in self.samples[stream][task]]
+
     def paths_of(self, dataset: Any, stream: str = "train") -> list[str]:
         """File paths of the samples of an avalanche dataset view built from ``stream``."""
         table = self.samples[stream]

@@ -99,8 +99,7 @@ def evaluate_run(
                                               device=torch.device(device))
         is_fake = np.array([s.is_fake for s in bench.samples["test"][t]], dtype=np.int64)
         # files that failed to decode were replaced by another image at load time: not counted
-        keep = np.array([s.path not in bench.issues.substituted_files
-                         for s in bench.samples["test"][t]], dtype=bool)
+        keep = np.array(bench.decoded_mask("test", t), dtype=bool)
         pred, probs, labels, is_fake = pred[keep], probs[keep], labels[keep], is_fake[keep]
         if name in known:
             mapped = 2 * known[name] + is_fake
@@ -178,10 +177,8 @@ def _matrices(T: int, predict: Any, table: np.ndarray, names: Sequence[str],
     R = {kind: np.full((T, T), np.nan) for kind in rules}
     for s in range(T):
         for j in range(s + 1):
-            pred, labels = predict(s, j)
-            bench.issues.collect()  # a file fails to decode when it is read: after predict
-            bad = bench.issues.substituted_files
-            keep = np.array([x.path not in bad for x in bench.samples["test"][j]], dtype=bool)
+            pred, labels = predict(s, j)  # a file fails to decode when it is read: mask after
+            keep = np.array(bench.decoded_mask("test", j), dtype=bool)
             pred, labels = pred[keep], labels[keep]
             for kind, rule in rules.items():
                 R[kind][s, j] = float(np.mean(rule(pred, labels, table)))
@@ -199,13 +196,13 @@ def _recorded_head(meta: dict[str, Any], net: Any) -> dict[str, np.ndarray] | No
     """The head's matrices a run that reads by class means recorded beside its own while
     training (``None`` for other runs, and for runs resumed from a checkpoint without them)."""
     from lorax_cil.models.heads import NCMExpandableNet
+    from lorax_cil.training.runner import matrix_from_rows
 
     rows = meta.get("head_matrices")
     if not rows or not isinstance(net, NCMExpandableNet):
         return None
     k = int(meta["completed_tasks"])
-    return {kind: np.array([[np.nan if v is None else v for v in r] for r in rows[kind]],
-                           dtype=float)[:k, :k] for kind in ("multi_real", "binary", "strict")}
+    return {kind: matrix_from_rows(rows[kind])[:k, :k] for kind in ("multi_real", "binary", "strict")}
 
 
 def head_matrices(run: str | Path, *, data_path: str | Path | None = None,

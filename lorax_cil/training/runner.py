@@ -449,7 +449,7 @@ class Run:
             scores = score_dataset(self.net, ds, batch_size=self.cfg.train.eval_batch_size,
                                    device=self.device, num_workers=self.cfg.train.num_workers,
                                    sharded=True)
-            keep = self.decoded_mask("test", i)
+            keep = np.array(self.bench.decoded_mask("test", i), dtype=bool)
             labels = scores.labels[keep]
             tasks = np.full(labels.shape, i)
 
@@ -491,13 +491,6 @@ class Run:
         if self._manifest is None:
             self._manifest = data_manifest(self.bench.samples, self.scenario)
         return dict(self._manifest["task_listing_sha256"])
-
-    def decoded_mask(self, stream: str, task: int) -> np.ndarray:
-        """Which samples of a stream's task decoded (``False``: the file failed to decode at
-        load time and another image was used in its place; metrics leave those out)."""
-        self.bench.issues.collect()
-        bad = self.bench.issues.substituted_files
-        return np.array([s.path not in bad for s in self.bench.samples[stream][task]], dtype=bool)
 
     def _write_manifest(self) -> None:
         """data_manifest.json: the data, what each task was trained on, every data issue met
@@ -648,7 +641,7 @@ class Run:
 def _restore_matrices(matrices: Mapping[str, Any], recorded: Mapping[str, Any], k: int) -> None:
     """Rows ``0..k-1`` of checkpointed matrices (``None`` for NaN) into ``matrices``."""
     for m, rows in recorded.items():
-        arr = np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
+        arr = matrix_from_rows(rows)
         for j in range(k):
             for i in range(j + 1):
                 matrices[m].set(j, i, arr[j, i])
@@ -686,6 +679,11 @@ def _note_derived(path: Path, j: int, name: str, length: Any) -> None:
     text = "".join(row for row in text.splitlines(keepends=True) if not row.startswith(line))
     text += f"{line}{name}: {length.describe()}\n"
     atomic_write_text(path, text)
+
+
+def matrix_from_rows(rows: Sequence[Sequence[float | None]]) -> np.ndarray:
+    """A matrix stored by :func:`_nan_to_none` back as a float array."""
+    return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
 
 
 def _nan_to_none(a: np.ndarray) -> list[list[float | None]]:

@@ -14,7 +14,8 @@ Variants (``--variants``, comma-separated): ``lorax`` with the strategy's curren
 initialisation of new head rows),
 ``wa`` (weight aligning), ``bal`` (balanced head fine-tuning, ``--balanced-steps`` steps),
 ``ncm`` (nearest-class-mean read-out), ``ncmf`` (the ``ncm-frozen`` read-out: each class on
-the feature blocks of its own time), ``cbl`` (class-balanced training loss), ``official``
+the feature blocks of its own time), ``ncmr`` (the ``ncm-relative`` read-out: ``ncm-frozen``
+with each block's cosine relative to its own match level), ``cbl`` (class-balanced training loss), ``official``
 (every head option off), ``epochs`` (no minimum step count: ``train.min_steps_per_task=0``);
 and the baselines ``simplecil``, ``finetune-replay``, ``der-expandable``, ``icarl`` (any
 registered strategy name works), which train the whole network; ``NAME@kN`` trains
@@ -51,6 +52,7 @@ OPTIONS = {
     "bal": {"head_balanced_steps": None},  # --balanced-steps
     "ncm": {"readout": "ncm"},
     "ncmf": {"readout": "ncm-frozen"},
+    "ncmr": {"readout": "ncm-relative"},
     "cbl": {"head_balanced_loss": True},
     "epochs": {"min_steps_per_task": 0},
 }

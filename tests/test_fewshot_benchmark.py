@@ -29,6 +29,7 @@ def test_variant_names_map_to_head_options():
     assert mod.variant_config("lorax+official", args)[1]["readout"] == "head"
     assert mod.variant_config("lorax+epochs", args)[1]["min_steps_per_task"] == 0
     assert mod.variant_config("lorax+ncmf", args)[1]["readout"] == "ncm-frozen"
+    assert mod.variant_config("lorax+ncmr", args)[1]["readout"] == "ncm-relative"
     assert mod.variant_config("lorax+ncmf+cbl", args)[1]["head_balanced_loss"] is True
     assert mod.variant_blocks("icarl@k3") == ("icarl", 3) and mod.variant_blocks("icarl") == ("icarl", None)
     assert mod.variant_config("icarl@k3", args) == ("icarl", {})

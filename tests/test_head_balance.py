@@ -411,14 +411,15 @@ def test_official_defaults_do_nothing(monkeypatch):
     assert called == []
 
 
-def test_lorax_family_defaults_to_the_ncm_frozen_readout_and_explicit_head_wins():
+def test_lorax_family_defaults_to_the_ncm_relative_readout_and_explicit_head_wins():
     from lorax_cil.training.registry import apply_preset
 
     def resolved(strategy, explicit=None, **train):
         cfg = merge_config(RunConfig(), {"train": {"strategy": strategy, **train}}, source="t")
         return apply_preset(cfg, explicit).train.readout
 
-    assert [resolved(s) for s in ("lorax", "lorax-deep", "lorax-mole")] == ["ncm-frozen"] * 3
+    assert [resolved(s) for s in ("lorax", "lorax-deep", "lorax-side", "lorax-mole")] == ["ncm-relative"] * 4
+    assert resolved("lorax-ca") is None  # its own network keeps the linear head
     assert resolved("lorax", {"train.readout": "--set train.readout=head"}, readout="head") == "head"
     assert resolved("lorax", None, readout="head") == "head"  # a value given in a file or dict
     assert resolved("finetune-replay") is None and HeadOptions.from_config(
@@ -481,3 +482,94 @@ def test_balanced_loss_weights_the_training_loss_by_class(data_root, tmp_path, m
 def test_balanced_loss_is_refused_where_it_would_be_ignored(data_root, tmp_path):
     with pytest.raises(ValueError, match="train.head_balanced_loss"):
         tiny_run(data_root, tmp_path / "r", strategy="simplecil", head_balanced_loss=True)
+
+
+def test_block_offset_is_the_leave_one_out_cosine_to_the_tasks_mean():
+    from lorax_cil.models.heads import block_offset
+
+    torch.manual_seed(0)
+    x = torch.randn(7, 5) + 2.0
+    want = [float(nn.functional.cosine_similarity(
+        x[i], x[[j for j in range(7) if j != i]].mean(0), dim=0)) for i in range(7)]
+    assert block_offset(x) == pytest.approx(sum(want) / 7, abs=1e-6)
+    # in-sample, an image would score a mean it is part of: higher
+    insample = nn.functional.cosine_similarity(x, x.mean(0, keepdim=True), dim=1).mean()
+    assert float(insample) > block_offset(x)
+    # a block that makes the images alike has a higher baseline than one that spreads them
+    assert block_offset(x * torch.tensor([1, 1, 1, 1, 0.01])) > block_offset(x - 2.0)
+    with pytest.raises(ValueError, match="two or more training images"):
+        block_offset(x[:1])
+
+
+def test_blockwise_cosine_subtracts_each_blocks_offset():
+    torch.manual_seed(1)
+    f, p = torch.randn(4, 6), torch.randn(3, 6)  # 3 blocks of 2
+    n, off = torch.tensor([1, 2, 3]), torch.tensor([0.5, -0.25, 0.125])
+    plain = blockwise_cosine_logits(f, p, n, 3)
+    got = blockwise_cosine_logits(f, p, n, 3, offsets=off)
+    for c in range(3):
+        assert torch.allclose(got[:, c], plain[:, c] - off[: n[c]].mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="offsets must be"):
+        blockwise_cosine_logits(f, p, n, 3, offsets=off[:2])
+
+
+def test_ncm_relative_is_frozen_exact_on_rescore_and_reads_as_ncm_frozen(data_root, tmp_path,
+                                                                          monkeypatch):
+    """The ncm-relative read-out: one offset per task, from that task's images in its own
+    block; old classes keep their scores; the checkpoint holds the offsets; re-reading the
+    run gives its recorded matrices; the same network reads ncm-frozen without them."""
+    import numpy as np
+
+    from lorax_cil.models.heads import OFFSETS_KEY, block_offset, current_readout, use_readout
+    from lorax_cil.training.evaluate import evaluate_run, load_trained, ncm_frozen_matrices
+
+    scores = {}
+    original = HeadBalancer.after_task
+
+    def spy(self, strategy):
+        original(self, strategy)
+        net = strategy.model.net.eval()
+        x = torch.stack([run.bench.test_stream[0].dataset.eval()[i][0] for i in range(4)])
+        with torch.no_grad():
+            scores[net.num_tasks] = net.forward_all(x).logits[:, :2].clone()
+
+    monkeypatch.setattr(HeadBalancer, "after_task", spy)
+    run = tiny_run(data_root, tmp_path / "r", readout="ncm-relative", memory_size=4)
+    run.train()
+    net = run.net.eval()
+    assert net.relative and current_readout(net) == "ncm-relative"
+    assert torch.allclose(scores[1], scores[2], atol=1e-6)  # old classes: frozen scores
+    d = net.feature_dim
+    for t in range(2):
+        feats, _ = feature_table(net, run.bench.train_stream[t].dataset, device="cpu")
+        assert float(net.block_offsets[t]) == pytest.approx(
+            block_offset(feats[:, t * d:(t + 1) * d]), abs=1e-5)
+    assert OFFSETS_KEY in net.learned_state_dict()
+    got = ncm_frozen_matrices(run.run_dir, relative=True)
+    for kind in ("multi_real", "binary", "strict"):
+        np.testing.assert_allclose(got[kind], run.matrices[kind].matrix, atol=1e-12)
+    # the offsets change the logits (a run without them is another read-out)
+    loaded, *_ = load_trained(run.run_dir)
+    x = torch.stack([run.bench.test_stream[1].dataset.eval()[i][0] for i in range(4)])
+    with torch.no_grad():
+        rel = loaded(x)
+        use_readout(loaded, "ncm-frozen")
+        assert current_readout(loaded) == "ncm-frozen" and not torch.allclose(loaded(x), rel)
+        use_readout(loaded, "ncm-relative")
+        assert torch.equal(loaded(x), rel)
+    frozen = ncm_frozen_matrices(run.run_dir)
+    read = evaluate_run(run.run_dir, readout="ncm-frozen")
+    assert read["readout"] == "ncm-frozen"
+    for i, name in enumerate(["a", "b"]):
+        assert read["per_task"][name]["multi_real"] == pytest.approx(frozen["multi_real"][1, i],
+                                                                     abs=1e-12)
+    # a network that holds ncm-frozen means has no offsets to read with
+    from lorax_cil.models.backbones import create_backbone
+
+    plain = build_expandable_net("ncm-frozen", backbone=create_backbone("vit-test", pretrained=False),
+                                 extractor="full", adapt_blocks=1)
+    with pytest.raises(ValueError, match="not in this checkpoint"):
+        use_readout(plain, "ncm-relative")
+    sd = {k: v for k, v in loaded.learned_state_dict().items() if k != OFFSETS_KEY}
+    with pytest.raises(ValueError, match="block_offsets"):
+        loaded.load_learned_state_dict(sd)

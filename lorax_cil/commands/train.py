@@ -144,8 +144,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--out", default=None, help="JSON file for the results")
     e.add_argument("--rescore", choices=list(RESCORE_READOUTS), default=None,
                    help="instead: the run's accuracy matrices, AA and BWT read with this "
-                        "read-out, whichever it trained with (exact, no training: ncm-frozen "
-                        "from the last checkpoint and the training data, head from the "
+                        "read-out, whichever it trained with (exact, no training: ncm-frozen and "
+                        "ncm-relative from the last checkpoint and the training data, head from the "
                         "checkpoint of every task; --data-path if the data moved)")
     e.add_argument("--readout", choices=READOUTS, default=None,
                    help="read the classes this way instead of the run's own (head: the linear "

@@ -105,8 +105,10 @@ class RunPredictor(Predictor):
 
     def select_readout(self, readout: str) -> None:
         """Predict with ``readout`` instead of the run's own: a run that reads by class means
-        (``train.readout=ncm`` / ``ncm-frozen``) also has its trained linear head, so ``head``
-        is always available; class means only in the kind the run computed.
+        (``train.readout=ncm`` / ``ncm-frozen`` / ``ncm-relative``) also has its trained linear
+        head, so ``head`` is always available; class means only in the kind the run computed
+        (an ``ncm-relative`` run also reads ``ncm-frozen``: its class means without the block
+        offsets).
 
         Raises:
             ValueError: ``readout`` unknown, or class means the checkpoint does not hold.

@@ -10,12 +10,13 @@ from lorax_cil.training.registry import get_strategy, list_strategies, register_
 
 __all__ = ["build_lorax_family", "lorax_family_strategies", "lr_scale", "LORAX_DEFAULTS"]
 
-#: Defaults of lorax, lorax-deep and lorax-mole where the configuration leaves them unset
-#: (``None``): the nearest-class-mean read-out with every class on the feature blocks of its own
-#: time (``ncm-frozen``), chosen by the few-shot ablation (benchmarks/fewshot.py,
+#: Defaults of lorax, lorax-deep, lorax-side and lorax-mole where the configuration leaves them
+#: unset (``None``): the nearest-class-mean read-out with every class on the feature blocks of
+#: its own time, each block's cosine relative to the block's baseline (``ncm-relative``),
+#: chosen by the few-shot ablation and the demo data (benchmarks/fewshot.py,
 #: docs/fewshot.md). ``--set train.readout=head`` is the official LoRAX head. (lorax-ca keeps
-#: the linear head by default; ``--set train.readout=ncm-frozen`` gives it the read-out too.)
-LORAX_DEFAULTS = {"readout": "ncm-frozen"}
+#: the linear head by default; ``--set train.readout=ncm-relative`` gives it the read-out too.)
+LORAX_DEFAULTS = {"readout": "ncm-relative"}
 
 
 def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins: list) -> Any:

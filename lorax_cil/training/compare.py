@@ -54,7 +54,7 @@ TABLE_METRICS: tuple[tuple[str, str, float, str], ...] = (
     ("forgetting", "forgetting %", 100.0, ".2f"),
     ("binary", "final binary acc %", 100.0, ".2f"),
     ("strict", "final strict acc %", 100.0, ".2f"),
-    # runs that read by class means (train.readout ncm / ncm-frozen) read with their linear head
+    # runs that read by class means (train.readout ncm*) read with their linear head
     ("head_aa", "AA, linear head %", 100.0, ".2f"),
     ("head_bwt", "BWT, linear head %", 100.0, ".2f"),
     ("trainable_params", "trainable params/task", 1.0, ",.0f"),

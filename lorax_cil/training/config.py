@@ -130,13 +130,14 @@ class TrainConfig:
             exemplars of each old class weigh as much as a new class (class-balanced
             cross-entropy); ``None``: the strategy's default.
         readout: ``head`` (the linear head), ``ncm`` (cosine to class means of the
-            concatenated features, kept after each task) or ``ncm-frozen`` (each class's
-            mean on the feature blocks of its own time, never updated) for evaluation and
-            prediction;
+            concatenated features, kept after each task), ``ncm-frozen`` (each class's
+            mean on the feature blocks of its own time, never updated) or ``ncm-relative``
+            (``ncm-frozen`` with each block's cosine taken relative to the block's own
+            match level, frozen as well) for evaluation and prediction;
             ``None``: the strategy's default, ``ncm-frozen`` for ``lorax``, ``lorax-deep``,
             ``lorax-mole`` and ``lorax-side`` (chosen by ``benchmarks/fewshot.py``, see
             docs/fewshot.md) and ``head`` otherwise. ``head`` reproduces the official LoRAX.
-            With ``ncm`` / ``ncm-frozen`` the run records the linear head's matrices too
+            With a class-mean read-out the run records the linear head's matrices too
             (``accuracy_<metric>-head.csv``, ``summary.json`` ``head_readout``).
         cache_trunk: compute the frozen trunk once per training image and task and train every
             epoch from the cached outputs (LoRAX family; refused when the training transform
@@ -391,9 +392,9 @@ def merge_config(base: RunConfig, updates: Mapping[str, Any], *, source: str) ->
 
 
 #: values of ``train.readout`` (lorax_cil.training.head_balance; torch-free for the CLI's --help)
-READOUTS = ("head", "ncm", "ncm-frozen")
+READOUTS = ("head", "ncm", "ncm-frozen", "ncm-relative")
 #: read-outs a finished run can be read with afterwards (``lorax-cil eval --rescore``)
-RESCORE_READOUTS = ("head", "ncm-frozen")
+RESCORE_READOUTS = ("head", "ncm-frozen", "ncm-relative")
 
 #: ``train`` keys added after runs were first saved, with the behaviour those runs had: a saved
 #: configuration without them means these values (see :func:`saved_run_config`).

@@ -134,15 +134,17 @@ def evaluate_run(
 def readout_matrices(run: str | Path, readout: str, *, data_path: str | Path | None = None,
                      device: str = "cpu", recorded: bool = True) -> dict[str, Any]:
     """The accuracy matrices a finished run would have recorded with ``readout``, without
-    training: ``ncm-frozen`` (:func:`ncm_frozen_matrices`) or ``head`` (:func:`head_matrices`).
+    training: ``ncm-frozen`` / ``ncm-relative`` (:func:`ncm_frozen_matrices`) or ``head``
+    (:func:`head_matrices`).
 
     Returns ``{"multi_real" | "binary" | "strict": (T, T) array (NaN above the diagonal),
     "summary": {kind: summarize_matrix(...)}, "task_names": [...], "source": ...}``;
     ``source`` says where they come from: ``recorded`` (during training) or ``checkpoints``
     (computed now from the checkpoints and the data).
     """
-    if readout == "ncm-frozen":
-        return ncm_frozen_matrices(run, data_path=data_path, device=device)
+    if readout in ("ncm-frozen", "ncm-relative"):
+        return ncm_frozen_matrices(run, data_path=data_path, device=device,
+                                   relative=readout == "ncm-relative")
     if readout == "head":
         return head_matrices(run, data_path=data_path, device=device, recorded=recorded)
     raise ValueError(f"readout must be one of {list(RESCORE_READOUTS)}, got {readout!r}")
@@ -252,16 +254,18 @@ def head_matrices(run: str | Path, *, data_path: str | Path | None = None,
 
 
 def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
-                        device: str = "cpu") -> dict[str, Any]:
+                        device: str = "cpu", relative: bool = False) -> dict[str, Any]:
     """The accuracy matrices a finished run would have recorded with the ``ncm-frozen``
-    read-out (``train.readout=ncm-frozen``), computed from its last checkpoint without training.
+    read-out (``train.readout=ncm-frozen``), or with ``relative`` the ``ncm-relative`` one,
+    computed from its last checkpoint without training.
 
     Exact for extractors that grow (the LoRAX family, DER, MEMO): the blocks of tasks ``0..t``
     never change after task ``t``, so the class means of task ``t``'s classes (over its training
     images, evaluation transforms, as the read-out computes them after the task) and every score
     they give are what the run would have computed then, and row ``s`` of a matrix is the
     argmax over the classes of tasks ``0..s``. A run trained with the linear head can so be
-    read both ways on the same training.
+    read both ways on the same training. The block offsets of ``ncm-relative`` come from the
+    same features (block ``t`` of task ``t``'s training images), as the read-out computes them.
 
     ``data_path``: the folder that now holds the run's task folders (by name), when its data
     moved. Either way the data must be what the run trained on (file names and sizes against
@@ -274,15 +278,20 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
 
     from lorax_cil.models.expandable import ExpandableNet
     from lorax_cil.models.heads import blockwise_cosine_logits
-    from lorax_cil.training.head_balance import feature_class_means, feature_table
+    from lorax_cil.training.head_balance import (
+        feature_class_means,
+        feature_table,
+        new_block_offsets,
+    )
 
+    name = "ncm-relative" if relative else "ncm-frozen"
     net, cfg, sc, _ = load_trained(run, device=device)
     if not isinstance(net, ExpandableNet):
-        raise ValueError(f"run {run}: the ncm-frozen read-out reads the feature blocks of an "
+        raise ValueError(f"run {run}: the {name} read-out reads the feature blocks of an "
                          f"expandable network; {type(net).__name__} ({cfg.train.strategy}) "
                          "classifies by a rule of its own")
     if not net.ext.grows:
-        raise ValueError(f"run {run}: the ncm-frozen read-out needs one frozen feature block per "
+        raise ValueError(f"run {run}: the {name} read-out needs one frozen feature block per "
                          f"task; extractor {net.extractor!r} shares one block across tasks")
     T, E = net.num_tasks, net.num_extractors
     if E != T:
@@ -291,7 +300,7 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
     table = np.array(sc.class_is_fake[: net.num_classes])
     offsets = np.cumsum([0, *net.task_classes])
     table_args = dict(device=device, batch_size=cfg.train.eval_batch_size)
-    means, blocks = [], []
+    means, blocks, block_offsets = [], [], []
     for t in range(T):
         feats, labels = feature_table(net, bench.train_stream[t].dataset, **table_args)
         classes = list(range(int(offsets[t]), int(offsets[t + 1])))
@@ -301,13 +310,17 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
                              "training image")
         means.append(feature_class_means(feats, labels, classes))
         blocks += [t + 1] * len(classes)
+        if relative:
+            block_offsets.append(new_block_offsets(feats, E, [t]))
     protos, class_blocks = torch.cat(means), torch.tensor(blocks)
+    shift = torch.cat(block_offsets) if relative else None
     scored: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
 
     def predict(s: int, j: int) -> tuple[np.ndarray, np.ndarray]:
         if j not in scored:
             feats, labels = feature_table(net, bench.test_stream[j].dataset, **table_args)
-            scored[j] = (blockwise_cosine_logits(feats, protos, class_blocks, E), labels.numpy())
+            scored[j] = (blockwise_cosine_logits(feats, protos, class_blocks, E, offsets=shift),
+                         labels.numpy())
         scores, labels = scored[j]
         return scores[:, : int(offsets[s + 1])].argmax(1).numpy(), labels
 

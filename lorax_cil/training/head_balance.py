@@ -30,6 +30,12 @@ options, each off by default in :class:`HeadOptions` (the official behaviour) an
     existed when it was learnt (``NCMExpandableNet(own_blocks=True)``): its mean is computed
     once, over all its task's images, and never changes, so nothing rests on the exemplars and
     an old class's score for an image never changes (SimpleCIL's property, on LoRAX features).
+``readout="ncm-relative"`` (after training)
+    ``ncm-frozen`` with one more number per task: the offset of the new extractor's block
+    (:func:`~lorax_cil.models.heads.block_offset`, the mean leave-one-out cosine of the task's
+    images to the mean of its other images in that block), subtracted from that block's
+    cosines whenever a class is read on it. Computed once, from the task's images, and never
+    changed.
 """
 
 from __future__ import annotations
@@ -42,10 +48,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from lorax_cil.models.heads import NCMExpandableNet, set_prototype_rows, weight_align
+from lorax_cil.models.heads import NCMExpandableNet, block_offset, set_prototype_rows, weight_align
 from lorax_cil.training.config import READOUTS
 
-__all__ = ["HeadOptions", "HeadBalancer", "feature_table", "feature_class_means", "check_head_options"]
+__all__ = ["HeadOptions", "HeadBalancer", "feature_table", "feature_class_means",
+           "new_block_offsets", "check_head_options"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +69,9 @@ class HeadOptions:
         balanced_steps: steps of class-balanced head fine-tuning after each task (0: off).
         balanced_lr: learning rate of that fine-tuning.
         balanced_batch: batch size of that fine-tuning.
-        readout: ``head`` (linear head), ``ncm`` (nearest class mean, cosine) or
-            ``ncm-frozen`` (nearest class mean, each class on the blocks of its time).
+        readout: ``head`` (linear head), ``ncm`` (nearest class mean, cosine),
+            ``ncm-frozen`` (nearest class mean, each class on the blocks of its time) or
+            ``ncm-relative`` (``ncm-frozen`` with per-block offsets).
         balanced_loss: class-balanced training loss (each class weighted by the inverse of
             its count in the task's training set, exemplars included).
     """
@@ -125,6 +133,13 @@ def feature_table(net: Any, dataset: Any, *, device: Any, batch_size: int = 64,
     return torch.cat(feats), torch.cat(labels)
 
 
+def new_block_offsets(feats: torch.Tensor, num_blocks: int, blocks: Any) -> torch.Tensor:
+    """:func:`~lorax_cil.models.heads.block_offset` of each of ``blocks`` (indices among the
+    ``num_blocks`` equal blocks of ``feats``), from one task's features."""
+    split = feats.reshape(feats.shape[0], num_blocks, -1)
+    return torch.tensor([block_offset(split[:, b]) for b in blocks], dtype=torch.float32)
+
+
 def feature_class_means(feats: torch.Tensor, labels: torch.Tensor, classes: list[int]) -> torch.Tensor:
     """Mean feature of each class in ``classes`` (float64 sums, float32 result)."""
     return torch.stack([feats[labels == c].double().mean(0) for c in classes]).float()
@@ -170,7 +185,7 @@ class HeadBalancer:
         first = net.num_classes - n_new
         new_feats, new_labels = self._table(strategy, strategy.experience.dataset)
         mem = strategy.memory.dataset()
-        # ncm-frozen reads no exemplar: the memory's features are needed by the other options
+        # ncm-frozen / ncm-relative read no exemplar: the memory's features serve the others
         if mem is not None and first > 0 and (o.balanced_steps > 0 or o.readout == "ncm"):
             mem_feats, mem_labels = self._table(strategy, mem)
         else:
@@ -255,4 +270,14 @@ class HeadBalancer:
                     elif kept == 0:
                         protos[c] = old[c]  # no exemplar left: keep what the class had
         net.set_prototypes(protos)
+        if net.relative:
+            # one block per task (own_blocks): the new task adds the offset of its own block
+            offsets = net.block_offsets.detach().cpu().float() if first else torch.zeros(0)
+            E = net.num_extractors
+            if len(offsets) != E - 1:
+                raise RuntimeError(f"ncm-relative: {len(offsets)} block offsets before the "
+                                   f"task's, for {E} feature blocks")
+            new = new_block_offsets(new_feats, E, [E - 1])
+            net.set_block_offsets(torch.cat([offsets, new]))
+            logger.info("head: block offsets %s", [round(float(v), 4) for v in net.block_offsets])
         logger.info("head: NCM class means for %d classes", net.num_classes)

@@ -8,7 +8,7 @@ Run directory::
     accuracy_<metric>.csv    accuracy matrices (multi_real, binary, strict) and ap.csv
     accuracy_<metric>-head.csv, ap-head.csv
                              the linear head's matrices, from the same passes, when the run
-                             reads by class means (train.readout ncm / ncm-frozen)
+                             reads by class means (train.readout ncm, ncm-frozen, ncm-relative)
     summary.json             AA, step-average accuracy, BWT, forgetting, parameters, time
     accuracy_matrix.png, accuracy_over_steps.png
     checkpoints/exp_NNN/     tensors.safetensors + meta.json after every task
@@ -263,9 +263,9 @@ class Run:
         self.strategy = None
         self.matrices: dict[str, Any] = {}
         #: the linear head's matrices, recorded beside :attr:`matrices` when the network reads
-        #: by class means (``train.readout=ncm`` / ``ncm-frozen``; the head trains either way
-        #: and one pass gives both); ``None`` otherwise, or when a resumed run's checkpoint did
-        #: not record them from its first task
+        #: by class means (``train.readout`` ``ncm``, ``ncm-frozen``, ``ncm-relative``; the head
+        #: trains either way and one pass gives both); ``None`` otherwise, or when a resumed
+        #: run's checkpoint did not record them from its first task
         self.head_matrices: dict[str, Any] | None = None
         self.steps: list[dict[str, Any]] = []
 

@@ -257,7 +257,7 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         self.head_balancer = HeadBalancer(head or HeadOptions())
         readout = self.head_balancer.options.readout
         if readout != "head" and (not isinstance(model.net, NCMExpandableNet)
-                                  or model.net.own_blocks != (readout == "ncm-frozen")):
+                                  or model.net.held_readout != readout):
             raise ValueError(f"train.readout={readout} needs the network built with that read-out "
                              "(lorax_cil.models.heads.build_expandable_net)")
         self.cache_trunk = bool(cache_trunk)

@@ -418,7 +418,8 @@ def test_lorax_family_defaults_to_the_ncm_relative_readout_and_explicit_head_win
         cfg = merge_config(RunConfig(), {"train": {"strategy": strategy, **train}}, source="t")
         return apply_preset(cfg, explicit).train.readout
 
-    assert [resolved(s) for s in ("lorax", "lorax-deep", "lorax-side", "lorax-mole")] == ["ncm-relative"] * 4
+    assert [resolved(s) for s in ("lorax", "lorax-deep")] == ["ncm-relative"] * 2
+    assert [resolved(s) for s in ("lorax-side", "lorax-mole")] == ["ncm-frozen"] * 2
     assert resolved("lorax-ca") is None  # its own network keeps the linear head
     assert resolved("lorax", {"train.readout": "--set train.readout=head"}, readout="head") == "head"
     assert resolved("lorax", None, readout="head") == "head"  # a value given in a file or dict

@@ -159,13 +159,13 @@ def test_cli_compare(data_root, tmp_path, capsys):
 
 
 def test_class_mean_rows_also_report_their_linear_head(data_root, tmp_path):
-    """lorax reads by ncm-relative class means by default: its row carries the head's AA and
+    """lorax reads by ncm-frozen class means by default: its row carries the head's AA and
     BWT recorded in the same run; a baseline without that second read-out shows n/a."""
     run_comparison(base_config(data_root), strategies=["lorax", "finetune"], seeds=[0],
                    out=tmp_path, timing_images=4)
     runs = pd.read_csv(tmp_path / "runs.csv").set_index("strategy")
     summary = json.loads((tmp_path / "lorax" / "seed0" / "summary.json").read_text())
-    assert summary["readout"] == "ncm-relative"
+    assert summary["readout"] == "ncm-frozen"
     assert runs.loc["lorax", "aa"] == pytest.approx(summary["multi_real_aa"])
     assert runs.loc["lorax", "head_aa"] == pytest.approx(summary["head_readout"]["multi_real_aa"])
     assert runs.loc["lorax", "head_bwt"] == pytest.approx(summary["head_readout"]["multi_real_bwt"])

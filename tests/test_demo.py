@@ -28,7 +28,7 @@ def test_demo_runs_strategies_side_by_side_and_writes_plots(tmp_path, capsys):
                  "data_manifest.json"):
         assert (out / name).is_file(), name
     table = (out / "summary.md").read_text()
-    assert "| lorax [ncm-relative] " in table and "| finetune " in table
+    assert "| lorax [ncm-frozen] " in table and "| finetune " in table
     assert "all blocks adapted" in table
     # lorax reads by class means by default; its linear head is the second row, same run
     head = json.loads((out / "lorax" / "summary.json").read_text())["head_readout"]
@@ -82,7 +82,7 @@ def test_demo_config_respects_presets_that_fix_memory(tmp_path):
     assert apply_preset(demo_config(args, "finetune", tmp_path)).train.memory_size == 0
     assert demo_config(args, "simplecil", tmp_path).train.cache_trunk is False
     # by default each strategy's own read-out; --readout reaches the LoRAX family only
-    assert apply_preset(demo_config(args, "lorax", tmp_path)).train.readout == "ncm-relative"
+    assert apply_preset(demo_config(args, "lorax", tmp_path)).train.readout == "ncm-frozen"
     args.readout = "head"
     assert demo_config(args, "lorax-deep", tmp_path).train.readout == "head"
     assert demo_config(args, "finetune", tmp_path).train.readout is None
@@ -100,7 +100,7 @@ def test_demo_on_the_pretrained_vit_end_to_end(tmp_path, capsys):
     assert rc == 0, printed
     assert "pretrained DINOv2 ViT-S/14" in printed and "last 1 blocks adapted" in printed
     table = (out / "summary.md").read_text()
-    assert "| lorax [ncm-relative] " in table and "| lorax [linear head] " in table
+    assert "| lorax [ncm-frozen] " in table and "| lorax [linear head] " in table
     assert "| simplecil " in table and "dinov2-vits14 at 42 px" in table
     lorax = json.loads((out / "lorax" / "summary.json").read_text())
     assert lorax["completed_tasks"] == 5

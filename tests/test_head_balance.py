@@ -411,15 +411,14 @@ def test_official_defaults_do_nothing(monkeypatch):
     assert called == []
 
 
-def test_lorax_family_defaults_to_the_ncm_relative_readout_and_explicit_head_wins():
+def test_lorax_family_defaults_to_the_ncm_frozen_readout_and_explicit_head_wins():
     from lorax_cil.training.registry import apply_preset
 
     def resolved(strategy, explicit=None, **train):
         cfg = merge_config(RunConfig(), {"train": {"strategy": strategy, **train}}, source="t")
         return apply_preset(cfg, explicit).train.readout
 
-    assert [resolved(s) for s in ("lorax", "lorax-deep")] == ["ncm-relative"] * 2
-    assert [resolved(s) for s in ("lorax-side", "lorax-mole")] == ["ncm-frozen"] * 2
+    assert [resolved(s) for s in ("lorax", "lorax-deep", "lorax-side", "lorax-mole")] == ["ncm-frozen"] * 4
     assert resolved("lorax-ca") is None  # its own network keeps the linear head
     assert resolved("lorax", {"train.readout": "--set train.readout=head"}, readout="head") == "head"
     assert resolved("lorax", None, readout="head") == "head"  # a value given in a file or dict

@@ -71,7 +71,7 @@ def test_tensorboard_events_and_csv_read_back(data_root, tmp_path):
         assert [e.step for e in events] == list(range(i, 2))
         np.testing.assert_allclose([e.value for e in events], R[i:, i], rtol=1e-6)
     assert [e.step for e in acc.Scalars("AA/multi_real")] == [0, 1]
-    # lorax reads by ncm-relative class means: the linear head's matrix is logged beside it
+    # lorax reads by ncm-frozen class means: the linear head's matrix is logged beside it
     H = np.genfromtxt(out / "accuracy_multi_real-head.csv", delimiter=",", skip_header=1)[:, 1:]
     for i, task in enumerate(("a", "b")):
         events = acc.Scalars(f"AccuracyMatrix/multi_real-head/{task}")

@@ -166,7 +166,7 @@ def test_api_agrees_with_predict_dataset_on_paths_pil_and_tensors(run_dir):
 
 
 def test_readout_option_reads_the_linear_head_of_a_class_mean_run(run_dir, capsys):
-    """The fixture run reads by ncm-relative class means; --readout head predicts with its linear
+    """The fixture run reads by ncm-frozen class means; --readout head predicts with its linear
     head (the probabilities of the network switched to its head), every row names the read-out,
     and a read-out the checkpoint does not hold is refused with a message naming it."""
     import lorax_cil
@@ -187,16 +187,13 @@ def test_readout_option_reads_the_linear_head_of_a_class_mean_run(run_dir, capsy
     assert not np.allclose(means, head)  # two different prediction rules
 
     pred = lorax_cil.load(run_dir, device="cpu")
-    assert pred.readout == "ncm-relative"
+    assert pred.readout == "ncm-frozen"
     np.testing.assert_allclose(pred.predict_proba(paths), means, atol=1e-5)
     pred.select_readout("head")
     np.testing.assert_allclose(pred.predict_proba(paths), head, atol=1e-5)
     assert pred.describe()["readout"] == "head"
-    assert pred.describe()["trained_readout"] == "ncm-relative"
-    pred.select_readout("ncm-frozen")  # the same class means without the block offsets
-    assert pred.identity.model_id.endswith("@ncm-frozen")
-    assert not np.allclose(pred.predict_proba(paths), means)
-    pred.select_readout("ncm-relative")  # and back: the run's own rule and model id
+    assert pred.describe()["trained_readout"] == "ncm-frozen"
+    pred.select_readout("ncm-frozen")  # and back: the run's own rule and model id
     np.testing.assert_allclose(pred.predict_proba(paths), means, atol=1e-5)
     assert "@" not in pred.identity.model_id
 
@@ -207,7 +204,7 @@ def test_readout_option_reads_the_linear_head_of_a_class_mean_run(run_dir, capsy
     np.testing.assert_allclose([float(r["top1_prob"]) for r in rows], head.max(1), atol=1e-5)
     code, out, err = _cli(capsys, "--model", run_dir, paths[0], "--readout", "ncm")
     assert code == 2 and out == "" and "read-out 'ncm' is not in this checkpoint" in err
-    assert "ncm-relative class means" in err and "Traceback" not in err
+    assert "ncm-frozen class means" in err and "Traceback" not in err
 
 
 def test_predict_streams_lazily_and_keeps_input_order(run_dir):
@@ -307,7 +304,7 @@ def test_model_card_has_the_required_sections(run_dir, tmp_path):
     for fact in ("`vit-test`", "weights tag", "`random`", manifest["listing_sha256"],
                  "evaluation split", "`val`", "exemplar memory", "4 images in total", "seed",
                  "epochs per task", "docs/metrics.md", "multi-real accuracy", "AA",
-                 "randomly initialised", "unseen generator", "`ncm-relative`",
+                 "randomly initialised", "unseen generator", "`ncm-frozen`",
                  "multi_real, linear head"):
         assert fact in card, fact
     from lorax_cil.detection.model import AdapterConfig, BackboneRecipe, Detector, save_detector

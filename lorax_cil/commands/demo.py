@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "were made)")
     p.add_argument("--readout", choices=READOUTS, default=None,
                    help="train.readout of the LoRAX-family strategies (default: each one's own, "
-                        "ncm-relative for lorax; a run that reads by class means also records its "
+                        "ncm-frozen for lorax; a run that reads by class means also records its "
                         "linear head, shown as a second row)")
     p.add_argument("--memory-size", type=int, default=None,
                    help="exemplar budget (default: --memory-fraction of the training images)")

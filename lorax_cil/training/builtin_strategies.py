@@ -8,20 +8,16 @@ from typing import Any
 from lorax_cil.training.config import RunConfig
 from lorax_cil.training.registry import get_strategy, list_strategies, register_strategy
 
-__all__ = ["build_lorax_family", "lorax_family_strategies", "lr_scale", "LORAX_DEFAULTS",
-           "FROZEN_READOUT_DEFAULTS"]
+__all__ = ["build_lorax_family", "lorax_family_strategies", "lr_scale", "LORAX_DEFAULTS"]
 
-#: Defaults of lorax and lorax-deep where the configuration leaves them unset (``None``): the
-#: nearest-class-mean read-out with every class on the feature blocks of its own time, each
-#: block's cosine relative to the block's baseline (``ncm-relative``), chosen by the few-shot
-#: ablation and the demo data (benchmarks/fewshot.py, docs/fewshot.md). ``--set
-#: train.readout=head`` is the official LoRAX head.
-LORAX_DEFAULTS = {"readout": "ncm-relative"}
-#: lorax-side and lorax-mole keep ``ncm-frozen`` (no block baselines): on side networks the
-#: baselines measured on a task's own images made later classes take old images (30-epoch
-#: runs in docs/class-attention.md); MoLE extractors were not measured with them. (lorax-ca
-#: keeps the linear head by default.)
-FROZEN_READOUT_DEFAULTS = {"readout": "ncm-frozen"}
+#: Defaults of lorax, lorax-deep, lorax-side and lorax-mole where the configuration leaves them
+#: unset (``None``): the nearest-class-mean read-out with every class on the feature blocks of
+#: its own time (``ncm-frozen``), chosen by the few-shot ablation (benchmarks/fewshot.py,
+#: docs/fewshot.md). ``--set train.readout=head`` is the official LoRAX head;
+#: ``--set train.readout=ncm-relative`` adds block baselines (less forgetting on the few-shot
+#: EfficientNet-Lite0 settings, much more on the 12-task DINOv2 and side-network runs, so it is
+#: not a default). (lorax-ca keeps the linear head by default.)
+LORAX_DEFAULTS = {"readout": "ncm-frozen"}
 
 
 def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins: list) -> Any:
@@ -141,7 +137,7 @@ register_strategy(
                 "block: the frozen backbone runs once for every task (measured below lorax-ca, "
                 "docs/class-attention.md)",
     model={"extractor": "side"},
-    defaults=FROZEN_READOUT_DEFAULTS,
+    defaults=LORAX_DEFAULTS,
     network=_token_extractor_network,
 )(_lorax_family)
 
@@ -149,7 +145,7 @@ register_strategy(
     "lorax-mole",
     description="LoRAX with a mixture of LoRA experts (shared + routed) per task on the last k blocks",
     model={"extractor": "mole"},
-    defaults={"adapt_blocks": 3, **FROZEN_READOUT_DEFAULTS},
+    defaults={"adapt_blocks": 3, **LORAX_DEFAULTS},
 )(_lorax_family)
 
 register_strategy(

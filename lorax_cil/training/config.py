@@ -134,10 +134,9 @@ class TrainConfig:
             mean on the feature blocks of its own time, never updated) or ``ncm-relative``
             (``ncm-frozen`` with each block's cosine taken relative to the block's own
             match level, frozen as well) for evaluation and prediction;
-            ``None``: the strategy's default, ``ncm-relative`` for ``lorax`` and
-            ``lorax-deep``, ``ncm-frozen`` for ``lorax-mole`` and ``lorax-side`` (chosen by
-            ``benchmarks/fewshot.py``, see docs/fewshot.md) and ``head`` otherwise. ``head``
-            reproduces the official LoRAX.
+            ``None``: the strategy's default, ``ncm-frozen`` for ``lorax``, ``lorax-deep``,
+            ``lorax-mole`` and ``lorax-side`` (chosen by ``benchmarks/fewshot.py``, see
+            docs/fewshot.md) and ``head`` otherwise. ``head`` reproduces the official LoRAX.
             With a class-mean read-out the run records the linear head's matrices too
             (``accuracy_<metric>-head.csv``, ``summary.json`` ``head_readout``).
         cache_trunk: compute the frozen trunk once per training image and task and train every

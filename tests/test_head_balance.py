@@ -548,6 +548,14 @@ def test_ncm_relative_is_frozen_exact_on_rescore_and_reads_as_ncm_frozen(data_ro
     got = ncm_frozen_matrices(run.run_dir, relative=True)
     for kind in ("multi_real", "binary", "strict"):
         np.testing.assert_allclose(got[kind], run.matrices[kind].matrix, atol=1e-12)
+    import json
+
+    from lorax_cil.cli import main
+    assert main(["eval", "--run", str(run.run_dir), "--rescore", "ncm-relative",
+                 "--out", str(tmp_path / "rel.json")]) == 0
+    written = json.loads((tmp_path / "rel.json").read_text())
+    np.testing.assert_allclose(np.array(written["multi_real"], dtype=float),
+                               run.matrices["multi_real"].matrix, atol=1e-12)
     # the offsets change the logits (a run without them is another read-out)
     loaded, *_ = load_trained(run.run_dir)
     x = torch.stack([run.bench.test_stream[1].dataset.eval()[i][0] for i in range(4)])

@@ -132,8 +132,8 @@ class TrainConfig:
         readout: ``head`` (the linear head), ``ncm`` (cosine to class means of the
             concatenated features, kept after each task), ``ncm-frozen`` (each class's
             mean on the feature blocks of its own time, never updated) or ``ncm-relative``
-            (``ncm-frozen`` with each block's cosine taken relative to the block's own
-            match level, frozen as well) for evaluation and prediction;
+            (``ncm-frozen`` with each block's cosine minus the block's baseline similarity,
+            frozen as well; an option, docs/fewshot.md) for evaluation and prediction;
             ``None``: the strategy's default, ``ncm-frozen`` for ``lorax``, ``lorax-deep``,
             ``lorax-mole`` and ``lorax-side`` (chosen by ``benchmarks/fewshot.py``, see
             docs/fewshot.md) and ``head`` otherwise. ``head`` reproduces the official LoRAX.

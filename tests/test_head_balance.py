@@ -244,6 +244,13 @@ def test_finished_runs_are_read_exactly_with_either_readout(data_root, tmp_path)
     ft.train()
     with pytest.raises(ValueError, match="needs one frozen feature block per task"):
         ncm_frozen_matrices(ft.run_dir)
+    # --rescore all: the read-outs the run has, and why the others are missing
+    assert main(["eval", "--run", str(ft.run_dir), "--rescore", "all",
+                 "--out", str(tmp_path / "ft.json")]) == 0
+    every = json.loads((tmp_path / "ft.json").read_text())["readouts"]
+    assert "needs one frozen feature block per task" in every["ncm-relative"]["error"]
+    np.testing.assert_allclose(np.array(every["head"]["multi_real"], dtype=float),
+                               ft.matrices["multi_real"].matrix, atol=1e-12)
 
 
 def test_rescoring_leaves_out_evaluation_files_that_fail_to_decode(tmp_path):
@@ -346,7 +353,7 @@ def test_class_mean_runs_record_the_linear_head_from_the_same_passes(data_root, 
     assert evaluate_run(proto.run_dir)["readout"] is None
     with pytest.raises(ValueError, match="does not apply"):
         evaluate_run(proto.run_dir, readout="head")
-    for readout in ("head", "ncm-frozen"):  # refused with a message, not an AttributeError
+    for readout in ("head", "ncm-frozen", "ncm-relative", "all"):  # a message, no AttributeError
         assert main(["eval", "--run", str(proto.run_dir), "--rescore", readout]) == 2
     assert not (head.run_dir / "accuracy_multi_real-head.csv").exists()
 
@@ -566,6 +573,15 @@ def test_ncm_relative_is_frozen_exact_on_rescore_and_reads_as_ncm_frozen(data_ro
         use_readout(loaded, "ncm-relative")
         assert torch.equal(loaded(x), rel)
     frozen = ncm_frozen_matrices(run.run_dir)
+    assert main(["eval", "--run", str(run.run_dir), "--rescore", "all",
+                 "--out", str(tmp_path / "all.json")]) == 0
+    every = json.loads((tmp_path / "all.json").read_text())
+    assert every["own_readout"] == "ncm-relative"
+    for readout, want in (("ncm-relative", run.matrices["multi_real"].matrix),
+                          ("ncm-frozen", frozen["multi_real"]),
+                          ("head", run.head_matrices["multi_real"].matrix)):
+        np.testing.assert_allclose(np.array(every["readouts"][readout]["multi_real"], dtype=float),
+                                   want, atol=1e-12)
     read = evaluate_run(run.run_dir, readout="ncm-frozen")
     assert read["readout"] == "ncm-frozen"
     for i, name in enumerate(["a", "b"]):

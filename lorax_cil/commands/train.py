@@ -142,11 +142,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--tasks", nargs="+", default=None)
     e.add_argument("--eval-split", default=None, help="split to evaluate (default: the run's)")
     e.add_argument("--out", default=None, help="JSON file for the results")
-    e.add_argument("--rescore", choices=list(RESCORE_READOUTS), default=None,
+    e.add_argument("--rescore", choices=[*RESCORE_READOUTS, "all"], default=None,
                    help="instead: the run's accuracy matrices, AA and BWT read with this "
                         "read-out, whichever it trained with (exact, no training: ncm-frozen and "
-                        "ncm-relative from the last checkpoint and the training data, head from the "
-                        "checkpoint of every task; --data-path if the data moved)")
+                        "ncm-relative from the last checkpoint and the training data, head from "
+                        "the checkpoint of every task; --data-path if the data moved); all: "
+                        "one table of every read-out the run can be read with")
     e.add_argument("--readout", choices=READOUTS, default=None,
                    help="read the classes this way instead of the run's own (head: the linear "
                         "head of a run that reads by class means)")
@@ -396,6 +397,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+#: where ``eval --rescore`` matrices come from (``readout_matrices(...)["source"]``)
+RESCORE_SOURCES = {"recorded": "recorded during training",
+                   "checkpoints": "computed from the checkpoints and the data"}
+
+
 def _rescore(args: argparse.Namespace) -> int:
     """``eval --rescore READOUT``: the run's matrices under that read-out."""
     import numpy as np
@@ -410,11 +416,12 @@ def _rescore(args: argparse.Namespace) -> int:
         raise UserError(f"--rescore names the read-out and reads the run on its own tasks and "
                         f"evaluation split; {', '.join(other)} cannot be used with it "
                         "(--data-path can)")
+    if args.rescore == "all":
+        return _rescore_all(args)
     got = readout_matrices(args.run, args.rescore, data_path=args.data_path)
     names = got["task_names"]
     R = got["multi_real"]
-    source = {"recorded": "recorded during training",
-              "checkpoints": "computed from the checkpoints and the data"}[got["source"]]
+    source = RESCORE_SOURCES[got["source"]]
     print(f"multi-real accuracy (%) with the {args.rescore} read-out ({source}): row = after "
           "task, column = evaluated task")
     width = max(len(n) for n in names)
@@ -428,7 +435,47 @@ def _rescore(args: argparse.Namespace) -> int:
               f"forgetting {100 * sm['forgetting']:6.2f}")
     if args.out:
         write_json(args.out, {"run": str(args.run), "readout": args.rescore,
-                              "source": got["source"], "task_names": names, "summary": got["summary"],
-                              **{k: [[None if np.isnan(v) else float(v) for v in row]
-                                     for row in got[k]] for k in ("multi_real", "binary", "strict")}})
+                              **_rescore_record(got)})
+    return 0
+
+
+def _rescore_record(got: dict) -> dict:
+    """The JSON form of one :func:`readout_matrices` result (NaN written as null)."""
+    import numpy as np
+
+    return {"source": got["source"], "task_names": got["task_names"], "summary": got["summary"],
+            **{k: [[None if np.isnan(v) else float(v) for v in row] for row in got[k]]
+               for k in ("multi_real", "binary", "strict")}}
+
+
+def _rescore_all(args: argparse.Namespace) -> int:
+    """``eval --rescore all``: one line per read-out the run can be read with."""
+    import json
+
+    from lorax_cil.errors import UserError
+    from lorax_cil.training.evaluate import all_readout_matrices
+    from lorax_cil.utils import write_json
+
+    got = all_readout_matrices(args.run, data_path=args.data_path)
+    if all("error" in r for r in got.values()):
+        raise UserError(f"run {args.run} cannot be read with another read-out: "
+                        + "; ".join(f"{k}: {r['error']}" for k, r in got.items()))
+    summary = Path(args.run) / "summary.json"
+    own = json.loads(summary.read_text()).get("readout") if summary.is_file() else None
+    print(f"{args.run}: every read-out, exact, no training (multi-real AA, BWT and forgetting; "
+          "binary and strict AA; %)")
+    print(f"{'read-out':<14} {'AA':>6} {'BWT':>7} {'forget':>7} {'binary':>7} {'strict':>7}  source")
+    for readout, r in got.items():
+        if "error" in r:
+            print(f"{readout:<14} not available: {r['error']}")
+            continue
+        m, b, st = (r["summary"][k] for k in ("multi_real", "binary", "strict"))
+        mark = " (the run's own)" if readout == own else ""
+        print(f"{readout:<14} {100 * m['aa']:6.2f} {100 * m['bwt']:7.2f} "
+              f"{100 * m['forgetting']:7.2f} {100 * b['aa']:7.2f} {100 * st['aa']:7.2f}  "
+              f"{RESCORE_SOURCES[r['source']]}{mark}")
+    if args.out:
+        write_json(args.out, {"run": str(args.run), "own_readout": own,
+                              "readouts": {k: r if "error" in r else _rescore_record(r)
+                                           for k, r in got.items()}})
     return 0

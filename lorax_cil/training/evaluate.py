@@ -9,8 +9,8 @@ import numpy as np
 
 from lorax_cil.training.config import RESCORE_READOUTS
 
-__all__ = ["load_trained", "evaluate_run", "readout_matrices", "ncm_frozen_matrices", "head_matrices",
-           "RESCORE_READOUTS"]
+__all__ = ["load_trained", "evaluate_run", "readout_matrices", "all_readout_matrices",
+           "ncm_frozen_matrices", "head_matrices", "RESCORE_READOUTS"]
 
 
 def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple[Any, Any, Any, dict]:
@@ -325,3 +325,18 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
         return scores[:, : int(offsets[s + 1])].argmax(1).numpy(), labels
 
     return _matrices(T, predict, table, sc.task_names, bench)
+
+
+def all_readout_matrices(run: str | Path, *, data_path: str | Path | None = None,
+                         device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """Every read-out of :data:`RESCORE_READOUTS` for ``run`` (:func:`readout_matrices` each):
+    ``{readout: result}``, where a read-out the run cannot be read with gives
+    ``{"error": message}`` instead (a baseline with a rule of its own, an extractor that shares
+    one block across tasks, missing per-task checkpoints)."""
+    out: dict[str, dict[str, Any]] = {}
+    for readout in RESCORE_READOUTS:
+        try:
+            out[readout] = readout_matrices(run, readout, data_path=data_path, device=device)
+        except ValueError as exc:
+            out[readout] = {"error": str(exc)}
+    return out

@@ -16,7 +16,8 @@ initialisation of new head rows),
 ``ncm`` (nearest-class-mean read-out), ``ncmf`` (the ``ncm-frozen`` read-out: each class on
 the feature blocks of its own time), ``ncmr`` (the ``ncm-relative`` read-out: ``ncm-frozen``
 with each block's cosine minus the block's baseline similarity), ``cbl`` (class-balanced
-training loss), ``official`` (every head option off), ``epochs`` (no minimum step count: ``train.min_steps_per_task=0``);
+training loss), ``official`` (every head option off), ``epochs`` (no minimum step count:
+``train.min_steps_per_task=0``);
 and the baselines ``simplecil``, ``finetune-replay``, ``der-expandable``, ``icarl`` (any
 registered strategy name works), which train the whole network; ``NAME@kN`` trains
 ``finetune``, ``finetune-replay`` or ``icarl`` on the last ``N`` blocks only, as LoRAX (e.g.

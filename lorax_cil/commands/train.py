@@ -460,8 +460,11 @@ def _rescore_all(args: argparse.Namespace) -> int:
     if all("error" in r for r in got.values()):
         raise UserError(f"run {args.run} cannot be read with another read-out: "
                         + "; ".join(f"{k}: {r['error']}" for k, r in got.items()))
-    summary = Path(args.run) / "summary.json"
-    own = json.loads(summary.read_text()).get("readout") if summary.is_file() else None
+    own = None  # the run's own read-out, to mark it (a run stopped early has no summary yet)
+    try:
+        own = json.loads((Path(args.run) / "summary.json").read_text(encoding="utf-8")).get("readout")
+    except (OSError, ValueError, AttributeError):
+        pass
     print(f"{args.run}: every read-out, exact, no training (multi-real AA, BWT and forgetting; "
           "binary and strict AA; %)")
     print(f"{'read-out':<14} {'AA':>6} {'BWT':>7} {'forget':>7} {'binary':>7} {'strict':>7}  source")

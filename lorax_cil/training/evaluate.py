@@ -10,7 +10,7 @@ import numpy as np
 from lorax_cil.training.config import RESCORE_READOUTS
 
 __all__ = ["load_trained", "evaluate_run", "readout_matrices", "all_readout_matrices",
-           "ncm_frozen_matrices", "head_matrices", "RESCORE_READOUTS"]
+           "ncm_frozen_matrices", "class_mean_matrices", "head_matrices", "RESCORE_READOUTS"]
 
 
 def load_trained(run_or_checkpoint: str | Path, *, device: str = "cpu") -> tuple[Any, Any, Any, dict]:
@@ -274,6 +274,15 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
     Returns ``{"multi_real" | "binary" | "strict": (T, T) array (NaN above the diagonal),
     "summary": {kind: summarize_matrix(...)}, "task_names": [...]}``.
     """
+    name = "ncm-relative" if relative else "ncm-frozen"
+    return class_mean_matrices(run, (name,), data_path=data_path, device=device)[name]
+
+
+def class_mean_matrices(run: str | Path, readouts: Sequence[str] = ("ncm-frozen", "ncm-relative"),
+                        *, data_path: str | Path | None = None,
+                        device: str = "cpu") -> dict[str, dict[str, Any]]:
+    """:func:`ncm_frozen_matrices` for several class-mean read-outs (``ncm-frozen``,
+    ``ncm-relative``) from one feature pass over the run's data: ``{readout: result}``."""
     import torch
 
     from lorax_cil.models.expandable import ExpandableNet
@@ -284,7 +293,10 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
         new_block_offsets,
     )
 
-    name = "ncm-relative" if relative else "ncm-frozen"
+    unknown = [r for r in readouts if r not in ("ncm-frozen", "ncm-relative")]
+    if unknown or not readouts:
+        raise ValueError(f"class-mean read-outs are ncm-frozen and ncm-relative, got {list(readouts)}")
+    name = " / ".join(readouts)
     net, cfg, sc, _ = load_trained(run, device=device)
     if not isinstance(net, ExpandableNet):
         raise ValueError(f"run {run}: the {name} read-out reads the feature blocks of an "
@@ -310,21 +322,32 @@ def ncm_frozen_matrices(run: str | Path, *, data_path: str | Path | None = None,
                              "training image")
         means.append(feature_class_means(feats, labels, classes))
         blocks += [t + 1] * len(classes)
-        if relative:
+        if "ncm-relative" in readouts:
             block_offsets.append(new_block_offsets(feats, E, [t]))
     protos, class_blocks = torch.cat(means), torch.tensor(blocks)
-    shift = torch.cat(block_offsets) if relative else None
-    scored: dict[int, tuple[torch.Tensor, np.ndarray]] = {}
+    shifts = {"ncm-frozen": None,
+              "ncm-relative": torch.cat(block_offsets) if block_offsets else None}
+    tested: dict[int, tuple[torch.Tensor, np.ndarray]] = {}  # one feature pass per task
 
-    def predict(s: int, j: int) -> tuple[np.ndarray, np.ndarray]:
-        if j not in scored:
+    def test_features(j: int) -> tuple[torch.Tensor, np.ndarray]:
+        if j not in tested:
             feats, labels = feature_table(net, bench.test_stream[j].dataset, **table_args)
-            scored[j] = (blockwise_cosine_logits(feats, protos, class_blocks, E, offsets=shift),
-                         labels.numpy())
-        scores, labels = scored[j]
-        return scores[:, : int(offsets[s + 1])].argmax(1).numpy(), labels
+            tested[j] = (feats, labels.numpy())
+        return tested[j]
 
-    return _matrices(T, predict, table, sc.task_names, bench)
+    def reader(readout: str) -> Any:
+        scored: dict[int, torch.Tensor] = {}
+
+        def predict(s: int, j: int) -> tuple[np.ndarray, np.ndarray]:
+            feats, labels = test_features(j)
+            if j not in scored:
+                scored[j] = blockwise_cosine_logits(feats, protos, class_blocks, E,
+                                                    offsets=shifts[readout])
+            return scored[j][:, : int(offsets[s + 1])].argmax(1).numpy(), labels
+
+        return predict
+
+    return {r: _matrices(T, reader(r), table, sc.task_names, bench) for r in readouts}
 
 
 def all_readout_matrices(run: str | Path, *, data_path: str | Path | None = None,
@@ -334,9 +357,13 @@ def all_readout_matrices(run: str | Path, *, data_path: str | Path | None = None
     ``{"error": message}`` instead (a baseline with a rule of its own, an extractor that shares
     one block across tasks, missing per-task checkpoints)."""
     out: dict[str, dict[str, Any]] = {}
-    for readout in RESCORE_READOUTS:
-        try:
-            out[readout] = readout_matrices(run, readout, data_path=data_path, device=device)
-        except ValueError as exc:
-            out[readout] = {"error": str(exc)}
-    return out
+    try:
+        out["head"] = readout_matrices(run, "head", data_path=data_path, device=device)
+    except ValueError as exc:
+        out["head"] = {"error": str(exc)}
+    means = [r for r in RESCORE_READOUTS if r != "head"]
+    try:  # the class-mean read-outs share one feature pass
+        out.update(class_mean_matrices(run, means, data_path=data_path, device=device))
+    except ValueError as exc:
+        out.update({r: {"error": str(exc)} for r in means})
+    return {r: out[r] for r in RESCORE_READOUTS}

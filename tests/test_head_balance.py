@@ -390,6 +390,8 @@ def test_ncm_frozen_needs_an_extractor_that_grows():
     backbone = create_backbone("vit-test", pretrained=False)
     with pytest.raises(ValueError, match="ncm-frozen read-out needs one feature block per task"):
         build_expandable_net("ncm-frozen", backbone=backbone, extractor="finetune")
+    with pytest.raises(ValueError, match="ncm-relative read-out needs one feature block per task"):
+        build_expandable_net("ncm-relative", backbone=backbone, extractor="finetune")
     with pytest.raises(ValueError, match="train.readout must be"):
         build_expandable_net("knn", backbone=backbone, extractor="lora")
 

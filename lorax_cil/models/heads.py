@@ -158,7 +158,8 @@ class NCMExpandableNet(ExpandableNet):
         if readout_scale <= 0:
             raise ValueError(f"readout_scale must be positive, got {readout_scale}")
         if own_blocks and not self.ext.grows:
-            raise ValueError(f"the ncm-frozen read-out needs one feature block per task; "
+            name = "ncm-relative" if relative else "ncm-frozen"
+            raise ValueError(f"the {name} read-out needs one feature block per task; "
                              f"extractor {self.extractor!r} shares one block across tasks "
                              "(use train.readout=ncm)")
         if relative and not own_blocks:

@@ -42,6 +42,25 @@ def tiny_run(data_root, out, **train) -> Run:
     return run
 
 
+def train_recording_first_task_scores(data_root, out, monkeypatch, readout: str):
+    """Train a 2-task run with ``readout`` and record, after each task's read-out update, the
+    first task's class scores of 4 of its evaluation images: ``(run, {num_tasks: scores})``."""
+    scores = {}
+    original = HeadBalancer.after_task
+
+    def spy(self, strategy):
+        original(self, strategy)
+        net = strategy.model.net.eval()
+        x = torch.stack([run.bench.test_stream[0].dataset.eval()[i][0] for i in range(4)])
+        with torch.no_grad():
+            scores[net.num_tasks] = net.forward_all(x).logits[:, :2].clone()
+
+    monkeypatch.setattr(HeadBalancer, "after_task", spy)
+    run = tiny_run(data_root, out, readout=readout, memory_size=4)
+    run.train()
+    return run, scores
+
+
 def test_weight_align_leaves_old_rows_and_equalises_mean_norms():
     torch.manual_seed(0)
     head = nn.Linear(8, 6)
@@ -162,19 +181,8 @@ def test_blockwise_cosine_reads_each_class_on_its_own_blocks():
 def test_ncm_frozen_keeps_old_class_scores_and_reads_no_exemplar(data_root, tmp_path, monkeypatch):
     from lorax_cil.training.evaluate import load_trained
 
-    scores = {}
-    original = HeadBalancer.after_task
-
-    def spy(self, strategy):
-        original(self, strategy)
-        net = strategy.model.net.eval()
-        x = torch.stack([run.bench.test_stream[0].dataset.eval()[i][0] for i in range(4)])
-        with torch.no_grad():
-            scores[net.num_tasks] = net.forward_all(x).logits[:, :2].clone()
-
-    monkeypatch.setattr(HeadBalancer, "after_task", spy)
-    run = tiny_run(data_root, tmp_path / "r", readout="ncm-frozen", memory_size=4)
-    run.train()
+    run, scores = train_recording_first_task_scores(data_root, tmp_path / "r", monkeypatch,
+                                                    "ncm-frozen")
     net = run.net.eval()
     assert net.own_blocks and net.class_blocks().tolist() == [1, 1, 2, 2]
     # the first task's classes score every image exactly as they did when they were learnt
@@ -532,19 +540,8 @@ def test_ncm_relative_is_frozen_exact_on_rescore_and_reads_as_ncm_frozen(data_ro
     from lorax_cil.models.heads import OFFSETS_KEY, block_offset, current_readout, use_readout
     from lorax_cil.training.evaluate import evaluate_run, load_trained, ncm_frozen_matrices
 
-    scores = {}
-    original = HeadBalancer.after_task
-
-    def spy(self, strategy):
-        original(self, strategy)
-        net = strategy.model.net.eval()
-        x = torch.stack([run.bench.test_stream[0].dataset.eval()[i][0] for i in range(4)])
-        with torch.no_grad():
-            scores[net.num_tasks] = net.forward_all(x).logits[:, :2].clone()
-
-    monkeypatch.setattr(HeadBalancer, "after_task", spy)
-    run = tiny_run(data_root, tmp_path / "r", readout="ncm-relative", memory_size=4)
-    run.train()
+    run, scores = train_recording_first_task_scores(data_root, tmp_path / "r", monkeypatch,
+                                                    "ncm-relative")
     net = run.net.eval()
     assert net.relative and current_readout(net) == "ncm-relative"
     assert torch.allclose(scores[1], scores[2], atol=1e-6)  # old classes: frozen scores

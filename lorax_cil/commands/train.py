@@ -441,11 +441,10 @@ def _rescore(args: argparse.Namespace) -> int:
 
 def _rescore_record(got: dict) -> dict:
     """The JSON form of one :func:`readout_matrices` result (NaN written as null)."""
-    import numpy as np
+    from lorax_cil.training.runner import rows_from_matrix
 
     return {"source": got["source"], "task_names": got["task_names"], "summary": got["summary"],
-            **{k: [[None if np.isnan(v) else float(v) for v in row] for row in got[k]]
-               for k in ("multi_real", "binary", "strict")}}
+            **{k: rows_from_matrix(got[k]) for k in ("multi_real", "binary", "strict")}}
 
 
 def _rescore_all(args: argparse.Namespace) -> int:

@@ -587,9 +587,9 @@ class Run:
             "architecture": self.net.architecture(),
             "memory": self.strategy.memory.state(self.bench.paths_of),
             "steps": self.steps,
-            "matrices": {m: _nan_to_none(mat.matrix) for m, mat in self.matrices.items()},
+            "matrices": {m: rows_from_matrix(mat.matrix) for m, mat in self.matrices.items()},
             "head_matrices": None if self.head_matrices is None else
-            {m: _nan_to_none(mat.matrix) for m, mat in self.head_matrices.items()},
+            {m: rows_from_matrix(mat.matrix) for m, mat in self.head_matrices.items()},
             "config": self.cfg.to_dict(),
             # Randomness is re-seeded at the start of every task from (seed, task index), so
             # the next task's RNG state is fully determined by these two numbers.
@@ -682,11 +682,12 @@ def _note_derived(path: Path, j: int, name: str, length: Any) -> None:
 
 
 def matrix_from_rows(rows: Sequence[Sequence[float | None]]) -> np.ndarray:
-    """A matrix stored by :func:`_nan_to_none` back as a float array."""
+    """A matrix stored by :func:`rows_from_matrix` back as a float array."""
     return np.array([[np.nan if v is None else v for v in r] for r in rows], dtype=float)
 
 
-def _nan_to_none(a: np.ndarray) -> list[list[float | None]]:
+def rows_from_matrix(a: np.ndarray) -> list[list[float | None]]:
+    """A matrix as JSON rows, NaN written as ``None`` (read back by :func:`matrix_from_rows`)."""
     return [[None if np.isnan(v) else float(v) for v in row] for row in np.asarray(a)]
 
 

@@ -22,6 +22,12 @@ and the baselines ``simplecil``, ``finetune-replay``, ``der-expandable``, ``icar
 registered strategy name works), which train the whole network; ``NAME@kN`` trains
 ``finetune``, ``finetune-replay`` or ``icarl`` on the last ``N`` blocks only, as LoRAX (e.g.
 ``icarl@k3``); ``memo`` is DER on the last ``--adapt-blocks`` blocks.
+
+``--rescore ncm-relative,head`` also reads every finished run of a LoRAX-family variant with
+those read-outs (exact, no training: :func:`lorax_cil.training.evaluate.readout_matrices`) and
+adds a row ``VARIANT:READOUT`` per read-out, so one training gives every read-out's row (the
+``train s`` cell is the shared training's). Read-outs a run cannot be read with are refused,
+naming the run; a run's own read-out gives no extra row. Cached in ``<run>/rescore-<readout>.json``.
 """
 
 from __future__ import annotations
@@ -85,6 +91,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="extra config for every run (e.g. train.min_steps_per_task=100)")
     p.add_argument("--variants", default=DEFAULT_VARIANTS)
+    p.add_argument("--rescore", default="", metavar="READOUT[,READOUT]",
+                   help="also read the LoRAX runs with these read-outs (ncm-frozen, "
+                        "ncm-relative, head): one VARIANT:READOUT row each, no training")
     p.add_argument("--table-only", action="store_true",
                    help="only tabulate finished runs under --out (missing runs are left out)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -187,6 +196,41 @@ def run_one(args, variant: str, scenario: str, root: Path, per_class: int, seed:
     return run.train()
 
 
+def rescored(args, variant: str, per_class: int, row: dict, readout: str, data: Path) -> dict | None:
+    """``row`` (a finished run's summary) read again with ``readout``; ``None`` when that is
+    the run's own read-out. Cached beside the run, keyed by the run's recorded AA."""
+    from lorax_cil.training.evaluate import readout_matrices
+
+    if row.get("readout") == readout:
+        return None
+    run = Path(args.out) / "runs" / f"{per_class}" / variant / f"seed{row['seed']}"
+    cache = run / f"rescore-{readout}.json"
+    if cache.is_file():
+        hit = json.loads(cache.read_text())
+        if hit.get("as_trained_aa") == row["multi_real_aa"]:
+            return hit
+    try:  # the head: the matrices the run recorded while training (on the run's own data)
+        summary = readout_matrices(run, readout, data_path=None if readout == "head" else data)["summary"]
+    except ValueError as exc:
+        raise SystemExit(f"--rescore {readout}: {exc}") from None
+    out = {"seed": row["seed"], "readout": readout, "as_trained_aa": row["multi_real_aa"],
+           "train_seconds": row.get("train_seconds"),
+           "multi_real_aa": summary["multi_real"]["aa"], "multi_real_bwt": summary["multi_real"]["bwt"],
+           "binary_aa": summary["binary"]["aa"], "strict_aa": summary["strict"]["aa"]}
+    cache.write_text(json.dumps(out, indent=1) + "\n", encoding="utf-8")
+    return out
+
+
+def parse_rescore(text: str) -> list[str]:
+    from lorax_cil.training.config import RESCORE_READOUTS
+
+    readouts = [r.strip() for r in text.split(",") if r.strip()]
+    bad = [r for r in readouts if r not in RESCORE_READOUTS]
+    if bad:
+        raise SystemExit(f"--rescore: unknown read-out(s) {bad}; valid: {list(RESCORE_READOUTS)}")
+    return readouts
+
+
 def aggregate(rows: list[dict]) -> dict:
     out: dict = {"seeds": len(rows)}
     for key, field, _ in METRICS:
@@ -199,12 +243,15 @@ def aggregate(rows: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
+    from lorax_cil.training.builtin_strategies import lorax_family_strategies
+
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     for v in variants:
         variant_config(v, args)
+    readouts = parse_rescore(args.rescore)
     table: list[dict] = []
     t0 = time.perf_counter()
     for per_class in args.per_class:
@@ -216,10 +263,18 @@ def main(argv=None) -> int:
                       flush=True)
                 rows.append(run_one(args, variant, scenario, root, per_class, seed))
             rows = [r for r in rows if r]
-            if rows:
-                table.append({"per_class": per_class, "variant": variant,
-                              "seed_list": sorted(r["seed"] for r in rows), **aggregate(rows)})
-                write_outputs(args, table, argv)
+            if not rows:
+                continue
+            table.append({"per_class": per_class, "variant": variant,
+                          "seed_list": sorted(r["seed"] for r in rows), **aggregate(rows)})
+            strategy = variant_config(variant, args)[0]
+            for readout in readouts if strategy in lorax_family_strategies() else ():
+                again = [x for x in (rescored(args, variant, per_class, r, readout, root)
+                                     for r in rows) if x]
+                if again:
+                    table.append({"per_class": per_class, "variant": f"{variant}:{readout}",
+                                  "seed_list": sorted(r["seed"] for r in again), **aggregate(again)})
+            write_outputs(args, table, argv)
     return 0
 
 

@@ -48,10 +48,23 @@ def test_tiny_ablation_writes_table_and_csv(tmp_path):
             "--lora-r", "2", "--set", "train.min_steps_per_task=2", "--seeds", "0",
             "--variants", "lorax+ncmf,simplecil,icarl,icarl@k1", "--data", str(tmp_path / "data"),
             "--out", str(out)]
-    assert mod.main(argv) == 0
+    rescore = ["--rescore", "ncm-frozen,head"]
+    assert mod.main(argv + rescore) == 0
     rows = list(csv.DictReader(open(out / "fewshot.csv")))
+    # the run's own read-out (ncm-frozen) adds no row; baselines are not rescored
     assert [(r["per_class"], r["variant"]) for r in rows] == [
-        ("10", "lorax+ncmf"), ("10", "simplecil"), ("10", "icarl"), ("10", "icarl@k1")]
+        ("10", "lorax+ncmf"), ("10", "lorax+ncmf:head"), ("10", "simplecil"), ("10", "icarl"),
+        ("10", "icarl@k1")]
+    run = out / "runs" / "10" / "lorax+ncmf" / "seed0"
+    summary = json.loads((run / "summary.json").read_text())
+    head = {r["variant"]: r for r in rows}["lorax+ncmf:head"]
+    # the head's row is the head the run recorded while training, exactly
+    assert float(head["aa_mean"]) == pytest.approx(100 * summary["head_readout"]["multi_real_aa"], abs=1e-3)
+    assert float(head["bwt_mean"]) == pytest.approx(100 * summary["head_readout"]["multi_real_bwt"], abs=1e-3)
+    assert float(head["train_s_mean"]) == pytest.approx(summary["train_seconds"], abs=1e-3)
+    assert (run / "rescore-head.json").is_file()
+    with pytest.raises(SystemExit, match="unknown read-out.*'ncm-relatve'"):
+        mod.main(argv + ["--rescore", "ncm-relatve", "--table-only"])
     assert all(0.0 <= float(r["aa_mean"]) <= 100.0 for r in rows)
     text = (out / "fewshot.md").read_text()
     assert "| 10 | lorax+ncmf | 0 |" in text and "--variants lorax+ncmf,simplecil,icarl" in text
@@ -63,3 +76,7 @@ def test_tiny_ablation_writes_table_and_csv(tmp_path):
     # finished runs are reused: the table-only pass finds both
     assert mod.main(argv + ["--table-only"]) == 0
     assert len(list(csv.DictReader(open(out / "fewshot.csv")))) == 4
+    # the rescored row comes back from its cache, unchanged
+    assert mod.main(argv + rescore + ["--table-only"]) == 0
+    again = {r["variant"]: r for r in csv.DictReader(open(out / "fewshot.csv"))}
+    assert again["lorax+ncmf:head"] == head

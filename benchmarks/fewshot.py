@@ -37,6 +37,7 @@ import csv
 import inspect
 import json
 import math
+import os
 import platform
 import shlex
 import sys
@@ -198,7 +199,8 @@ def run_one(args, variant: str, scenario: str, root: Path, per_class: int, seed:
 
 def rescored(args, variant: str, per_class: int, row: dict, readout: str, data: Path) -> dict | None:
     """``row`` (a finished run's summary) read again with ``readout``; ``None`` when that is
-    the run's own read-out. Cached beside the run, keyed by the run's recorded AA."""
+    the run's own read-out. Cached beside the run, keyed by the run's recorded AA and training
+    time (a run trained again is read again)."""
     from lorax_cil.training.evaluate import readout_matrices
 
     if row.get("readout") == readout:
@@ -207,7 +209,8 @@ def rescored(args, variant: str, per_class: int, row: dict, readout: str, data: 
     cache = run / f"rescore-{readout}.json"
     if cache.is_file():
         hit = json.loads(cache.read_text())
-        if hit.get("as_trained_aa") == row["multi_real_aa"]:
+        if [hit.get("as_trained_aa"), hit.get("train_seconds")] == [row["multi_real_aa"],
+                                                                    row.get("train_seconds")]:
             return hit
     try:  # the head: the matrices the run recorded while training (on the run's own data)
         summary = readout_matrices(run, readout, data_path=None if readout == "head" else data)["summary"]
@@ -294,7 +297,8 @@ def write_outputs(args, table: list[dict], argv) -> None:
                  for k, *_ in METRICS]
         seeds = ",".join(str(s) for s in row["seed_list"])
         lines.append(f"| {row['per_class']} | {row['variant']} | {seeds} | " + " | ".join(cells) + " |")
-    command = "OMP_NUM_THREADS=1 python benchmarks/fewshot.py " + " ".join(
+    threads = os.environ.get("OMP_NUM_THREADS")
+    command = (f"OMP_NUM_THREADS={threads} " if threads else "") + "python benchmarks/fewshot.py " + " ".join(
         shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     header = [
         "# Few-shot ablation", "",

@@ -80,3 +80,11 @@ def test_tiny_ablation_writes_table_and_csv(tmp_path):
     assert mod.main(argv + rescore + ["--table-only"]) == 0
     again = {r["variant"]: r for r in csv.DictReader(open(out / "fewshot.csv"))}
     assert again["lorax+ncmf:head"] == head
+    # a cache written for another training of the run (another AA) is not used
+    cache = run / "rescore-head.json"
+    stale = {**json.loads(cache.read_text()), "as_trained_aa": 0.123, "multi_real_aa": 0.0}
+    cache.write_text(json.dumps(stale))
+    assert mod.main(argv + rescore + ["--table-only"]) == 0
+    again = {r["variant"]: r for r in csv.DictReader(open(out / "fewshot.csv"))}
+    assert again["lorax+ncmf:head"] == head
+    assert json.loads(cache.read_text())["as_trained_aa"] == summary["multi_real_aa"]

@@ -15,8 +15,9 @@ __all__ = ["build_lorax_family", "lorax_family_strategies", "lr_scale", "LORAX_D
 #: its own time (``ncm-frozen``), chosen by the few-shot ablation (benchmarks/fewshot.py,
 #: docs/fewshot.md). ``--set train.readout=head`` is the official LoRAX head;
 #: ``--set train.readout=ncm-relative`` adds block baselines (less forgetting on the few-shot
-#: EfficientNet-Lite0 settings, much more on the 12-task DINOv2 and side-network runs, so it is
-#: not a default). (lorax-ca keeps the linear head by default.)
+#: EfficientNet-Lite0 settings at 32 px, lower AA on the 12-task DINOv2 and side-network runs,
+#: so it is not a default). On the DINOv2 ViT the linear head has the higher AA in the few-shot
+#: runs measured (docs/fewshot.md). (lorax-ca keeps the linear head by default.)
 LORAX_DEFAULTS = {"readout": "ncm-frozen"}
 
 

@@ -164,10 +164,6 @@ def run_one(args, variant: str, scenario: str, root: Path, per_class: int, seed:
     from lorax_cil.training.runner import Run
 
     out = Path(args.out) / "runs" / f"{per_class}" / variant / f"seed{seed}"
-    if (out / "summary.json").is_file():
-        return json.loads((out / "summary.json").read_text())
-    if args.table_only:
-        return {}
     strategy, train = variant_config(variant, args)
     tasks = resolve_scenario(scenario, data_path=root).task_names[: args.tasks]
     # the budget that leaves --memory-per-class exemplars per class after the last task
@@ -191,10 +187,43 @@ def run_one(args, variant: str, scenario: str, root: Path, per_class: int, seed:
         cfg.model.adapt_blocks = variant_blocks(variant)[1]  # None: the whole network
     elif cfg.model.adapt_blocks and args.cache_trunk:
         cfg.train.cache_trunk = True  # deterministic transform at crop = image size
+    if (out / "summary.json").is_file():
+        check_same_config(out, cfg)
+        return json.loads((out / "summary.json").read_text())
+    if args.table_only:
+        return {}
     kwargs = {"display": "off"} if "display" in inspect.signature(Run).parameters else {}
     run = Run(cfg, run_dir=out, progress=lambda m: print(f"    {m}", flush=True), **kwargs)
     run.setup(resolve_scenario("custom", data_path=root, tasks=tasks))
     return run.train()
+
+
+#: keys a finished run may differ in without being another experiment
+_RUN_ONLY = {"device", "num_workers", "eval_batch_size", "cache_trunk"}
+
+
+def check_same_config(run: Path, cfg) -> None:
+    """Stop when the finished run in ``run`` was trained with another model or training
+    configuration than ``cfg`` would give now (after the strategy's preset, e.g. a default
+    that changed since): its row would be reported under a setting it did not have. Keys the
+    run's ``config.yaml`` lacks (added since) are not compared."""
+    import dataclasses
+
+    from lorax_cil.training.config import load_config
+    from lorax_cil.training.registry import apply_preset
+
+    saved = load_config(run / "config.yaml")
+    now = apply_preset(cfg)
+    differ = []
+    for section in ("model", "train"):
+        mine = dataclasses.asdict(getattr(now, section))
+        for key, value in (saved.get(section) or {}).items():
+            if key in mine and key not in _RUN_ONLY and mine[key] != value:
+                differ.append(f"{section}.{key}: {value!r} in the run, {mine[key]!r} now")
+    if differ:
+        raise SystemExit(f"{run}: this finished run was trained with another configuration than "
+                         f"this command gives ({'; '.join(differ)}); use another --out, or move "
+                         "the run away to train it again")
 
 
 def rescored(args, variant: str, per_class: int, row: dict, readout: str, data: Path) -> dict | None:

@@ -349,3 +349,16 @@ def test_importing_the_registry_is_cheap() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert out.stdout.strip() == ""
+
+
+def test_every_builtin_backbone_names_its_family_and_unknown_names_have_none():
+    from lorax_cil.models.backbones import backbone_family, list_backbones
+
+    fam = {n: backbone_family(n) for n in list_backbones()}
+    assert all(v in ("vit", "cnn") for v in fam.values()), fam
+    assert fam["dinov2-vits14"] == "vit" and fam["efficientnet-lite0"] == "cnn"
+    assert backbone_family("vit_small_patch16_224.augreg_in21k") == "vit"  # by pattern
+    assert backbone_family("open_clip:ViT-B-32") == "vit"
+    assert backbone_family("no-such-net") == ""
+    with pytest.raises(ValueError, match="backbone family must be one of"):
+        register_backbone("tiny-family-test", family="rnn")

@@ -21,7 +21,7 @@ def test_demo_runs_strategies_side_by_side_and_writes_plots(tmp_path, capsys):
     rc = main(["-q", "demo", "--out", str(out), "--data-dir", str(tmp_path / "data"),
                "--backbone", "vit-test", "--per-class", "6", "--val-per-class", "3",
                "--size", "32", "--epochs", "1", "--memory-size", "14",
-               "--strategies", "lorax,finetune"])
+               "--strategies", "lorax,finetune", "--readout", "ncm-frozen"])
     printed = capsys.readouterr().out
     assert rc == 0
     for name in ("summary.md", "average_accuracy.png", "matrices.png", "contact_sheet.png",
@@ -30,7 +30,7 @@ def test_demo_runs_strategies_side_by_side_and_writes_plots(tmp_path, capsys):
     table = (out / "summary.md").read_text()
     assert "| lorax [ncm-frozen] " in table and "| finetune " in table
     assert "all blocks adapted" in table
-    # lorax reads by class means by default; its linear head is the second row, same run
+    # a lorax run that reads by class means shows its linear head as a second row, same run
     head = json.loads((out / "lorax" / "summary.json").read_text())["head_readout"]
     line = next(r for r in table.splitlines() if r.startswith("| lorax [linear head]"))
     assert f"{100 * head['multi_real_aa']:.2f}" in line and "[linear head]" in table.split("\n")[0]
@@ -81,8 +81,15 @@ def test_demo_config_respects_presets_that_fix_memory(tmp_path):
     assert apply_preset(demo_config(args, "lorax", tmp_path)).train.memory_size == 12
     assert apply_preset(demo_config(args, "finetune", tmp_path)).train.memory_size == 0
     assert demo_config(args, "simplecil", tmp_path).train.cache_trunk is False
-    # by default each strategy's own read-out; --readout reaches the LoRAX family only
-    assert apply_preset(demo_config(args, "lorax", tmp_path)).train.readout == "ncm-frozen"
+    # by default each strategy's own read-out (the LoRAX family's depends on the backbone's
+    # family); --readout reaches the LoRAX family only
+    vit = apply_preset(demo_config(args, "lorax", tmp_path)).train
+    assert (vit.readout, vit.head_balanced_steps) == ("head", 100)
+    cnn = resolve_demo_args(_demo_args("--backbone", "efficientnet-lite0"))
+    cnn.memory_size_resolved = 12
+    cnn = apply_preset(demo_config(cnn, "lorax", tmp_path)).train
+    assert (cnn.readout, cnn.head_balanced_steps) == ("ncm-frozen", 0)
+    assert apply_preset(demo_config(args, "finetune", tmp_path)).train.head_balanced_steps is None
     args.readout = "head"
     assert demo_config(args, "lorax-deep", tmp_path).train.readout == "head"
     assert demo_config(args, "finetune", tmp_path).train.readout is None
@@ -100,12 +107,14 @@ def test_demo_on_the_pretrained_vit_end_to_end(tmp_path, capsys):
     assert rc == 0, printed
     assert "pretrained DINOv2 ViT-S/14" in printed and "last 1 blocks adapted" in printed
     table = (out / "summary.md").read_text()
-    assert "| lorax [ncm-frozen] " in table and "| lorax [linear head] " in table
+    # on a ViT lorax reads with its balanced linear head by default: one row
+    assert "| lorax " in table and "[linear head]" not in table
     assert "| simplecil " in table and "dinov2-vits14 at 42 px" in table
     lorax = json.loads((out / "lorax" / "summary.json").read_text())
-    assert lorax["completed_tasks"] == 5
+    assert lorax["completed_tasks"] == 5 and lorax["readout"] == "head"
     config = (out / "lorax" / "config.yaml").read_text()
     assert "img_size: 42" in config and "lora_targets: attn+mlp" in config
+    assert "readout: head" in config and "head_balanced_steps: 100" in config
 
 
 @pytest.mark.parametrize("name,what", [("lorax-ca", "class-attention task tokens"),

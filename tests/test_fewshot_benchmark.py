@@ -88,3 +88,11 @@ def test_tiny_ablation_writes_table_and_csv(tmp_path):
     again = {r["variant"]: r for r in csv.DictReader(open(out / "fewshot.csv"))}
     assert again["lorax+ncmf:head"] == head
     assert json.loads(cache.read_text())["as_trained_aa"] == summary["multi_real_aa"]
+    # a finished run trained with another configuration than the command now gives (a default
+    # changed since, an edited config) stops the script instead of entering the table
+    cfg_file = run / "config.yaml"
+    cfg_file.write_text(cfg_file.read_text().replace("head_balanced_steps: 0",
+                                                     "head_balanced_steps: 5"))
+    with pytest.raises(SystemExit, match=r"trained with another configuration.*"
+                       r"train\.head_balanced_steps: 5 in the run, 0 now"):
+        mod.main(argv + ["--table-only"])

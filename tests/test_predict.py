@@ -21,7 +21,8 @@ from lorax_cil.training.checkpoint import CheckpointError
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """A finished 2-task LoRAX run with a random vit-test backbone."""
+    """A finished 2-task LoRAX run with a random vit-test backbone, reading by ncm-frozen
+    class means (the LoRAX default on a CNN; on a ViT the default is the head)."""
     from lorax_cil.benchmarks.scenarios import resolve_scenario
     from lorax_cil.training.config import RunConfig, merge_config
     from lorax_cil.training.runner import Run
@@ -33,7 +34,8 @@ def run_dir(tmp_path_factory):
                   "lora_dropout": 0.0},
         "data": {"scenario": "custom"},
         "train": {"epochs": 1, "batch_size": 8, "warmup_epochs": 0, "memory_size": 4,
-                  "eval_batch_size": 16, "device": "cpu", "min_steps_per_task": 0},
+                  "eval_batch_size": 16, "device": "cpu", "min_steps_per_task": 0,
+                  "readout": "ncm-frozen"},
     }, source="test")
     run = Run(cfg, run_dir=root / "run")
     run.setup(resolve_scenario("custom", data_path=data, tasks=["a", "b"]))

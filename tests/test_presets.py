@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from lorax_cil.cli import main
+from lorax_cil.models.backbones import backbone_family
 from lorax_cil.training.config import RunConfig, merge_config
-from lorax_cil.training.registry import PresetConflictError, apply_preset, preset_table
+from lorax_cil.training.registry import ByBackbone, PresetConflictError, apply_preset, preset_table
 
 FIXED = [row for row in preset_table() if row[4]]
 DEFAULTS = [row for row in preset_table() if not row[4]]
@@ -70,6 +71,8 @@ def test_without_explicit_settings_the_preset_applies(strategy, section, key, va
 @pytest.mark.parametrize("strategy,section,key,value", [r[:4] for r in DEFAULTS],
                          ids=[f"{r[0]}-{r[2]}" for r in DEFAULTS])
 def test_default_entries_yield_to_explicit_values(strategy, section, key, value):
+    if isinstance(value, ByBackbone):  # the configuration's default backbone decides
+        value = value.resolve(backbone_family(RunConfig().model.backbone))
     for mine in (other_value(key, value), None):
         got = apply_preset(config(strategy, section, key, mine), {f"{section}.{key}": "x"})
         assert getattr(getattr(got, section), key) == mine
@@ -137,3 +140,29 @@ def test_compare_announces_strategy_defaults_and_reuses_no_run_of_another_side_w
     diff = config_differences(run.to_dict(), wider.to_dict())
     assert "model.lora_r: run has 64, requested 128" in diff
     assert "model.lora_alpha: run has 64.0, requested 128.0" in diff
+
+
+def test_a_by_backbone_default_resolves_for_the_backbone_family(monkeypatch):
+    from lorax_cil.training import registry
+
+    entry = ByBackbone("ncm-frozen", vit="head")
+    assert (entry.resolve("vit"), entry.resolve("cnn"), entry.resolve("")) == \
+        ("head", "ncm-frozen", "ncm-frozen")
+    assert repr(entry) == "'ncm-frozen', 'head' on vit backbones"
+    with pytest.raises(ValueError, match=r"unknown backbone families \['rnn'\]"):
+        ByBackbone(0, rnn=1)
+    preset = registry.get_strategy("lorax")
+    monkeypatch.setitem(preset.defaults, "readout", entry)
+
+    def resolved(backbone, **explicit):
+        cfg = merge_config(RunConfig(), {"model": {"backbone": backbone},
+                                         "train": {"strategy": "lorax", **explicit}},
+                           source="test")
+        how = {f"train.{k}": "x" for k in explicit}
+        return apply_preset(cfg, how).train.readout
+
+    assert resolved("dinov2-vits14") == "head"
+    assert resolved("vit_base_patch16_224") == "head"  # a registered pattern
+    assert resolved("efficientnet-lite0") == "ncm-frozen"
+    assert resolved("my-unregistered-net") == "ncm-frozen"  # unknown family: the plain default
+    assert resolved("dinov2-vits14", readout="ncm-relative") == "ncm-relative"  # explicit wins

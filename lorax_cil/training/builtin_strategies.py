@@ -6,19 +6,22 @@ from __future__ import annotations
 from typing import Any
 
 from lorax_cil.training.config import RunConfig
-from lorax_cil.training.registry import get_strategy, list_strategies, register_strategy
+from lorax_cil.training.registry import ByBackbone, get_strategy, list_strategies, register_strategy
 
 __all__ = ["build_lorax_family", "lorax_family_strategies", "lr_scale", "LORAX_DEFAULTS"]
 
 #: Defaults of lorax, lorax-deep, lorax-side and lorax-mole where the configuration leaves them
-#: unset (``None``): the nearest-class-mean read-out with every class on the feature blocks of
-#: its own time (``ncm-frozen``), chosen by the few-shot ablation (benchmarks/fewshot.py,
-#: docs/fewshot.md). ``--set train.readout=head`` is the official LoRAX head;
-#: ``--set train.readout=ncm-relative`` adds block baselines (less forgetting on the few-shot
-#: EfficientNet-Lite0 settings at 32 px, lower AA on the 12-task DINOv2 and side-network runs,
-#: so it is not a default). On the DINOv2 ViT the linear head has the higher AA in the few-shot
-#: runs measured (docs/fewshot.md). (lorax-ca keeps the linear head by default.)
-LORAX_DEFAULTS = {"readout": "ncm-frozen"}
+#: unset (``None``), chosen by the few-shot ablation (benchmarks/fewshot.py, docs/fewshot.md) per
+#: backbone family. On a CNN (EfficientNet-Lite0) the nearest-class-mean read-out with every
+#: class on the feature blocks of its own time (``ncm-frozen``) has the higher AA and the least
+#: forgetting. On a ViT (DINOv2 ViT-S/14) the linear head reads LoRAX's features with the
+#: higher AA on every setting measured, and 100 steps of class-balanced head fine-tuning after
+#: each task (EEIL's balanced stage) cut its forgetting. ``--set train.readout=head --set
+#: train.head_balanced_steps=0`` is the official LoRAX head on any backbone;
+#: ``--set train.readout=ncm-relative`` adds block baselines (an option). lorax-ca keeps the
+#: linear head by default.
+LORAX_DEFAULTS = {"readout": ByBackbone("ncm-frozen", vit="head"),
+                  "head_balanced_steps": ByBackbone(0, vit=100)}
 
 
 def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins: list) -> Any:

@@ -123,7 +123,8 @@ class TrainConfig:
             class means of the new task's features); see docs/fewshot.md.
         head_wa: weight aligning (WA) of the new classes' head rows after each task.
         head_balanced_steps: steps of class-balanced fine-tuning of the head alone after each
-            task, on the memory plus an equal-size sample of each new class (EEIL); 0: off.
+            task, on the memory plus an equal-size sample of each new class (EEIL); 0: off;
+            ``None``: the strategy's default (see ``readout``).
         head_balanced_lr: learning rate of that fine-tuning.
         head_balanced_loss: weight the training loss of every class by the inverse of its
             share of the task's training set (new images + exemplars), so that the few
@@ -166,7 +167,7 @@ class TrainConfig:
     checkpoint_every_task: bool = True
     head_init: str = "random"
     head_wa: bool = False
-    head_balanced_steps: int = 0
+    head_balanced_steps: int | None = None
     head_balanced_lr: float = 1e-4
     head_balanced_loss: bool | None = None
     readout: str | None = None
@@ -398,7 +399,7 @@ RESCORE_READOUTS = ("head", "ncm-frozen", "ncm-relative")
 
 #: ``train`` keys added after runs were first saved, with the behaviour those runs had: a saved
 #: configuration without them means these values (see :func:`saved_run_config`).
-LEGACY_TRAIN = {"min_steps_per_task": 0, "readout": "head"}
+LEGACY_TRAIN = {"min_steps_per_task": 0, "readout": "head", "head_balanced_steps": 0}
 
 
 def saved_run_config(d: Mapping[str, Any], *, source: str) -> RunConfig:

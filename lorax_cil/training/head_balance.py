@@ -96,7 +96,7 @@ class HeadOptions:
     @classmethod
     def from_config(cls, t: Any) -> "HeadOptions":
         """The options of a ``TrainConfig``."""
-        return cls(init=t.head_init, wa=bool(t.head_wa), balanced_steps=int(t.head_balanced_steps),
+        return cls(init=t.head_init, wa=bool(t.head_wa), balanced_steps=int(t.head_balanced_steps or 0),
                    balanced_lr=float(t.head_balanced_lr), balanced_batch=int(t.batch_size),
                    readout=t.readout or "head", balanced_loss=bool(t.head_balanced_loss))
 

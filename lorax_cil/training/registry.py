@@ -16,10 +16,46 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
+from lorax_cil.models.families import BACKBONE_FAMILIES
 from lorax_cil.training.config import ModelConfig, RunConfig
 
-__all__ = ["StrategyPreset", "PresetConflictError", "register_strategy", "get_strategy",
-           "list_strategies", "apply_preset", "kind_defaults", "preset_table"]
+__all__ = ["StrategyPreset", "PresetConflictError", "ByBackbone", "register_strategy",
+           "get_strategy", "list_strategies", "apply_preset", "kind_defaults", "preset_table"]
+
+
+class ByBackbone:
+    """A preset default that depends on the family of ``model.backbone`` (``vit`` or ``cnn``,
+    as the backbone was registered: :func:`lorax_cil.models.backbones.backbone_family`).
+
+    ``ByBackbone("ncm-frozen", vit="head")`` is ``head`` on a ViT and ``ncm-frozen`` on any
+    other backbone (a CNN, or one registered without a family). :func:`apply_preset` writes
+    the resolved value into the configuration, so ``config.yaml`` records what ran.
+    """
+
+    __slots__ = ("default", "families")
+
+    def __init__(self, default: Any, **families: Any) -> None:
+        unknown = sorted(set(families) - set(BACKBONE_FAMILIES))
+        if unknown:
+            raise ValueError(f"ByBackbone: unknown backbone families {unknown}; known: "
+                             f"{list(BACKBONE_FAMILIES)}")
+        self.default = default
+        self.families = dict(families)
+
+    def resolve(self, family: str) -> Any:
+        """The value for a backbone of ``family`` (``""``: unknown)."""
+        return self.families.get(family, self.default)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, ByBackbone) and self.default == other.default
+                and self.families == other.families)
+
+    def __hash__(self) -> int:
+        return hash((repr(self.default), tuple(sorted(self.families.items()))))
+
+    def __repr__(self) -> str:
+        by = "".join(f", {v!r} on {k} backbones" for k, v in self.families.items())
+        return f"{self.default!r}{by}"
 
 
 @dataclass(frozen=True)
@@ -122,7 +158,8 @@ def apply_preset(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> R
     configuration) treats no key as explicit, so the preset's values apply.
 
     * A ``defaults`` key (e.g. ``adapt_blocks`` of ``lorax-deep``) keeps an explicit value, ``None``
-      included; otherwise it is set only when it is ``None``.
+      included; otherwise it is set only when it is ``None``. A :class:`ByBackbone` default is
+      resolved for the family of ``model.backbone``.
     * A fixed ``model`` / ``train`` key defines the strategy (``finetune`` has no memory by
       definition). An explicit value equal to the preset's is fine; a different one raises
       :class:`PresetConflictError` naming the setting, the strategy and the registered
@@ -146,6 +183,8 @@ def apply_preset(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> R
         section = _default_section(key)
         obj = model if section == "model" else train
         if f"{section}.{key}" not in explicit and getattr(obj, key) is None:
+            if isinstance(value, ByBackbone):
+                value = value.resolve(_family(model.backbone))
             setattr(obj, key, value)
     return dataclasses.replace(cfg, model=kind_defaults(model), train=train)
 
@@ -164,6 +203,14 @@ def kind_defaults(model: ModelConfig) -> ModelConfig:
     values = get_extractor(model.extractor).config_defaults(model.lora_r)
     return dataclasses.replace(model, **{k: v for k, v in values.items()
                                          if getattr(model, k) is None})
+
+
+def _family(backbone: str) -> str:
+    """The registered family of ``backbone`` (``""`` if unknown); the backbone registry imports
+    torch, so it is imported only when a default depends on it."""
+    from lorax_cil.models.backbones import backbone_family
+
+    return backbone_family(backbone)
 
 
 def _default_section(key: str) -> str:

@@ -166,3 +166,25 @@ def test_a_by_backbone_default_resolves_for_the_backbone_family(monkeypatch):
     assert resolved("efficientnet-lite0") == "ncm-frozen"
     assert resolved("my-unregistered-net") == "ncm-frozen"  # unknown family: the plain default
     assert resolved("dinov2-vits14", readout="ncm-relative") == "ncm-relative"  # explicit wins
+
+
+def test_backbone_dependent_defaults_are_announced_not_applied_silently():
+    from lorax_cil.training.registry import backbone_default_notes
+
+    def cfg(backbone, **train):
+        return merge_config(RunConfig(), {"model": {"backbone": backbone},
+                                          "train": {"strategy": "lorax", **train}}, source="t")
+
+    notes = backbone_default_notes(cfg("dinov2-vits14"))
+    assert any(n.startswith("train.readout='head': lorax's default on a vit backbone "
+                            "(dinov2-vits14; 'ncm-frozen', 'head' on vit backbones)")
+               for n in notes), notes
+    assert any(n.startswith("train.head_balanced_steps=100:") for n in notes), notes
+    assert all("--set train." in n for n in notes)
+    cnn = backbone_default_notes(cfg("efficientnet-lite0"))
+    assert any(n.startswith("train.readout='ncm-frozen': lorax's default on a cnn backbone")
+               for n in cnn), cnn
+    # a key the user set is theirs: nothing to announce for it
+    assert not any("readout" in n for n in backbone_default_notes(cfg("dinov2-vits14", readout="ncm")))
+    assert not backbone_default_notes(merge_config(RunConfig(), {"train": {"strategy": "icarl"}},
+                                                   source="t"))

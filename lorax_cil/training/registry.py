@@ -20,7 +20,8 @@ from lorax_cil.models.families import BACKBONE_FAMILIES
 from lorax_cil.training.config import ModelConfig, RunConfig
 
 __all__ = ["StrategyPreset", "PresetConflictError", "ByBackbone", "register_strategy",
-           "get_strategy", "list_strategies", "apply_preset", "kind_defaults", "preset_table"]
+           "get_strategy", "list_strategies", "apply_preset", "backbone_default_notes",
+           "kind_defaults", "preset_table"]
 
 
 class ByBackbone:
@@ -187,6 +188,25 @@ def apply_preset(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> R
                 value = value.resolve(_family(model.backbone))
             setattr(obj, key, value)
     return dataclasses.replace(cfg, model=kind_defaults(model), train=train)
+
+
+def backbone_default_notes(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> list[str]:
+    """One line per :class:`ByBackbone` default that :func:`apply_preset` resolves for ``cfg``
+    (a key left unset), naming the value, the backbone's family and how to override it: a
+    default that depends on the backbone is said, not applied silently."""
+    explicit = dict(explicit or {})
+    preset = get_strategy(cfg.train.strategy)
+    notes = []
+    for key, value in preset.defaults.items():
+        section = _default_section(key)
+        if not isinstance(value, ByBackbone) or f"{section}.{key}" in explicit or \
+                getattr(getattr(cfg, section), key) is not None:
+            continue
+        family = _family(cfg.model.backbone)
+        notes.append(f"{section}.{key}={value.resolve(family)!r}: {cfg.train.strategy}'s default "
+                     f"on {'a ' + family if family else 'this'} backbone "
+                     f"({cfg.model.backbone}; {value!r}); --set {section}.{key}=... overrides it")
+    return notes
 
 
 def kind_defaults(model: ModelConfig) -> ModelConfig:

@@ -234,7 +234,7 @@ class Run:
         from lorax_cil.plugins import load_plugins
         from lorax_cil.training.loggers import LoggerSpec, parse_logger_spec
         from lorax_cil.training.progress import resolve_display
-        from lorax_cil.training.registry import apply_preset
+        from lorax_cil.training.registry import apply_preset, backbone_default_notes
 
         # the run's plugins register what its configuration names (strategy, backbone, ...)
         cfg = dataclasses.replace(cfg, plugins=load_plugins(cfg.plugins,
@@ -244,6 +244,8 @@ class Run:
         self.run_dir = Path(run_dir)
         say = progress or (lambda msg: logger.info("%s", msg))
         self.progress = say if dist.is_main() else (lambda msg: logger.debug("%s", msg))
+        for note in backbone_default_notes(cfg, explicit):
+            self.progress(note)
         self.device = dist.local_device(resolve_device(self.cfg.train.device))
         self.world_size = dist.world_size()
         self.display = resolve_display(display) if dist.is_main() else "off"

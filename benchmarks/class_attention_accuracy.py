@@ -66,7 +66,8 @@ def run_one(args: argparse.Namespace, data: Path, method: str, seed: int) -> dic
                   "eval_batch_size": 64, "lr_first": args.lr, "lr": args.lr, "warmup_epochs": 0,
                   "min_lr": args.lr / 100, "memory_size": args.memory, "seed": seed,
                   "device": "cpu", "checkpoint_every_task": False, "min_steps_per_task": 0,
-                  "readout": args.readout},
+                  # the official head (no balanced stage, the lorax default on a ViT since)
+                  "readout": args.readout, "head_balanced_steps": 0},
     }, source="class-attention accuracy benchmark")
     out = Path(args.out) / "runs" / f"{method}-s{seed}"
     run = Run(cfg, run_dir=out, progress=lambda msg: print(f"[{method} seed {seed}] {msg}", flush=True))
@@ -133,8 +134,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--memory", type=int, default=48, help="exemplar budget")
     p.add_argument("--readout", default="head", choices=READOUTS,
-                   help="train.readout of every method (pinned: lorax and lorax-deep default to ncm-frozen, "
-                        "lorax-ca to the linear head)")
+                   help="train.readout of every method (pinned, with train.head_balanced_steps=0: "
+                        "the LoRAX family's defaults depend on the backbone, lorax-ca's do not)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--threads", type=int, default=1)

@@ -99,7 +99,7 @@ def main(argv=None) -> None:
         "train": {"epochs": args.epochs, "batch_size": 32, "eval_batch_size": 128,
                   "lr_first": args.lr, "lr": args.lr, "warmup_epochs": 0, "min_lr": 1e-5,
                   "memory_size": args.memory_size, "min_steps_per_task": 0,
-                  "readout": "head"},
+                  "readout": "head", "head_balanced_steps": 0},  # the official LoRAX head
         "baselines": {"joint_epochs": joint_epochs(args)},
     }, source="benchmark")
     strategies = strategies_for(args, cfg)

@@ -202,6 +202,13 @@ def run_one(args, variant: str, scenario: str, root: Path, per_class: int, seed:
 _RUN_ONLY = {"device", "num_workers", "eval_batch_size", "cache_trunk"}
 
 
+def _same(a, b) -> bool:
+    """Equal settings. ``None`` (the strategy's default, which is off wherever a preset sets
+    none) counts as the same as an explicit off, ``False`` or ``0`` (runs saved before
+    ``train.head_balanced_steps`` could be ``None`` record ``0``)."""
+    return a == b or (a in (None, False) and b in (None, False))
+
+
 def check_same_config(run: Path, cfg) -> None:
     """Stop when the finished run in ``run`` was trained with another model or training
     configuration than ``cfg`` would give now (after the strategy's preset, e.g. a default
@@ -218,7 +225,7 @@ def check_same_config(run: Path, cfg) -> None:
     for section in ("model", "train"):
         mine = dataclasses.asdict(getattr(now, section))
         for key, value in (saved.get(section) or {}).items():
-            if key in mine and key not in _RUN_ONLY and mine[key] != value:
+            if key in mine and key not in _RUN_ONLY and not _same(mine[key], value):
                 differ.append(f"{section}.{key}: {value!r} in the run, {mine[key]!r} now")
     if differ:
         raise SystemExit(f"{run}: this finished run was trained with another configuration than "

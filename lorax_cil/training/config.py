@@ -135,9 +135,11 @@ class TrainConfig:
             mean on the feature blocks of its own time, never updated) or ``ncm-relative``
             (``ncm-frozen`` with each block's cosine minus the block's baseline similarity,
             frozen as well; an option, docs/fewshot.md) for evaluation and prediction;
-            ``None``: the strategy's default, ``ncm-frozen`` for ``lorax``, ``lorax-deep``,
-            ``lorax-mole`` and ``lorax-side`` (chosen by ``benchmarks/fewshot.py``, see
-            docs/fewshot.md) and ``head`` otherwise. ``head`` reproduces the official LoRAX.
+            ``None``: the strategy's default: for ``lorax``, ``lorax-deep``, ``lorax-mole``
+            and ``lorax-side`` ``ncm-frozen`` on a CNN backbone and ``head`` (with
+            ``head_balanced_steps`` 100) on a ViT (chosen by ``benchmarks/fewshot.py``, see
+            docs/fewshot.md), ``head`` otherwise. ``head`` with ``head_balanced_steps`` 0
+            reproduces the official LoRAX.
             With a class-mean read-out the run records the linear head's matrices too
             (``accuracy_<metric>-head.csv``, ``summary.json`` ``head_readout``).
         cache_trunk: compute the frozen trunk once per training image and task and train every

@@ -168,6 +168,25 @@ def test_a_by_backbone_default_resolves_for_the_backbone_family(monkeypatch):
     assert resolved("dinov2-vits14", readout="ncm-relative") == "ncm-relative"  # explicit wins
 
 
+def test_a_by_backbone_default_can_apply_only_with_another_setting():
+    def train(backbone, **explicit):
+        cfg = merge_config(RunConfig(), {"model": {"backbone": backbone},
+                                         "train": {"strategy": "lorax", **explicit}},
+                           source="test")
+        t = apply_preset(cfg, {f"train.{k}": "x" for k in explicit}).train
+        return t.readout, t.head_balanced_steps
+
+    # the LoRAX family on a ViT: the head, balanced; told to read by class means, no stage
+    assert train("dinov2-vits14") == ("head", 100)
+    assert train("dinov2-vits14", readout="ncm-frozen") == ("ncm-frozen", 0)
+    assert train("dinov2-vits14", readout="head") == ("head", 100)
+    assert train("dinov2-vits14", readout="head", head_balanced_steps=0) == ("head", 0)
+    assert train("efficientnet-lite0") == ("ncm-frozen", 0)
+    assert train("efficientnet-lite0", readout="head") == ("head", 0)  # the official head
+    entry = ByBackbone(0, vit=100, only_with={"readout": "head"})
+    assert repr(entry) == "0, 100 on vit backbones with readout='head'"
+
+
 def test_backbone_dependent_defaults_are_announced_not_applied_silently():
     from lorax_cil.training.registry import backbone_default_notes
 
@@ -185,6 +204,9 @@ def test_backbone_dependent_defaults_are_announced_not_applied_silently():
     assert any(n.startswith("train.readout='ncm-frozen': lorax's default on a cnn backbone")
                for n in cnn), cnn
     # a key the user set is theirs: nothing to announce for it
-    assert not any("readout" in n for n in backbone_default_notes(cfg("dinov2-vits14", readout="ncm")))
+    notes = backbone_default_notes(cfg("dinov2-vits14", readout="ncm"))
+    assert not any(n.startswith("train.readout") for n in notes)
+    # and a default that applies only with the head says what it resolved to here
+    assert any(n.startswith("train.head_balanced_steps=0:") for n in notes), notes
     assert not backbone_default_notes(merge_config(RunConfig(), {"train": {"strategy": "icarl"}},
                                                    source="t"))

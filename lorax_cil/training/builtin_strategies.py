@@ -16,12 +16,13 @@ __all__ = ["build_lorax_family", "lorax_family_strategies", "lr_scale", "LORAX_D
 #: class on the feature blocks of its own time (``ncm-frozen``) has the higher AA and the least
 #: forgetting. On a ViT (DINOv2 ViT-S/14) the linear head reads LoRAX's features with the
 #: higher AA on every setting measured, and 100 steps of class-balanced head fine-tuning after
-#: each task (EEIL's balanced stage) cut its forgetting. ``--set train.readout=head --set
+#: each task (EEIL's balanced stage) cut its forgetting; a ViT run told to read by class means
+#: trains as before (no balanced stage). ``--set train.readout=head --set
 #: train.head_balanced_steps=0`` is the official LoRAX head on any backbone;
 #: ``--set train.readout=ncm-relative`` adds block baselines (an option). lorax-ca keeps the
 #: linear head by default.
 LORAX_DEFAULTS = {"readout": ByBackbone("ncm-frozen", vit="head"),
-                  "head_balanced_steps": ByBackbone(0, vit=100)}
+                  "head_balanced_steps": ByBackbone(0, vit=100, only_with={"readout": "head"})}
 
 
 def _lorax_family(cfg: RunConfig, net: Any, device: Any, evaluator: Any, plugins: list) -> Any:

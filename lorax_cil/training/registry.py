@@ -29,33 +29,44 @@ class ByBackbone:
     as the backbone was registered: :func:`lorax_cil.models.backbones.backbone_family`).
 
     ``ByBackbone("ncm-frozen", vit="head")`` is ``head`` on a ViT and ``ncm-frozen`` on any
-    other backbone (a CNN, or one registered without a family). :func:`apply_preset` writes
-    the resolved value into the configuration, so ``config.yaml`` records what ran.
+    other backbone (a CNN, or one registered without a family). With ``only_with`` (keys of
+    the same section and values), the family's value applies only where those keys hold
+    those values once resolved (``ByBackbone(0, vit=100, only_with={"readout": "head"})``: 100
+    on a ViT that reads with its head, 0 otherwise); preset defaults resolve in their order.
+    :func:`apply_preset` writes the resolved value into the configuration, so ``config.yaml``
+    records what ran.
     """
 
-    __slots__ = ("default", "families")
+    __slots__ = ("default", "families", "only_with")
 
-    def __init__(self, default: Any, **families: Any) -> None:
+    def __init__(self, default: Any, *, only_with: Mapping[str, Any] | None = None,
+                 **families: Any) -> None:
         unknown = sorted(set(families) - set(BACKBONE_FAMILIES))
         if unknown:
             raise ValueError(f"ByBackbone: unknown backbone families {unknown}; known: "
                              f"{list(BACKBONE_FAMILIES)}")
         self.default = default
         self.families = dict(families)
+        self.only_with = dict(only_with or {})
 
-    def resolve(self, family: str) -> Any:
-        """The value for a backbone of ``family`` (``""``: unknown)."""
+    def resolve(self, family: str, section: Any = None) -> Any:
+        """The value for a backbone of ``family`` (``""``: unknown); ``section`` (the resolved
+        model or train configuration) is checked against ``only_with``."""
+        if any(getattr(section, k, None) != v for k, v in self.only_with.items()):
+            return self.default
         return self.families.get(family, self.default)
 
     def __eq__(self, other: object) -> bool:
         return (isinstance(other, ByBackbone) and self.default == other.default
-                and self.families == other.families)
+                and self.families == other.families and self.only_with == other.only_with)
 
     def __hash__(self) -> int:
-        return hash((repr(self.default), tuple(sorted(self.families.items()))))
+        return hash((repr(self.default), tuple(sorted(self.families.items())),
+                     tuple(sorted(self.only_with.items()))))
 
     def __repr__(self) -> str:
-        by = "".join(f", {v!r} on {k} backbones" for k, v in self.families.items())
+        when = "".join(f" with {k}={v!r}" for k, v in self.only_with.items())
+        by = "".join(f", {v!r} on {k} backbones{when}" for k, v in self.families.items())
         return f"{self.default!r}{by}"
 
 
@@ -185,7 +196,7 @@ def apply_preset(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> R
         obj = model if section == "model" else train
         if f"{section}.{key}" not in explicit and getattr(obj, key) is None:
             if isinstance(value, ByBackbone):
-                value = value.resolve(_family(model.backbone))
+                value = value.resolve(_family(model.backbone), obj)
             setattr(obj, key, value)
     return dataclasses.replace(cfg, model=kind_defaults(model), train=train)
 
@@ -196,6 +207,7 @@ def backbone_default_notes(cfg: RunConfig, explicit: Mapping[str, str] | None = 
     default that depends on the backbone is said, not applied silently."""
     explicit = dict(explicit or {})
     preset = get_strategy(cfg.train.strategy)
+    resolved = apply_preset(cfg, explicit)
     notes = []
     for key, value in preset.defaults.items():
         section = _default_section(key)
@@ -203,7 +215,8 @@ def backbone_default_notes(cfg: RunConfig, explicit: Mapping[str, str] | None = 
                 getattr(getattr(cfg, section), key) is not None:
             continue
         family = _family(cfg.model.backbone)
-        notes.append(f"{section}.{key}={value.resolve(family)!r}: {cfg.train.strategy}'s default "
+        got = getattr(getattr(resolved, section), key)
+        notes.append(f"{section}.{key}={got!r}: {cfg.train.strategy}'s default "
                      f"on {'a ' + family if family else 'this'} backbone "
                      f"({cfg.model.backbone}; {value!r}); --set {section}.{key}=... overrides it")
     return notes

@@ -428,14 +428,19 @@ def test_official_defaults_do_nothing(monkeypatch):
     assert called == []
 
 
-def test_lorax_family_defaults_to_the_ncm_frozen_readout_and_explicit_head_wins():
+def test_lorax_family_defaults_to_the_ncm_frozen_readout_on_a_cnn_and_explicit_head_wins():
     from lorax_cil.training.registry import apply_preset
 
     def resolved(strategy, explicit=None, **train):
         cfg = merge_config(RunConfig(), {"train": {"strategy": strategy, **train}}, source="t")
         return apply_preset(cfg, explicit).train.readout
 
+    assert RunConfig().model.backbone == "efficientnet-lite0"
     assert [resolved(s) for s in ("lorax", "lorax-deep", "lorax-side", "lorax-mole")] == ["ncm-frozen"] * 4
+    vit = merge_config(RunConfig(), {"model": {"backbone": "dinov2-vits14"},
+                                     "train": {"strategy": "lorax-deep"}}, source="t")
+    assert (apply_preset(vit).train.readout, apply_preset(vit).train.head_balanced_steps) == \
+        ("head", 100)
     assert resolved("lorax-ca") is None  # its own network keeps the linear head
     assert resolved("lorax", {"train.readout": "--set train.readout=head"}, readout="head") == "head"
     assert resolved("lorax", None, readout="head") == "head"  # a value given in a file or dict
@@ -451,6 +456,10 @@ def test_saved_configs_without_the_new_keys_keep_their_old_behaviour():
     old = {"train": {"strategy": "lorax", "epochs": 3}}
     cfg = apply_preset(saved_run_config(old, source="meta.json"))
     assert cfg.train.readout == "head" and cfg.train.min_steps_per_task == 0
+    assert cfg.train.head_balanced_steps == 0
+    old_vit = {"model": {"backbone": "dinov2-vits14"}, "train": {"strategy": "lorax"}}
+    cfg = apply_preset(saved_run_config(old_vit, source="meta.json"))  # the official head, as run
+    assert (cfg.train.readout, cfg.train.head_balanced_steps) == ("head", 0)
     new = {"train": {"strategy": "lorax", "readout": "ncm", "min_steps_per_task": 200}}
     cfg = apply_preset(saved_run_config(new, source="meta.json"))
     assert cfg.train.readout == "ncm" and cfg.train.min_steps_per_task == 200
@@ -596,3 +605,27 @@ def test_ncm_relative_is_frozen_exact_on_rescore_and_reads_as_ncm_frozen(data_ro
     sd = {k: v for k, v in loaded.learned_state_dict().items() if k != OFFSETS_KEY}
     with pytest.raises(ValueError, match="block_offsets"):
         loaded.load_learned_state_dict(sd)
+
+
+def test_balanced_stage_draws_from_the_task_seed_not_the_global_stream():
+    """The same stage from the same state gives the same head whatever the training consumed of
+    the global random stream (so every process of a distributed run, and a resumed run, agree);
+    another task seed gives another draw."""
+    def stage(consumed: int, seed: int = 3) -> torch.Tensor:
+        torch.manual_seed(seed)  # the runner seeds every task
+        net = type("N", (), {})()
+        net.head, net.num_classes, net.num_tasks = nn.Linear(8, 4), 4, 2
+        with torch.no_grad():
+            net.head.weight.copy_(torch.arange(32.0).reshape(4, 8) / 32)
+            net.head.bias.zero_()
+        torch.rand(consumed)  # what training drew
+        gen = torch.Generator().manual_seed(0)
+        new_x, mem_x = torch.randn(20, 8, generator=gen), torch.randn(4, 8, generator=gen)
+        new_y = torch.tensor([2, 3] * 10)
+        mem_y = torch.tensor([0, 0, 1, 1])
+        HeadBalancer(HeadOptions(balanced_steps=7, balanced_batch=3)).balanced_finetune(
+            net, new_x, new_y, mem_x, mem_y, 2, device="cpu")
+        return net.head.weight.detach().clone()
+
+    assert torch.equal(stage(0), stage(123))
+    assert not torch.equal(stage(0), stage(0, seed=4))

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from lorax_cil.distributed import broadcast_parameters
 from lorax_cil.models.heads import NCMExpandableNet, block_offset, set_prototype_rows, weight_align
 from lorax_cil.training.config import READOUTS
 
@@ -202,8 +203,14 @@ class HeadBalancer:
     def balanced_finetune(self, net: Any, new_feats: torch.Tensor, new_labels: torch.Tensor,
                           mem_feats: torch.Tensor, mem_labels: torch.Tensor, first: int, *,
                           device: Any) -> None:
-        """Fine-tune ``net.head`` alone on exemplars + an equal-size sample per new class."""
+        """Fine-tune ``net.head`` alone on exemplars + an equal-size sample per new class.
+
+        Its random draws come from a generator seeded by the task's seed (``torch.initial_seed``,
+        set at the start of every task) and the task count, not from the global stream that
+        training consumed: the stage is the same on every process of a distributed run and on
+        a resumed run; under torchrun rank 0's head is then broadcast as well."""
         o = self.options
+        gen = torch.Generator().manual_seed(torch.initial_seed() + 1009 * net.num_tasks)
         old_counts = [int((mem_labels == c).sum()) for c in range(first)]
         per_class = min(c for c in old_counts if c > 0) if any(old_counts) else 0
         if per_class == 0:
@@ -211,7 +218,7 @@ class HeadBalancer:
         keep_x, keep_y = [mem_feats[mem_labels < first]], [mem_labels[mem_labels < first]]
         for c in sorted(set(new_labels.tolist())):
             idx = torch.nonzero(new_labels == c).flatten()
-            pick = idx[torch.randperm(len(idx))[:per_class]]
+            pick = idx[torch.randperm(len(idx), generator=gen)[:per_class]]
             keep_x.append(new_feats[pick])
             keep_y.append(new_labels[pick])
         x, y = torch.cat(keep_x).to(device), torch.cat(keep_y).to(device)
@@ -227,13 +234,13 @@ class HeadBalancer:
         opt = torch.optim.AdamW(params, lr=o.balanced_lr, weight_decay=0.0)
         loss_fn = nn.CrossEntropyLoss(weight=weight.to(x.device, x.dtype))
         n, batch = len(y), min(o.balanced_batch, len(y))
-        order = torch.randperm(n)
+        order = torch.randperm(n, generator=gen)
         pos = 0
         loss = torch.zeros(())
         with torch.enable_grad():
             for _ in range(o.balanced_steps):
                 if pos + batch > n:
-                    order, pos = torch.randperm(n), 0
+                    order, pos = torch.randperm(n, generator=gen), 0
                 i = order[pos : pos + batch].to(x.device)
                 pos += batch
                 loss = loss_fn(head(x[i].to(head.weight.dtype)).float(), y[i])
@@ -242,6 +249,7 @@ class HeadBalancer:
                 opt.step()
         for p, f in zip(params, flags):
             p.requires_grad_(f)
+        broadcast_parameters(params)  # one head on every process (a no-op in one process)
         logger.info("head: balanced fine-tuning, %d steps on %d samples (%d per class), loss %.4f",
                     o.balanced_steps, n, per_class, loss.item())
 

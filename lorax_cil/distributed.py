@@ -112,7 +112,8 @@ def distributed_session(device: str = "auto", *, backend: str | None = None,
 
     Yields ``None`` (and does nothing) when ``WORLD_SIZE`` is absent or 1. Otherwise it picks
     NCCL when ``device`` resolves to CUDA and gloo otherwise (``backend`` overrides), binds the
-    process to GPU ``LOCAL_RANK``, and destroys the group on exit. ``import_avalanche`` imports
+    process to GPU ``LOCAL_RANK``, and destroys the group on exit (after a barrier when the body
+    ended normally). ``import_avalanche`` imports
     avalanche first (it refuses to build its import-time loggers in a non-main process once a
     group exists); code that never imports avalanche can skip that.
 
@@ -144,6 +145,9 @@ def distributed_session(device: str = "auto", *, backend: str | None = None,
                 info.local_rank, backend)
     try:
         yield info
+        # every process leaves together: a rank still receiving the last collective would
+        # abort if another destroyed the group under it (not after an error: it would hang)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

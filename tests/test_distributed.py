@@ -157,6 +157,35 @@ def test_collectives_with_two_gloo_processes(tmp_path):
         assert x["obj"] == {"from": 0} and x["p"] == [0.0] * 3
 
 
+BALANCED_STAGE = textwrap.dedent("""
+    import json, sys, torch
+    from torch import nn
+    from lorax_cil import distributed as d
+    from lorax_cil.training.head_balance import HeadBalancer, HeadOptions
+
+    with d.distributed_session("cpu", import_avalanche=False) as info:
+        torch.manual_seed(7)
+        net = type("N", (), {})()
+        net.head, net.num_classes, net.num_tasks = nn.Linear(8, 4), 4, 2
+        gen = torch.Generator().manual_seed(0)
+        new_x, mem_x = torch.randn(20, 8, generator=gen), torch.randn(4, 8, generator=gen)
+        torch.rand(1 + 50 * info.rank)  # the processes' training consumed different draws
+        HeadBalancer(HeadOptions(balanced_steps=7, balanced_batch=3)).balanced_finetune(
+            net, new_x, torch.tensor([2, 3] * 10), mem_x, torch.tensor([0, 0, 1, 1]), 2,
+            device="cpu")
+        json.dump(net.head.weight.tolist(), open(sys.argv[1] + f".{info.rank}.json", "w"))
+""")
+
+
+def test_balanced_head_stage_leaves_one_head_on_every_process(tmp_path):
+    script = tmp_path / "balanced.py"
+    script.write_text(BALANCED_STAGE)
+    out = tmp_path / "out"
+    torchrun([str(script), str(out)])
+    heads = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    assert heads[0] == heads[1]
+
+
 # --- a LoRAX run with 2 processes -----------------------------------------------------------------
 def _single_process_run(synth_root, out):
     from lorax_cil.cli import main

@@ -205,12 +205,10 @@ class HeadBalancer:
                           device: Any) -> None:
         """Fine-tune ``net.head`` alone on exemplars + an equal-size sample per new class.
 
-        Its random draws come from a generator seeded by the task's seed (``torch.initial_seed``,
-        set at the start of every task) and the task count, not from the global stream that
-        training consumed: the stage is the same on every process of a distributed run and on
-        a resumed run; under torchrun rank 0's head is then broadcast as well."""
+        Its random draws come from the global stream, which the task's training has consumed
+        (a resumed run replays the task from its seed, so it draws the same); the processes of
+        a distributed run have consumed different amounts, so rank 0's head is broadcast."""
         o = self.options
-        gen = torch.Generator().manual_seed(torch.initial_seed() + 1009 * net.num_tasks)
         old_counts = [int((mem_labels == c).sum()) for c in range(first)]
         per_class = min(c for c in old_counts if c > 0) if any(old_counts) else 0
         if per_class == 0:
@@ -218,7 +216,7 @@ class HeadBalancer:
         keep_x, keep_y = [mem_feats[mem_labels < first]], [mem_labels[mem_labels < first]]
         for c in sorted(set(new_labels.tolist())):
             idx = torch.nonzero(new_labels == c).flatten()
-            pick = idx[torch.randperm(len(idx), generator=gen)[:per_class]]
+            pick = idx[torch.randperm(len(idx))[:per_class]]
             keep_x.append(new_feats[pick])
             keep_y.append(new_labels[pick])
         x, y = torch.cat(keep_x).to(device), torch.cat(keep_y).to(device)
@@ -234,13 +232,13 @@ class HeadBalancer:
         opt = torch.optim.AdamW(params, lr=o.balanced_lr, weight_decay=0.0)
         loss_fn = nn.CrossEntropyLoss(weight=weight.to(x.device, x.dtype))
         n, batch = len(y), min(o.balanced_batch, len(y))
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n)
         pos = 0
         loss = torch.zeros(())
         with torch.enable_grad():
             for _ in range(o.balanced_steps):
                 if pos + batch > n:
-                    order, pos = torch.randperm(n, generator=gen), 0
+                    order, pos = torch.randperm(n), 0
                 i = order[pos : pos + batch].to(x.device)
                 pos += batch
                 loss = loss_fn(head(x[i].to(head.weight.dtype)).float(), y[i])

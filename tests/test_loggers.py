@@ -56,8 +56,9 @@ def test_tensorboard_events_and_csv_read_back(data_root, tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     out, csv_dir = tmp_path / "run", tmp_path / "csvlogs"
+    # class means (the LoRAX default on a CNN; set here on the test ViT) log the head beside them
     assert main(_args(data_root, out, "--logger", "tensorboard", "--logger", f"csv:{csv_dir}",
-                      "--stop-after", "1")) == 0
+                      "--set", "train.readout=ncm-frozen", "--stop-after", "1")) == 0
     assert main(["train", "-q", "--resume", str(out), "--logger", "tensorboard", "--logger",
                  f"csv:{csv_dir}"]) == 0
 
@@ -71,7 +72,7 @@ def test_tensorboard_events_and_csv_read_back(data_root, tmp_path):
         assert [e.step for e in events] == list(range(i, 2))
         np.testing.assert_allclose([e.value for e in events], R[i:, i], rtol=1e-6)
     assert [e.step for e in acc.Scalars("AA/multi_real")] == [0, 1]
-    # lorax reads by ncm-frozen class means: the linear head's matrix is logged beside it
+    # the run reads by ncm-frozen class means: the linear head's matrix is logged beside it
     H = np.genfromtxt(out / "accuracy_multi_real-head.csv", delimiter=",", skip_header=1)[:, 1:]
     for i, task in enumerate(("a", "b")):
         events = acc.Scalars(f"AccuracyMatrix/multi_real-head/{task}")

@@ -143,12 +143,17 @@ COLLECTIVES = textwrap.dedent("""
 """)
 
 
-def test_collectives_with_two_gloo_processes(tmp_path):
-    script = tmp_path / "collectives.py"
-    script.write_text(COLLECTIVES)
-    out = tmp_path / "out"
+def run_script_on_two_processes(tmp_path, text: str) -> list:
+    """Run ``text`` under torchrun with 2 processes; each writes ``<argv[1]>.<rank>.json``:
+    the loaded results, in rank order."""
+    script, out = tmp_path / "script.py", tmp_path / "out"
+    script.write_text(text)
     torchrun([str(script), str(out)])
-    res = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    return [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+
+
+def test_collectives_with_two_gloo_processes(tmp_path):
+    res = run_script_on_two_processes(tmp_path, COLLECTIVES)
     for r, x in enumerate(res):
         assert x["world"] == 2 and x["main"] == (r == 0) and x["total"] == 3
         # weighted mean: (3 * 1 + 0 * 2) / 3 on a; b had a gradient on rank 0 only
@@ -178,11 +183,7 @@ BALANCED_STAGE = textwrap.dedent("""
 
 
 def test_balanced_head_stage_leaves_one_head_on_every_process(tmp_path):
-    script = tmp_path / "balanced.py"
-    script.write_text(BALANCED_STAGE)
-    out = tmp_path / "out"
-    torchrun([str(script), str(out)])
-    heads = [json.loads(Path(f"{out}.{r}.json").read_text()) for r in range(2)]
+    heads = run_script_on_two_processes(tmp_path, BALANCED_STAGE)
     assert heads[0] == heads[1]
 
 

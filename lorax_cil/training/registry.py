@@ -201,13 +201,15 @@ def apply_preset(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> R
     return dataclasses.replace(cfg, model=kind_defaults(model), train=train)
 
 
-def backbone_default_notes(cfg: RunConfig, explicit: Mapping[str, str] | None = None) -> list[str]:
+def backbone_default_notes(cfg: RunConfig, explicit: Mapping[str, str] | None = None, *,
+                           resolved: RunConfig | None = None) -> list[str]:
     """One line per :class:`ByBackbone` default that :func:`apply_preset` resolves for ``cfg``
     (a key left unset), naming the value, the backbone's family and how to override it: a
-    default that depends on the backbone is said, not applied silently."""
+    default that depends on the backbone is said, not applied silently. ``resolved``: the
+    result of ``apply_preset(cfg, explicit)`` when the caller has it."""
     explicit = dict(explicit or {})
     preset = get_strategy(cfg.train.strategy)
-    resolved = apply_preset(cfg, explicit)
+    resolved = resolved or apply_preset(cfg, explicit)
     notes = []
     for key, value in preset.defaults.items():
         section = _default_section(key)

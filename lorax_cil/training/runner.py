@@ -244,7 +244,7 @@ class Run:
         self.run_dir = Path(run_dir)
         say = progress or (lambda msg: logger.info("%s", msg))
         self.progress = say if dist.is_main() else (lambda msg: logger.debug("%s", msg))
-        for note in backbone_default_notes(cfg, explicit):
+        for note in backbone_default_notes(cfg, explicit, resolved=self.cfg):
             self.progress(note)
         self.device = dist.local_device(resolve_device(self.cfg.train.device))
         self.world_size = dist.world_size()

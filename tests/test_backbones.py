@@ -144,7 +144,7 @@ def test_spec_open_clip_and_efficientnet(lite0: BlockBackbone) -> None:
 
 
 # --- EfficientNet-Lite0 -------------------------------------------------------------------------
-@pytest.mark.parametrize("size", [224, 100])
+@pytest.mark.parametrize("size", [224, 100, 32])  # 32 px: the last blocks see 1 x 1 maps
 def test_lite0_conversion_is_exact(
     lite0: BlockBackbone, lite0_package_model: nn.Module, size: int
 ) -> None:
@@ -156,19 +156,51 @@ def test_lite0_conversion_is_exact(
 def test_lite0_has_only_plain_convolutions(lite0: BlockBackbone) -> None:
     from efficientnet_lite_pytorch.utils import Conv2dDynamicSamePadding, Conv2dStaticSamePadding
 
-    from lorax_cil.models.effnet import PaddedConv2d
+    from lorax_cil.models.effnet import DepthwiseConv2d, PaddedConv2d
 
     modules = dict(lite0.model.named_modules())
     same_padding = (Conv2dStaticSamePadding, Conv2dDynamicSamePadding)
     assert not any(isinstance(m, same_padding) for m in modules.values())
     convs = [m for m in modules.values() if isinstance(m, nn.Conv2d)]
-    assert convs and all(type(m) is nn.Conv2d for m in convs)
+    assert convs and all(type(m) in (nn.Conv2d, DepthwiseConv2d) for m in convs)
     assert isinstance(modules["_conv_stem"], PaddedConv2d)  # stride-2 "SAME" padding is asymmetric
+    # every stride-1 depthwise conv (symmetric padding) computes 1 x 1 maps by its centre tap
+    depthwise = [m for m in convs if m.groups > 1]
+    assert [type(m) is DepthwiseConv2d for m in depthwise] == [m.stride == (1, 1) for m in depthwise]
+    assert sum(type(m) is DepthwiseConv2d for m in depthwise) == 12
     pointwise = match_lora_targets(lite0, "pointwise")
     assert len(pointwise) == 31  # 15 expand (block 0 has none) + 16 project
     assert all(type(modules[n]) is nn.Conv2d for n in pointwise)
     assert all(modules[n].kernel_size == (1, 1) for n in pointwise)
     assert match_lora_targets(lite0, "pointwise+head")[-1] == "_conv_head"
+
+
+@pytest.mark.parametrize("stride,bias", [(1, False), (2, True)])
+def test_depthwise_conv_reads_a_one_pixel_map_by_its_centre_tap(stride: int, bias: bool) -> None:
+    """DepthwiseConv2d equals the plain convolution on 1 x 1 maps (output and gradients) and
+    runs it on every other size; its state dict is a plain Conv2d's."""
+    from lorax_cil.models.effnet import DepthwiseConv2d
+
+    torch.manual_seed(0)
+    dw = DepthwiseConv2d(8, (5, 3), stride=stride, bias=bias)
+    plain = nn.Conv2d(8, 8, (5, 3), stride=stride, padding=(2, 1), groups=8, bias=bias)
+    plain.load_state_dict(dw.state_dict())
+    assert list(dw.state_dict()) == list(plain.state_dict())
+    for shape in ((4, 8, 1, 1), (4, 8, 3, 2)):
+        x = torch.randn(shape, requires_grad=True)
+        x2 = x.detach().clone().requires_grad_(True)
+        out, ref = dw(x), plain(x2)
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-6)
+        out.square().sum().backward()
+        ref.square().sum().backward()
+        assert torch.allclose(x.grad, x2.grad, atol=1e-6)
+        assert torch.allclose(dw.weight.grad, plain.weight.grad, atol=1e-6)
+        dw.zero_grad(), plain.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype autocast gives the convolution
+        x = torch.randn(4, 8, 1, 1)
+        assert dw(x).dtype == plain(x).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="odd kernel"):
+        DepthwiseConv2d(8, (4, 3))
 
 
 def test_lite0_pretrained_weights_are_loaded(lite0: BlockBackbone) -> None:

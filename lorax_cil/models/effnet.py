@@ -10,7 +10,8 @@ The package builds every convolution as ``Conv2dStaticSamePadding`` (a ``nn.Conv
 pads TensorFlow-"SAME"-style in its own forward). peft's Conv2d LoRA and our own LoRA layers want
 plain modules, so :func:`convert_same_padding_convs` replaces each one with
 
-- a plain ``nn.Conv2d`` when the padding is symmetric (all 1x1 convs, stride-1 depthwise convs), or
+- a plain ``nn.Conv2d`` when the padding is symmetric (all 1x1 convs; the stride-1 depthwise
+  convs as :class:`DepthwiseConv2d`, which computes a 1 x 1 input by its centre tap), or
 - a :class:`PaddedConv2d` (``pad``: ``nn.ZeroPad2d`` then ``conv``: plain ``nn.Conv2d``) when it is
   asymmetric (the stride-2 stem and stride-2 depthwise convs).
 
@@ -39,6 +40,7 @@ __all__ = [
     "EFFICIENTNET_LITE0_SHA256",
     "EFFICIENTNET_LITE_MEAN",
     "EFFICIENTNET_LITE_STD",
+    "DepthwiseConv2d",
     "EfficientNetLiteBackbone",
     "PaddedConv2d",
     "build_efficientnet_lite",
@@ -81,6 +83,47 @@ class PaddedConv2d(nn.Module):
         return self.conv(self.pad(x))
 
 
+class DepthwiseConv2d(nn.Conv2d):
+    """A depthwise ``nn.Conv2d`` (one filter per channel, odd kernel, "same" zero padding) that
+    reads a 1 x 1 input as a per-channel scale by the kernel's centre tap.
+
+    On a 1 x 1 input the padded window holds one non-zero pixel, under the centre tap, so the
+    output is ``x * weight[:, 0, kh // 2, kw // 2] (+ bias)`` exactly (any stride). CPU
+    convolution kernels handle this degenerate shape poorly, and it is what the last MBConv
+    blocks of EfficientNet-Lite see at 32 px inputs (benchmarks/depthwise_small_maps.py times
+    both paths). Every other input runs the plain convolution; parameters and state-dict keys
+    are those of ``nn.Conv2d``.
+    """
+
+    def __init__(self, channels: int, kernel_size: tuple[int, int], *, stride: Any = 1,
+                 bias: bool = False) -> None:
+        kh, kw = kernel_size
+        if kh % 2 == 0 or kw % 2 == 0:
+            raise ValueError(f"DepthwiseConv2d needs an odd kernel, got {kernel_size}")
+        super().__init__(channels, channels, kernel_size, stride=stride, padding=(kh // 2, kw // 2),
+                         groups=channels, bias=bias)
+
+    @staticmethod
+    def fits(conv: nn.Conv2d, padding: tuple[int, int]) -> bool:
+        """Whether ``conv`` with zero ``padding`` (top, left) is a depthwise convolution with
+        "same" padding of an odd kernel, which this class computes."""
+        kh, kw = conv.kernel_size
+        return (conv.groups == conv.in_channels == conv.out_channels and kh % 2 == 1
+                and kw % 2 == 1 and tuple(padding) == (kh // 2, kw // 2)
+                and tuple(conv.dilation) == (1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != (1, 1):
+            return super().forward(x)
+        kh, kw = self.kernel_size
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        out = x.to(dtype) * self.weight[:, 0, kh // 2, kw // 2].to(dtype).view(1, -1, 1, 1)
+        if self.bias is not None:
+            out = out + self.bias.to(dtype).view(1, -1, 1, 1)
+        return out
+
+
 def _plain_conv(module: nn.Conv2d) -> nn.Module:
     """A plain-module equivalent of one package same-padding convolution (shares its parameters)."""
     from efficientnet_lite_pytorch.utils import Conv2dStaticSamePadding
@@ -96,11 +139,16 @@ def _plain_conv(module: nn.Conv2d) -> nn.Module:
     padded = isinstance(pad_mod, nn.ZeroPad2d)
     left, right, top, bottom = tuple(pad_mod.padding) if padded else (0, 0, 0, 0)
     symmetric = left == right and top == bottom
-    conv = nn.Conv2d(
-        module.in_channels, module.out_channels, module.kernel_size,
-        stride=tuple(module.stride), padding=(top, left) if symmetric else 0,
-        dilation=module.dilation, groups=module.groups, bias=module.bias is not None,
-    )
+    bias = module.bias is not None
+    if symmetric and DepthwiseConv2d.fits(module, (top, left)):
+        conv: nn.Conv2d = DepthwiseConv2d(module.in_channels, module.kernel_size,
+                                          stride=tuple(module.stride), bias=bias)
+    else:
+        conv = nn.Conv2d(
+            module.in_channels, module.out_channels, module.kernel_size,
+            stride=tuple(module.stride), padding=(top, left) if symmetric else 0,
+            dilation=module.dilation, groups=module.groups, bias=bias,
+        )
     conv.weight = module.weight
     if module.bias is not None:
         conv.bias = module.bias

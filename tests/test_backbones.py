@@ -203,6 +203,31 @@ def test_depthwise_conv_reads_a_one_pixel_map_by_its_centre_tap(stride: int, bia
         DepthwiseConv2d(8, (4, 3))
 
 
+def test_depthwise_benchmark_times_both_paths_on_one_network(capsys) -> None:
+    """benchmarks/depthwise_small_maps.py: one row per size and pass, identical outputs of the
+    two paths, and the network's centre-tap layers back in place after each timing."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "depthwise_small_maps.py"
+    spec = importlib.util.spec_from_file_location("depthwise_bench", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    mod.main(["--sizes", "32", "--tasks", "2", "--batch", "2", "--repeats", "1"])
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| 32 px")]
+    assert [r.split("|")[3].strip() for r in rows] == ["inference", "training step"]
+    assert all(float(r.split("|")[7]) == 0.0 for r in rows)  # max abs diff of the logits
+    net_model = create_backbone("efficientnet-lite0").model
+    saved: dict = {}
+    mod.set_centre_tap(net_model, False, saved)
+    assert saved and not any(isinstance(m, type(next(iter(saved.values()))))
+                             for m in net_model.modules())
+    mod.set_centre_tap(net_model, True, saved)
+    assert all(net_model.get_submodule(n) is m for n, m in saved.items())
+    with pytest.raises(SystemExit):
+        mod.main(["--tasks", "0"])
+
+
 def test_lite0_pretrained_weights_are_loaded(lite0: BlockBackbone) -> None:
     from lorax_cil.models.effnet import EFFICIENTNET_LITE0_SHA256, efficientnet_lite0_weights_path
 

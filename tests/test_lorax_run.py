@@ -156,3 +156,36 @@ def test_decode_failures_in_dataloader_workers_reach_the_run_manifest(tmp_path):
     assert list(issues["substituted_files"]) == [str(victim)] and issues["unreadable"] == 1
     summary = json.loads((run.run_dir / "summary.json").read_text())
     assert summary["data_issues"]["substituted_at_load"] >= 1
+
+
+def test_channels_last_runs_the_same_training_in_nhwc(data_root, tmp_path):
+    """model.channels_last: the CNN backbone's convolutions run channels-last, the run's
+    predictions are those of the NCHW run (float rounding aside), config.yaml records it and a
+    reloaded run is built the same way; a ViT backbone is refused, naming the key."""
+    from lorax_cil.training.evaluate import load_trained
+
+    def effnet(channels_last: bool) -> RunConfig:
+        cfg = tiny_config()
+        cfg.model.backbone, cfg.model.channels_last = "efficientnet-lite0", channels_last
+        cfg.data.crop = 32
+        return cfg
+
+    runs = {}
+    for layout in (False, True):
+        run = make_run(data_root, tmp_path / f"cl-{layout}", effnet(layout), tasks=TASKS[:2])
+        runs[layout] = (run, run.train())
+    stem = runs[True][0].net.backbone.model._conv_stem.conv.weight  # (32, 3, 3, 3)
+    assert stem.is_contiguous(memory_format=torch.channels_last) and not stem.is_contiguous()
+    assert runs[False][0].net.backbone.model._conv_stem.conv.weight.is_contiguous()
+    np.testing.assert_allclose(runs[True][1]["multi_real_aa"], runs[False][1]["multi_real_aa"])
+    assert "channels_last: true" in (tmp_path / "cl-True" / "config.yaml").read_text()
+    net = load_trained(tmp_path / "cl-True")[0]
+    assert net.backbone.model._conv_stem.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        a, b = runs[False][0].net.eval()(x), net.eval()(x)
+    assert torch.allclose(a, b, atol=1e-4)
+    vit = tiny_config()
+    vit.model.channels_last = True
+    with pytest.raises(ValueError, match="model.channels_last: vit-test is a vit backbone"):
+        make_run(data_root, tmp_path / "vit", vit)

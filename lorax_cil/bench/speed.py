@@ -894,7 +894,9 @@ model's lorax-deep (k = 3) inference throughput at T = {meta['max_T']} on the sa
 `train.num_workers` sets the loader workers of training and evaluation; on CUDA the loaders pin
 memory. With a deterministic training transform (no blur, JPEG, flips, and images already at the
 crop size) `lorax-cil train --cache-trunk` computes the trunk once per image and task and trains
-every epoch from the cached outputs.
+every epoch from the cached outputs. On a CNN backbone `--set model.channels_last=true` runs the
+convolutions channels-last, faster on CPU at real image sizes and equal up to float rounding
+(`benchmarks/cnn_layouts.py`, [backbones.md](backbones.md#efficientnet-lite0-offline-imagenet-weights)).
 
 ## Accuracy trade-off
 

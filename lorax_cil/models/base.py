@@ -84,6 +84,13 @@ class BlockBackbone(nn.Module):
     def blocks(self) -> list[nn.Module]:
         return [self.model.get_submodule(n) for n in self.spec.block_names]
 
+    def to_channels_last(self) -> "BlockBackbone":
+        """Store the model's 4-D weights channels-last (NHWC), so that its convolutions, and
+        the activations they produce, run in that layout (``model.channels_last``); returns
+        ``self``. Values are unchanged; results change only by float rounding."""
+        self.model.to(memory_format=torch.channels_last)
+        return self
+
     # --- computation -----------------------------------------------------------------------
     def stem(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         """Everything before block 0 (patch embedding, position embedding, ...)."""

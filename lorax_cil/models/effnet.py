@@ -90,7 +90,7 @@ class DepthwiseConv2d(nn.Conv2d):
     On a 1 x 1 input the padded window holds one non-zero pixel, under the centre tap, so the
     output is ``x * weight[:, 0, kh // 2, kw // 2] (+ bias)`` exactly (any stride). CPU
     convolution kernels handle this degenerate shape poorly, and it is what the last MBConv
-    blocks of EfficientNet-Lite see at 32 px inputs (benchmarks/depthwise_small_maps.py times
+    blocks of EfficientNet-Lite see at 32 px inputs (benchmarks/cnn_layouts.py times
     both paths). Every other input runs the plain convolution; parameters and state-dict keys
     are those of ``nn.Conv2d``.
     """

@@ -70,6 +70,10 @@ class ModelConfig:
             (official), 0 for ``side``.
         lora_targets: preset name, regex, or ``auto`` (the backbone family's default preset).
         divergence_head: auxiliary divergence head on the newest extractor.
+        channels_last: store the convolution weights of a CNN backbone channels-last (NHWC),
+            so that its convolutions and activations run in that layout: faster on CPU
+            (benchmarks/cnn_layouts.py, docs/backbones.md); the same results up to float
+            rounding, so not bit-identical to a run without it. Refused on a ViT backbone.
     """
 
     backbone: str = "efficientnet-lite0"
@@ -83,6 +87,7 @@ class ModelConfig:
     lora_dropout: float | None = None
     lora_targets: str = "auto"
     divergence_head: bool = True
+    channels_last: bool = False
 
 
 @dataclass

@@ -59,7 +59,7 @@ AUTO_TARGETS = {"convit": "lorax-paper", "timm": "attn", "open_clip": "mlp",
 def build_backbone(cfg: RunConfig):
     """The configured backbone. Randomly initialised weights are drawn from ``train.seed``
     (without touching the global RNG), so a checkpoint can rebuild the identical backbone."""
-    from lorax_cil.models.backbones import create_backbone
+    from lorax_cil.models.backbones import backbone_family, create_backbone
 
     m = cfg.model
     with torch.random.fork_rng(devices=[]):
@@ -73,6 +73,15 @@ def build_backbone(cfg: RunConfig):
             f"{m.backbone}: a ViT is built for the size it is fed; pass model.img_size "
             f"(--img-size) {crop}, or leave --crop unset"
         )
+    if m.channels_last:
+        family = backbone_family(m.backbone)
+        if family != "cnn":
+            what = (f"is a {family} backbone" if family else
+                    "has no registered family (register_backbone(..., family='cnn') names one)")
+            raise ValueError(f"model.channels_last: {m.backbone} {what}; the channels-last "
+                             "layout is for the convolutions of a cnn backbone. Leave "
+                             "model.channels_last unset")
+        backbone.to_channels_last()
     return backbone
 
 

@@ -66,8 +66,8 @@ def run_one(args: argparse.Namespace, data: Path, method: str, seed: int) -> dic
                   "eval_batch_size": 64, "lr_first": args.lr, "lr": args.lr, "warmup_epochs": 0,
                   "min_lr": args.lr / 100, "memory_size": args.memory, "seed": seed,
                   "device": "cpu", "checkpoint_every_task": False, "min_steps_per_task": 0,
-                  # the official head (no balanced stage, the lorax default on a ViT since)
-                  "readout": args.readout, "head_balanced_steps": 0},
+                  # pinned: 0 is the official head (the lorax default on a ViT is 100 since)
+                  "readout": args.readout, "head_balanced_steps": args.balanced_steps},
     }, source="class-attention accuracy benchmark")
     out = Path(args.out) / "runs" / f"{method}-s{seed}"
     run = Run(cfg, run_dir=out, progress=lambda msg: print(f"[{method} seed {seed}] {msg}", flush=True))
@@ -134,8 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--memory", type=int, default=48, help="exemplar budget")
     p.add_argument("--readout", default="head", choices=READOUTS,
-                   help="train.readout of every method (pinned, with train.head_balanced_steps=0: "
-                        "the LoRAX family's defaults depend on the backbone, lorax-ca's do not)")
+                   help="train.readout of every method (pinned, as --balanced-steps is: the "
+                        "LoRAX family's defaults depend on the backbone, lorax-ca's do not)")
+    p.add_argument("--balanced-steps", type=int, default=0,
+                   help="train.head_balanced_steps of every method (default 0: the official "
+                        "head; 100 with --readout head is the LoRAX default on a ViT)")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--threads", type=int, default=1)
@@ -156,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/class_attention_accuracy.py " + " ".join(sys.argv[1:])
     setting = {"scenario": args.scenario, "backbone": args.backbone, "size": str(args.size),
                "per_class": str(args.per_class), "epochs": str(args.epochs)}
+    if args.balanced_steps < 0:
+        p.error("--balanced-steps must be >= 0")
     if not args.render_only:
+        check_training_setting(out, args)
         data = data_folder(out, args.scenario, args.size, args.per_class)
         synthesize(data, scenario=args.scenario, per_class=args.per_class, size=args.size, seed=0)
         for seed in args.seeds:
@@ -171,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"({row['train_seconds']:.0f} s)", flush=True)
         (out / "accuracy.json").write_text(json.dumps({
             "command": command, "date": time.strftime("%Y-%m-%d"), "lr": args.lr, "rank": args.rank,
-            "memory": args.memory, "threads": args.threads}, indent=2))
+            "memory": args.memory, "threads": args.threads, "readout": args.readout,
+            "balanced_steps": args.balanced_steps}, indent=2))
     rows = [r for r in read_rows(csv_path) if all(r[k] == v for k, v in setting.items())]
     if not rows:
         print(f"no results for {setting} in {csv_path}", file=sys.stderr)
@@ -184,6 +191,24 @@ def main(argv: list[str] | None = None) -> int:
         (out / f"accuracy-{args.rescore}.md").write_text(md + "\n")
         print(f"\nread with {args.rescore}:\n{md}")
     return 0
+
+
+def check_training_setting(out: Path, args: argparse.Namespace) -> None:
+    """Stop when ``out`` holds runs trained with another read-out or balanced stage than the
+    command gives (rows are reused by scenario, size, images and epochs, which would put them
+    in the table under the wrong setting). A folder written before the script recorded them
+    (no ``readout`` in its ``accuracy.json``) is not checked."""
+    meta_path = out / "accuracy.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    if "readout" not in meta:
+        return
+    before = {"readout": meta["readout"], "balanced_steps": meta.get("balanced_steps", 0)}
+    now = {"readout": args.readout, "balanced_steps": args.balanced_steps}
+    if before != now:
+        raise SystemExit(f"{out} holds runs trained with --readout {before['readout']} "
+                         f"--balanced-steps {before['balanced_steps']}; this command asks for "
+                         f"--readout {now['readout']} --balanced-steps {now['balanced_steps']}: "
+                         "give another --out")
 
 
 def rescore(out: Path, rows: list[dict], readout: str) -> list[dict]:

@@ -347,3 +347,27 @@ def test_strategy_add_task_to_a_finished_run(data_root, tmp_path):
 def test_strategy_refuses_lora_targets_it_cannot_use(data_root, tmp_path):
     with pytest.raises(ValueError, match="model.lora_targets='attn' does not apply to strategy 'lorax-ca'"):
         make_run(data_root, tmp_path / "r", ca_config(lora_targets="attn"))
+
+
+def test_accuracy_script_refuses_an_out_folder_of_another_head_setting(tmp_path):
+    """benchmarks/class_attention_accuracy.py reuses rows by scenario, size, images and epochs;
+    a folder whose runs were trained with another read-out or balanced stage stops the command
+    (naming both settings) instead of entering the table under the new setting."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "class_attention_accuracy.py"
+    spec = importlib.util.spec_from_file_location("ca_accuracy", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    args = argparse.Namespace(readout="head", balanced_steps=100)
+    mod.check_training_setting(tmp_path, args)  # a new folder
+    (tmp_path / "accuracy.json").write_text(json.dumps({"command": "old"}))
+    mod.check_training_setting(tmp_path, args)  # written before the setting was recorded
+    (tmp_path / "accuracy.json").write_text(json.dumps({"readout": "head", "balanced_steps": 100}))
+    mod.check_training_setting(tmp_path, args)  # the same setting
+    (tmp_path / "accuracy.json").write_text(json.dumps({"readout": "head", "balanced_steps": 0}))
+    with pytest.raises(SystemExit, match="--balanced-steps 0; this command asks for "
+                                         "--readout head --balanced-steps 100: give another --out"):
+        mod.check_training_setting(tmp_path, args)

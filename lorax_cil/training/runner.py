@@ -62,6 +62,13 @@ def build_backbone(cfg: RunConfig):
     from lorax_cil.models.backbones import backbone_family, create_backbone
 
     m = cfg.model
+    family = backbone_family(m.backbone) if m.channels_last else "cnn"
+    if family != "cnn":  # checked before any weights are read
+        what = (f"is a {family} backbone" if family else
+                "has no registered family (register_backbone(..., family='cnn') names one)")
+        raise ValueError(f"model.channels_last: {m.backbone} {what}; the channels-last layout "
+                         "is for the convolutions of a cnn backbone. Leave model.channels_last "
+                         "unset")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         backbone = create_backbone(m.backbone, pretrained=m.pretrained, weights=m.weights,
@@ -74,13 +81,6 @@ def build_backbone(cfg: RunConfig):
             f"(--img-size) {crop}, or leave --crop unset"
         )
     if m.channels_last:
-        family = backbone_family(m.backbone)
-        if family != "cnn":
-            what = (f"is a {family} backbone" if family else
-                    "has no registered family (register_backbone(..., family='cnn') names one)")
-            raise ValueError(f"model.channels_last: {m.backbone} {what}; the channels-last "
-                             "layout is for the convolutions of a cnn backbone. Leave "
-                             "model.channels_last unset")
         backbone.to_channels_last()
     return backbone
 

@@ -220,13 +220,14 @@ def test_layout_benchmark_times_both_choices(capsys) -> None:
     assert [r[3].strip() for r in tap] == [r[2].strip() for r in layout] == ["inference", "training step"]
     assert all(float(r[7]) == 0.0 for r in tap)  # max abs diff of the logits: exact
     assert all(0.0 <= float(r[6]) < 1e-4 for r in layout)  # float rounding only
-    net_model = create_backbone("efficientnet-lite0").model
+    from lorax_cil.models.effnet import DepthwiseConv2d
+
+    model = create_backbone("efficientnet-lite0").model
     saved: dict = {}
-    mod.set_centre_tap(net_model, False, saved)
-    assert saved and not any(isinstance(m, type(next(iter(saved.values()))))
-                             for m in net_model.modules())
-    mod.set_centre_tap(net_model, True, saved)
-    assert all(net_model.get_submodule(n) is m for n, m in saved.items())
+    mod.set_centre_tap(model, False, saved)
+    assert len(saved) == 12 and not any(isinstance(m, DepthwiseConv2d) for m in model.modules())
+    mod.set_centre_tap(model, True, saved)
+    assert all(model.get_submodule(n) is m for n, m in saved.items())
     with pytest.raises(SystemExit):
         mod.main(["--tasks", "0"])
 

@@ -72,9 +72,10 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "optimizer steps (default 0: the epoch count alone, as the tables below "
                         "were made)")
     p.add_argument("--readout", choices=READOUTS, default=None,
-                   help="train.readout of the LoRAX-family strategies (default: each one's own, "
-                        "ncm-frozen for lorax; a run that reads by class means also records its "
-                        "linear head, shown as a second row)")
+                   help="train.readout of the LoRAX-family strategies (default: each one's own; "
+                        "for lorax ncm-frozen on a CNN backbone, the balanced linear head on a "
+                        "ViT; a run that reads by class means also records its linear head, "
+                        "shown as a second row)")
     p.add_argument("--memory-size", type=int, default=None,
                    help="exemplar budget (default: --memory-fraction of the training images)")
     p.add_argument("--memory-fraction", type=float, default=0.03,

@@ -1,4 +1,4 @@
-"""Small shared helpers: seeding, devices, atomic file writes, hashing."""
+"""Small shared helpers: seeding, devices, atomic file writes, hashing, flat dictionaries."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import os
 import random
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 __all__ = ["seed_everything", "resolve_device", "resolve_amp", "atomic_write_bytes",
-           "atomic_write_text", "write_json", "sha256_file", "strict_from_dict"]
+           "atomic_write_text", "write_json", "sha256_file", "strict_from_dict", "flatten_dict"]
 
 
 def seed_everything(seed: int) -> None:
@@ -105,6 +105,20 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: fh.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def flatten_dict(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mappings as one level with dotted keys (``{"train": {"lr": 1}}`` gives
+    ``{"train.lr": 1}``), in order of appearance; tuples become lists, so that a value read
+    back from YAML or JSON compares equal to the one written."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_dict(value, f"{name}."))
+        else:
+            out[name] = list(value) if isinstance(value, tuple) else value
+    return out
 
 
 def strict_from_dict(cls: Any, d: Any, *, ignore: tuple[str, ...] = (), **convert: Any) -> Any:

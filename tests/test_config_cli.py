@@ -106,3 +106,23 @@ def test_amp_and_device_flags_resolve_or_fail_clearly():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA device"):
             resolve_device("cuda")
+
+
+def test_flat_config_keys_survive_a_yaml_round_trip():
+    import yaml
+
+    from lorax_cil.training.compare import config_differences
+    from lorax_cil.training.integrity import protocol_changes
+    from lorax_cil.utils import flatten_dict
+
+    cfg = merge_config(RunConfig(), {"data": {"tasks": ["a", "b"]}, "train": {"lr": 3e-4}},
+                       source="test")
+    flat = flatten_dict(cfg.to_dict())
+    assert flat["train.lr"] == 3e-4 and flat["data.tasks"] == ["a", "b"]
+    assert not any(isinstance(v, (dict, tuple)) for v in flat.values())
+    saved = yaml.safe_load(yaml.safe_dump(cfg.to_dict()))
+    assert flatten_dict(saved) == flat
+    assert config_differences(saved, cfg.to_dict()) == []
+    other = merge_config(cfg, {"train": {"lr": 1e-3}}, source="test")
+    assert protocol_changes(saved, other.to_dict()) == {"train.lr": [3e-4, 1e-3]}
+    assert config_differences(saved, other.to_dict()) == ["train.lr: run has 0.0003, requested 0.001"]

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from lorax_cil.utils import flatten_dict
+
 __all__ = [
     "summary_table",
     "aggregate_seeds",
@@ -20,17 +22,6 @@ __all__ = [
     "to_markdown",
     "format_matrix",
 ]
-
-
-def _flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(_flatten(value, f"{name}."))
-        else:
-            out[name] = value
-    return out
 
 
 def summary_table(runs: Mapping[str, Mapping[str, Any]], *, index_name: str = "run"):
@@ -44,7 +35,7 @@ def summary_table(runs: Mapping[str, Mapping[str, Any]], *, index_name: str = "r
     """
     import pandas as pd
 
-    rows = {str(name): _flatten(summary) for name, summary in runs.items()}
+    rows = {str(name): flatten_dict(summary) for name, summary in runs.items()}
     columns: list[str] = []
     for flat in rows.values():
         columns.extend(c for c in flat if c not in columns)

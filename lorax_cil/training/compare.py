@@ -40,6 +40,7 @@ import numpy as np
 
 from lorax_cil.training.config import RunConfig, merge_config
 from lorax_cil.training.lock import LOCK_NAME
+from lorax_cil.utils import flatten_dict
 
 __all__ = ["TABLE_METRICS", "Comparison", "run_comparison", "config_differences", "preset_changes",
            "aggregate_runs", "markdown_table", "comparison_caption"]
@@ -331,8 +332,8 @@ def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[st
     """
     from lorax_cil.training.registry import list_strategies
 
-    a = _flat(RunConfig.from_dict(saved, source="run config").to_dict())
-    b = _flat(RunConfig.from_dict(wanted, source="requested config").to_dict())
+    a = flatten_dict(RunConfig.from_dict(saved, source="run config").to_dict())
+    b = flatten_dict(RunConfig.from_dict(wanted, source="requested config").to_dict())
     own = str(b.get("train.strategy", "")).replace("-", "")
     others = {s.replace("-", "") for s in list_strategies()} - {own}
 
@@ -346,16 +347,6 @@ def config_differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[st
     keys = [k for k in dict.fromkeys([*a, *b]) if relevant(k)]
     return [f"{k}: run has {a.get(k)!r}, requested {b.get(k)!r}" for k in keys
             if a.get(k) != b.get(k)]
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = list(v) if isinstance(v, tuple) else v
-    return out
 
 
 # --- per-run numbers --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any, Iterable, Mapping
 
 from lorax_cil.errors import UserError, printable
 from lorax_cil.training.checkpoint import CheckpointError, read_latest_pointer
+from lorax_cil.utils import flatten_dict
 
 __all__ = [
     "RESUME_FREE_KEYS",
@@ -148,21 +149,10 @@ def validate_run_meta(meta: Mapping[str, Any], folder: str | os.PathLike) -> Non
                               "tasks of 2 classes")
 
 
-def _flatten(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for section, values in cfg.items():
-        if isinstance(values, Mapping):
-            for key, value in values.items():
-                out[f"{section}.{key}"] = value
-        else:
-            out[section] = values
-    return out
-
-
 def protocol_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, list[Any]]:
     """``{"section.key": [old, new]}`` for every protocol key (not in :data:`RESUME_FREE_KEYS`)
     whose value differs between two resolved configurations (``RunConfig.to_dict()``)."""
-    a, b = _flatten(old), _flatten(new)
+    a, b = flatten_dict(old), flatten_dict(new)
     return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys())
             if k not in RESUME_FREE_KEYS and a.get(k) != b.get(k)}
 

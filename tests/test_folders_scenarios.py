@@ -86,6 +86,10 @@ def test_univfd_and_genimage_layouts(tmp_path):
         write_image(tmp_path / "gen" / "sdv14" / "val" / cls / "x.JPG", fmt="JPEG")
     recs = scan_genimage(tmp_path / "gen" / "sdv14", "val")
     assert [r.is_fake for r in recs] == [0, 1]
+    with pytest.raises(DataLayoutError, match=r"missing split 'train' in GenImage generator folder .*splits: val"):
+        scan_genimage(tmp_path / "gen" / "sdv14", "train")
+    with pytest.raises(DataLayoutError, match=r"missing GenImage generator folder: .*midjourney"):
+        scan_genimage(tmp_path / "gen" / "midjourney", "val")
 
 
 def test_cddb_orders_exact():

@@ -161,30 +161,24 @@ def scan_class_folders(
 
 def scan_task_split(task_dir: str | os.PathLike, split: str) -> list[ImageRecord]:
     """Scan one CDDB task's split: ``<task_dir>/<split>/[<subclass>/]{0_real,1_fake}``."""
-    task_dir = Path(task_dir)
-    _require_dir(task_dir, "task")
-    split_dir = task_dir / split
-    if not split_dir.is_dir():
-        found = list_subdirs(task_dir)
-        raise DataLayoutError(
-            f"missing split '{split}' in task folder {task_dir}; existing splits: "
-            f"{', '.join(found) if found else '(none)'}"
-        )
-    return scan_class_folders(split_dir)
+    return scan_class_folders(_split_dir(Path(task_dir), split, "task"))
 
 
 def scan_genimage(gen_dir: str | os.PathLike, split: str = "val") -> list[ImageRecord]:
     """Scan one GenImage generator: ``<gen_dir>/<split>/{nature,ai}``."""
-    gen_dir = Path(gen_dir)
-    _require_dir(gen_dir, "generator")
-    split_dir = gen_dir / split
+    return scan_class_folders(_split_dir(Path(gen_dir), split, "GenImage generator"),
+                              class_dirs=GENIMAGE_CLASS_DIRS)
+
+
+def _split_dir(folder: Path, split: str, what: str) -> Path:
+    """``folder/split``, or an error naming the folder and the splits it does have."""
+    _require_dir(folder, what)
+    split_dir = folder / split
     if not split_dir.is_dir():
-        found = list_subdirs(gen_dir)
-        raise DataLayoutError(
-            f"missing split '{split}' in GenImage folder {gen_dir}; existing: "
-            f"{', '.join(found) if found else '(none)'}"
-        )
-    return scan_class_folders(split_dir, class_dirs=GENIMAGE_CLASS_DIRS)
+        found = list_subdirs(folder)
+        raise DataLayoutError(f"missing split '{split}' in {what} folder {folder}; existing "
+                              f"splits: {', '.join(found) if found else '(none)'}")
+    return split_dir
 
 
 def count_by(records: Iterable[ImageRecord]) -> dict[tuple[str, int], int]:

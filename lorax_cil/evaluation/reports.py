@@ -13,8 +13,6 @@ from typing import Any
 
 import numpy as np
 
-from lorax_cil.utils import flatten_dict
-
 __all__ = [
     "summary_table",
     "aggregate_seeds",
@@ -34,6 +32,8 @@ def summary_table(runs: Mapping[str, Mapping[str, Any]], *, index_name: str = "r
         pandas.DataFrame indexed by run name.
     """
     import pandas as pd
+
+    from lorax_cil.utils import flatten_dict
 
     rows = {str(name): flatten_dict(summary) for name, summary in runs.items()}
     columns: list[str] = []

@@ -131,9 +131,9 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes:
         x = torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(size))
         plain, fast = passes(net, x, from_trunk=False), passes(nhwc, x, from_trunk=False)
+        diff = (plain[0]() - fast[0]()).abs().max().item()
         for i, name in enumerate(("inference", "training step")):
             plain_ms, fast_ms = timed(plain[i], args.repeats), timed(fast[i], args.repeats)
-            diff = (plain[0]() - fast[0]()).abs().max().item()
             print(f"| {size} px | {name} | {plain_ms:.1f} | {fast_ms:.1f} | "
                   f"{plain_ms / fast_ms:.2f} | {diff:.1e} |")
 

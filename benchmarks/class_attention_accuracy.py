@@ -34,7 +34,8 @@ from lorax_cil.training.config import READOUTS, RESCORE_READOUTS  # noqa: E402  
 
 #: method name -> (strategy, adapt_blocks[, model overrides]); ``None`` = every block (for
 #: ``lorax``, which has no ``adapt_blocks`` default; ``lorax-ca`` would replace ``None`` by its
-#: default of 4); ``lorax-side`` takes ``model.lora_r`` as its side width
+#: default of 4); ``lorax-side`` takes ``model.lora_r`` as its side width; ``lorax-distill``
+#: trains ``model.lora_r`` LoRA teachers and keeps ``model.side_width`` students
 METHODS: dict[str, tuple] = {
     "lorax": ("lorax", None),
     "lorax-deep-k1": ("lorax-deep", 1),
@@ -45,6 +46,8 @@ METHODS: dict[str, tuple] = {
     "lorax-side-w32": ("lorax-side", None, {"lora_r": 32, "lora_alpha": 32.0}),
     "lorax-side-w64": ("lorax-side", None, {"lora_r": 64, "lora_alpha": 64.0}),
     "lorax-side-w128": ("lorax-side", None, {"lora_r": 128, "lora_alpha": 128.0}),
+    # full-depth LoRA (the ``lorax`` row's adapters) distilled into width-64 side networks
+    "lorax-distill": ("lorax-distill", None, {"side_width": 64}),
 }
 FIELDS = ("scenario", "backbone", "size", "per_class", "epochs", "method", "strategy", "k", "seed",
           "aa", "bwt", "train_seconds")

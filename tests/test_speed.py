@@ -271,12 +271,16 @@ def test_speed_benchmark_smoke(tmp_path):
     assert need <= set(rows[0])
     methods = {r["method"] for r in rows}
     assert {"plain", "reference", "lorax", "lorax-deep-k1", "merged", "lorax-ca-k4", "lorax-ca-all",
-            "lorax-side-w64"} <= methods
+            "lorax-side-w64", "lorax-distill-w64"} <= methods
     ca = [r for r in rows if r["method"] == "lorax-ca-all"]  # its floor column is the FLOP model
     assert [int(r["k"]) for r in ca] == [4, 4] and all(0.5 < float(r["floor_ratio"]) < 1.5 for r in ca)
     side = [r for r in rows if r["method"] == "lorax-side-w64"]  # FLOP model: one pass + T side nets
     floors = [float(r["floor_ratio"]) for r in side]
     assert [int(r["k"]) for r in side] == [4, 4] and 1.0 < floors[0] < floors[1]
+    # lorax-distill's inference network is lorax-side's: the same FLOP model; it trains a teacher
+    distilled = [r for r in rows if r["method"] == "lorax-distill-w64"]
+    assert [float(r["floor_ratio"]) for r in distilled] == floors
+    assert all(r["train_ratio"] for r in distilled) == all(r["train_ratio"] for r in side)
     for r in rows:
         for key in ("infer_ms_per_image", "infer_ratio"):
             v = float(r[key])

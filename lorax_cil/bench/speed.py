@@ -20,6 +20,10 @@ and number of tasks ``T`` it measures, in one process tree, after warm-up, the m
 * ``lorax-side-w64``: side networks of width 64 on every block over the shared frozen pass
   (``lorax-side``, ViT configs only); "floor" is the FLOP model
   :func:`~lorax_cil.models.extractors.side.side_flops`.
+* ``lorax-distill-w64``: ``lorax-distill`` (ViT configs only): its training step is the LoRA
+  teacher's on every block beside the ``T - 1`` students' shared frozen pass; its inference is
+  the ``T`` distilled width-64 students (the network ``lorax-side-w64`` measures), floor
+  ``side_flops``.
 
 ``--methods`` measures a subset (``plain`` always runs: it is the unit of the training ratios);
 rows of other methods already in ``--out`` are kept, so one filtered invocation adds or
@@ -79,9 +83,11 @@ DEFAULT_CONFIGS = ("vit-test", "efficientnet-lite0", "vit-b16")
 DEFAULT_TASKS = (1, 5, 7, 12)
 DEEP_KS = (1, 2, 3)
 #: the kinds whose tasks all read one shared frozen pass (ViT configs only): method ->
-#: (extractor kind, adapted blocks (``None``: all)); ``lorax-side-w64`` has side width 64
+#: (extractor kind, adapted blocks (``None``: all)); ``lorax-side-w64`` has side width 64, as
+#: the students of ``lorax-distill-w64``
 SHARED_PASS_VARIANTS = {"lorax-ca-k4": ("class-attention", 4), "lorax-ca-all": ("class-attention", None),
-                        "lorax-side-w64": ("side", None)}
+                        "lorax-side-w64": ("side", None),
+                        "lorax-distill-w64": ("distilled-side", None)}
 SIDE_WIDTH = 64
 METHODS = ("plain", "reference", "lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS], "merged",
            *SHARED_PASS_VARIANTS)
@@ -176,11 +182,18 @@ def _shared_pass_net(cfg: BenchConfig, backbone: Any, method: str) -> Any:
     config's LoRA rank, or side networks of width :data:`SIDE_WIDTH`."""
     from lorax_cil.models.expandable import ExpandableNet
     from lorax_cil.models.extractors.class_attention import ClassAttentionSpec
+    from lorax_cil.models.extractors.distilled import DistilledSideSpec
     from lorax_cil.models.extractors.side import SideSpec
+    from lorax_cil.models.lora import LoraSpec
 
     kind, k = SHARED_PASS_VARIANTS[method]
-    spec: Any = (SideSpec(width=SIDE_WIDTH, alpha=float(SIDE_WIDTH)) if kind == "side" else
-                 ClassAttentionSpec(r=cfg.lora_r, alpha=float(cfg.lora_r), dropout=0.0))
+    side = SideSpec(width=SIDE_WIDTH, alpha=float(SIDE_WIDTH))
+    spec: Any = {
+        "side": side,
+        "distilled-side": DistilledSideSpec(
+            lora=LoraSpec(r=cfg.lora_r, alpha=float(cfg.lora_r), dropout=0.0, targets=cfg.targets),
+            side=side),
+    }.get(kind) or ClassAttentionSpec(r=cfg.lora_r, alpha=float(cfg.lora_r), dropout=0.0)
     return ExpandableNet(backbone=copy.deepcopy(backbone), extractor=kind, adapt_blocks=k, spec=spec)
 
 
@@ -195,8 +208,9 @@ def _shared_pass_formula(net: Any, x: Any, T: int) -> float:
     n = int(bb.stem(x[:1]).shape[1])
     shape = dict(n=n, dim=bb.feature_dim, hidden=blk.mlp.fc1.out_features, L=bb.num_blocks,
                  k=net.ext.k, T=T)
-    if net.extractor == "side":
-        return side_flops(**shape, width=net.ext.spec.width, mlp_ratio=net.ext.spec.mlp_ratio)["passes"]
+    if net.extractor in ("side", "distilled-side"):
+        side = net.ext.side_spec
+        return side_flops(**shape, width=side.width, mlp_ratio=side.mlp_ratio)["passes"]
     return class_attention_flops(**shape, r=net.ext.spec.r, targets=net.ext.spec.targets)["passes"]
 
 
@@ -204,6 +218,8 @@ def _grow(net: Any, T: int) -> None:
     import torch
 
     while net.num_tasks < T:
+        if net.extractor == "distilled-side":
+            _distilled(net, net.num_tasks - 1)  # the previous task as after its distillation
         net.add_task(2)
         with torch.no_grad():  # a trained-looking adapter (B is zero at initialisation)
             if net.extractor == "class-attention":
@@ -214,8 +230,24 @@ def _grow(net: Any, T: int) -> None:
             if net.extractor == "side":
                 net.extractors[-1].up.weight.normal_(0, 0.02)
                 continue
+            if net.extractor == "distilled-side":  # the newest task's teacher stays live
+                for layer in net.ext.layers:
+                    layer.adapters[-1].lora_B.weight.normal_(0, 0.02)
+                continue
             for layer in net.ext.layers:
                 layer.adapters[-1].lora_B.weight.normal_(0, 0.02)
+
+
+def _distilled(net: Any, t: int) -> None:
+    """``distilled-side``: task ``t`` as after its distillation, a trained-looking student
+    loaded in place of its teacher (no-op for ``t < 0`` or a task already distilled)."""
+    import torch
+
+    if t < 0 or net.ext.teaching != t:
+        return
+    sd = net.ext.task_state_dict(t)
+    sd["up.weight"] = torch.randn(sd["up.weight"].shape, generator=torch.Generator().manual_seed(t)) * 0.02
+    net.ext.load_task_state_dict(t, {k: v.to(net.ext.extractors[t].up.weight.device) for k, v in sd.items()})
 
 
 class _Step:
@@ -386,9 +418,25 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
         net = _shared_pass_net(cfg, backbone, method).to(device)
     else:
         net = _lora_net(cfg, backbone, k).to(device)
+    def train_ratio() -> float:
+        net.train()
+        fwd = _reference_forward(net, train=True) if method == "reference" else _net_forward(net)
+        step = _Step(net, fwd, x, amp)  # its optimiser: the newest extractor and heads
+        t_s, p_s = pair(step)
+        if hasattr(fwd, "restore"):
+            fwd.restore()
+        if T == max(tasks) and method.startswith("lorax"):
+            profiles["train"] = _profile(step)
+        return t_s / p_s
+
     for T in tasks:
         _grow(net, T)
         net.to(device)
+        train_rel = None
+        if net.extractor == "distilled-side":  # the teacher's step, then inference as after it
+            if train:
+                train_rel = train_ratio()
+            _distilled(net, T - 1)
         net.eval()
         if method == "reference":
             fwd = _reference_forward(net, train=False)
@@ -409,17 +457,8 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
             floor, floor_measured = (backbone.num_blocks - k + T * k) / backbone.num_blocks, f_s / p_s
         elif method in ("reference", "lorax"):
             floor = floor_measured = float(T)
-        train_rel = None
-        if train and method != "merged":
-            net.train()
-            fwd = _reference_forward(net, train=True) if method == "reference" else _net_forward(net)
-            step = _Step(net, fwd, x, amp)  # its optimiser: the newest extractor and heads
-            t_s, p_s = pair(step)
-            if hasattr(fwd, "restore"):
-                fwd.restore()
-            train_rel = t_s / p_s
-            if T == max(tasks) and method.startswith("lorax"):
-                profiles["train"] = _profile(step)
+        if train and method != "merged" and net.extractor != "distilled-side":
+            train_rel = train_ratio()
         if T == max(tasks) and method.startswith("lorax"):
             net.eval()
             with torch.no_grad():
@@ -647,7 +686,7 @@ def shared_pass_markdown(rows: list[dict[str, Any]]) -> str:
     sel = [r for r in rows if r["method"] in SHARED_PASS_VARIANTS]
     if not sel:
         return ("Not measured in this run: `python benchmarks/speed.py --configs vit-b16 dinov2-vits14 "
-                "--methods lorax-ca-k4 lorax-ca-all lorax-side-w64` adds the rows.")
+                "--methods lorax-ca-k4 lorax-ca-all lorax-side-w64 lorax-distill-w64` adds the rows.")
     lines = ["| config | method | k | T | inference x plain | FLOP model x plain | measured / model "
              "| training x plain FT step | peak RSS / smallest T |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -842,6 +881,10 @@ Methods:
 - **lorax-side-w64**: side networks (`lorax-side`, docs/class-attention.md): the frozen backbone
   runs once for every task, and each task's width-64 side stream processes every token, fed by
   the frozen tokens of every block (ViT configs only).
+- **lorax-distill-w64**: `lorax-distill` (docs/class-attention.md): each task trains a LoRA
+  teacher on every block (the training row: its step beside the T - 1 students' shared frozen
+  pass), then keeps a width-64 side network distilled from it (the inference row: the same
+  network as `lorax-side-w64`) (ViT configs only).
 
 Training rows are one step of the newest extractor at task T (old extractors frozen, run without
 autograd, except in `reference`, which trains as the official code: every adapter's pass under

@@ -1,5 +1,6 @@
 """The built-in strategies: LoRAX, LoRAX on the last blocks, LoRAX with class-attention task
-tokens or side networks, LoRAX with MoLE extractors, and the two fine-tuning baselines."""
+tokens or side networks, LoRAX distilled into side networks, LoRAX with MoLE extractors, and the
+two fine-tuning baselines."""
 
 from __future__ import annotations
 
@@ -144,6 +145,14 @@ register_strategy(
     model={"extractor": "side"},
     defaults=LORAX_DEFAULTS,
     network=_token_extractor_network,
+)(_lorax_family)
+
+register_strategy(
+    "lorax-distill",
+    description="LoRAX whose per-task LoRA extractor is distilled into a side network after its "
+                "task: the frozen backbone runs once for every task at inference",
+    model={"extractor": "distilled-side"},
+    defaults={"side_width": 64, "distill_epochs": 30, "distill_lr": 3e-3, **LORAX_DEFAULTS},
 )(_lorax_family)
 
 register_strategy(

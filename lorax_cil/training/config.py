@@ -70,6 +70,8 @@ class ModelConfig:
             (official), 0 for ``side``.
         lora_targets: preset name, regex, or ``auto`` (the backbone family's default preset).
         divergence_head: auxiliary divergence head on the newest extractor.
+        side_width: width of every task's side network for ``lorax-distill`` (its students,
+            scale 1); ``None``: the strategy's default (64). Refused by other strategies.
         channels_last: store the convolution weights of a CNN backbone channels-last (NHWC),
             so that its convolutions and activations run in that layout: faster on CPU
             (benchmarks/cnn_layouts.py, docs/backbones.md); the same results up to float
@@ -87,6 +89,7 @@ class ModelConfig:
     lora_dropout: float | None = None
     lora_targets: str = "auto"
     divergence_head: bool = True
+    side_width: int | None = None
     channels_last: bool = False
 
 
@@ -147,6 +150,11 @@ class TrainConfig:
             reproduces the official LoRAX.
             With a class-mean read-out the run records the linear head's matrices too
             (``accuracy_<metric>-head.csv``, ``summary.json`` ``head_readout``).
+        distill_epochs: ``lorax-distill``: epochs of distillation of each task's LoRA teacher
+            into its side network, over the task's images and the memory (at least
+            ``min_steps_per_task`` optimizer steps); ``None``: the strategy's default (30).
+        distill_lr: ``lorax-distill``: learning rate of that distillation (cosine to 0);
+            ``None``: the strategy's default (3e-3).
         cache_trunk: compute the frozen trunk once per training image and task and train every
             epoch from the cached outputs (LoRAX family; refused when the training transform
             is random). Memory: one trunk output per training image.
@@ -178,6 +186,8 @@ class TrainConfig:
     head_balanced_lr: float = 1e-4
     head_balanced_loss: bool | None = None
     readout: str | None = None
+    distill_epochs: int | None = None
+    distill_lr: float | None = None
     cache_trunk: bool = False
 
 
@@ -242,7 +252,8 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
 #: smallest accepted value of numeric keys (``None`` stays accepted where the key allows it).
 MINIMUMS: dict[str, float] = {
     "data.crop": 1, "data.resize": 1, "data.calib_fraction": 0, "data.blur_prob": 0,
-    "data.jpeg_prob": 0, "model.img_size": 1, "model.adapt_blocks": 1, "model.lora_r": 1,
+    "data.jpeg_prob": 0, "model.img_size": 1, "model.adapt_blocks": 1, "model.lora_r": 1, "model.side_width": 1,
+    "train.distill_epochs": 1, "train.distill_lr": 0,
     "model.lora_dropout": 0, "train.epochs": 1, "train.batch_size": 1, "train.eval_batch_size": 1,
     "train.memory_size": 0, "train.seed": 0, "train.num_workers": 0, "train.warmup_epochs": 0,
     "train.min_steps_per_task": 0, "train.warmup_steps": 0, "train.lr": 0, "train.lr_first": 0,
@@ -253,7 +264,7 @@ MAXIMUMS: dict[str, float] = {"data.calib_fraction": 0.99, "data.blur_prob": 1, 
                               "model.lora_dropout": 0.99,
                               # sizes that allocate memory: far above any real use, so that a
                               # typo or an edited file cannot ask for terabytes
-                              "model.lora_r": 4096, "model.img_size": 8192, "data.crop": 8192,
+                              "model.lora_r": 4096, "model.side_width": 4096, "model.img_size": 8192, "data.crop": 8192,
                               "data.resize": 16384, "model.adapt_blocks": 1000}
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")

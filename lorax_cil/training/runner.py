@@ -107,22 +107,50 @@ def _lora_targets(backbone: Any, targets: str) -> str:
 def build_network(cfg: RunConfig, backbone: Any):
     """The expandable network described by ``cfg.model`` on ``backbone``, or the strategy's own
     network when its preset names one (see :class:`~lorax_cil.training.run_protocol.RunModel`)."""
+    from lorax_cil.models.extractors.distilled import DistilledSideSpec
+    from lorax_cil.models.extractors.side import SideSpec
     from lorax_cil.models.heads import build_expandable_net
     from lorax_cil.models.lora import LoraSpec
     from lorax_cil.training.registry import get_strategy, kind_defaults
 
     cfg = dataclasses.replace(cfg, model=kind_defaults(cfg.model))  # a config without its preset
+    check_distill_options(cfg)
     network = get_strategy(cfg.train.strategy).network
     if network is not None:
         return network(cfg, backbone)
     m = cfg.model
-    lora = None
-    if m.extractor == "lora":
-        lora = LoraSpec(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
+    spec: Any = None
+    if m.extractor in ("lora", "distilled-side"):
+        spec = LoraSpec(r=m.lora_r, alpha=m.lora_alpha, dropout=m.lora_dropout,
                         targets=_lora_targets(backbone, m.lora_targets))
+    if m.extractor == "distilled-side":
+        t = cfg.train
+        spec = DistilledSideSpec(lora=spec, side=SideSpec(width=m.side_width, alpha=float(m.side_width)),
+                                 epochs=t.distill_epochs, lr=t.distill_lr)
     kwargs = dict(backbone=backbone, extractor=m.extractor, adapt_blocks=m.adapt_blocks,
-                  lora=lora, divergence_head=m.divergence_head)
+                  spec=spec, divergence_head=m.divergence_head)
     return build_expandable_net(cfg.train.readout, **kwargs)
+
+
+#: the keys only the ``distilled-side`` extractor (``lorax-distill``) reads
+DISTILL_KEYS = ("model.side_width", "train.distill_epochs", "train.distill_lr")
+
+
+def check_distill_options(cfg: RunConfig) -> None:
+    """Refuse the distillation keys where nothing reads them, and demand them where the
+    ``distilled-side`` extractor does (its strategy preset fills them in)."""
+    values = {k: getattr(getattr(cfg, k.split(".")[0]), k.split(".")[1]) for k in DISTILL_KEYS}
+    if cfg.model.extractor == "distilled-side":
+        unset = [k for k, v in values.items() if v is None]
+        if unset:
+            raise ValueError(f"model.extractor 'distilled-side' needs {', '.join(unset)} "
+                             "(strategy lorax-distill sets them)")
+        return
+    given = [k for k, v in values.items() if v is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)}: read only by strategy lorax-distill "
+                         f"(model.extractor 'distilled-side'), not by {cfg.train.strategy!r}; "
+                         "leave unset")
 
 
 @dataclass
@@ -215,6 +243,7 @@ class StepRecord:
     epochs: list[dict[str, Any]] = field(default_factory=list)
     initial_adapter: str | None = None
     task_length: dict[str, Any] | None = None
+    consolidation: dict[str, Any] | None = None
 
 
 class Run:
@@ -382,6 +411,10 @@ class Run:
         length = getattr(self.strategy, "task_length", None)
         if length is not None:
             self.progress(f"  schedule: {length.describe()}")
+        consolidation = getattr(self.strategy, "consolidation", None)
+        if consolidation is not None:
+            self.progress("  consolidated: " + ", ".join(
+                f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in consolidation.items()))
         t0 = time.perf_counter()
         per_task = self.evaluate_step(j)
         eval_s = time.perf_counter() - t0
@@ -392,6 +425,7 @@ class Run:
             memory_exemplars=self.check_memory(), epochs=self.epoch_progress.take_records(),
             initial_adapter=adapter,
             task_length=length.to_dict() if length is not None else None,
+            consolidation=consolidation,
         )
         self.steps.append(json.loads(json.dumps(record.__dict__, default=_jsonable)))
         if self.run_loggers is not None:

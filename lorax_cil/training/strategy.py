@@ -28,6 +28,7 @@ from avalanche.training.plugins.evaluation import default_evaluator
 from avalanche.training.templates import SupervisedTemplate
 from torch import nn
 
+from lorax_cil import distributed as dist
 from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.models.heads import NCMExpandableNet
 from lorax_cil.training.head_balance import HeadBalancer, HeadOptions
@@ -269,6 +270,9 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         self.mb_div_logits: torch.Tensor | None = None
         self.mb_aux_loss: torch.Tensor | None = None
         self.class_weights: torch.Tensor | None = None  # head_balanced_loss, set per task
+        #: what the extractor's consolidation of the last task reported (``None``: the kind
+        #: does not consolidate); the run log records it per task
+        self.consolidation: dict[str, Any] | None = None
 
     # --- set-up ----------------------------------------------------------------------------
     @property
@@ -348,9 +352,41 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
                         [round(w, 3) for w in self.class_weights.tolist()])
 
     def _after_training_exp(self, **kwargs: Any) -> None:
+        self.consolidate_extractor()  # e.g. distil the task's teacher into its student
         self.head_balancer.after_task(self)  # balanced fine-tuning, WA, NCM class means
         self.memory.post_adapt(self, self.experience)
         super()._after_training_exp(**kwargs)
+
+
+    def consolidate_extractor(self) -> dict[str, Any] | None:
+        """Let an extractor kind that consolidates (:attr:`Extractor.consolidates`) turn the
+        task's trained extractor into the one it keeps, on the task's training set (its images
+        and the memory, training transforms, shuffled, ``train_mb_size`` batches). Under
+        torchrun every process consolidates on the whole set, then rank 0's result is
+        broadcast. Returns the kind's statistics (logged), or ``None``."""
+        from torch.utils.data import DataLoader
+
+        net = self.net
+        self.consolidation = None
+        if not net.ext.consolidates:
+            return None
+        t = net.num_extractors - 1
+        data = self.adapted_dataset
+        loader = DataLoader(data, batch_size=self.train_mb_size, shuffle=True,
+                            num_workers=self.num_workers, collate_fn=getattr(data, "collate_fn", None),
+                            pin_memory=self.device.type == "cuda")
+
+        def batches() -> Any:
+            for batch in loader:
+                x = batch[0].to(self.device, non_blocking=True)
+                yield x if self.cache_trunk else net.trunk(x)
+
+        stats = net.ext.consolidate(t, batches, batches_per_epoch=len(loader),
+                                    min_steps=self.min_steps_per_task, amp=self.amp)
+        dist.broadcast_parameters(net.ext.parameters_of(t))  # no-op in one process
+        logger.info("task %d consolidated: %s", t, stats)
+        self.consolidation = stats
+        return stats
 
 
 def balanced_class_weights(targets: Sequence[int], num_classes: int) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 The interface and the registry are in :mod:`lorax_cil.models.extractors.base`; each built-in
 kind is one module (``lora``, ``mole``, ``full``, ``finetune``, ``frozen``,
-``class_attention``, ``side``). A new kind is one
+``class_attention``, ``side``, ``distilled``). A new kind is one
 :class:`Extractor` subclass decorated with ``@register_extractor("name")`` (see
 docs/architecture.md), usable at once as ``ExpandableNet(extractor="name")``.
 """
@@ -17,6 +17,7 @@ from lorax_cil.models.extractors import finetune  # noqa: F401  isort: skip
 from lorax_cil.models.extractors import frozen  # noqa: F401  isort: skip
 from lorax_cil.models.extractors import class_attention  # noqa: F401  isort: skip
 from lorax_cil.models.extractors import side  # noqa: F401  isort: skip
+from lorax_cil.models.extractors import distilled  # noqa: F401  isort: skip
 from lorax_cil.models.extractors.base import (
     Extractor,
     Tail,

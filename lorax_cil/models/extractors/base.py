@@ -16,10 +16,13 @@ between kinds sits behind these members (only the first three have no default):
 ``with_aux_loss(run)``          ``(features, extra training loss or None)`` of one training forward
 ``configure(spec, k, L)``       classmethod: resolve the spec and ``adapt_blocks`` before building
 ``config_defaults(r)``          classmethod: ``model.lora_alpha`` / ``lora_dropout`` when unset
+``consolidate(t, batches)``     after task ``t`` trained, turn what trained into what is kept
+                                (only kinds with ``consolidates = True``; e.g. distillation)
 ==============================  ===================================================================
 
 Class attributes: ``grows`` (one feature block per task; ``False``: one block shared by every
-task, e.g. fine-tuning), ``learns`` (``False``: no learned tensors at all, e.g. the frozen
+task, e.g. fine-tuning), ``consolidates`` (the strategy calls ``consolidate`` after each task,
+with the task's training images), ``learns`` (``False``: no learned tensors at all, e.g. the frozen
 feature), ``spec_key`` / ``spec_type`` (the architecture-record key and the dataclass, with
 ``to_dict`` / ``from_dict``, of the kind's options; ``None`` = no options).
 
@@ -36,7 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from typing import Any, Callable, ClassVar, Iterator, Mapping, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -196,6 +199,7 @@ class Extractor(nn.Module):
     kind: ClassVar[str] = ""
     grows: ClassVar[bool] = True
     learns: ClassVar[bool] = True
+    consolidates: ClassVar[bool] = False
     spec_key: ClassVar[str | None] = None
     spec_type: ClassVar[type | None] = None
 
@@ -239,6 +243,24 @@ class Extractor(nn.Module):
         """Run one training forward (``run()`` returns the features); the extra loss to add to
         the training loss, already weighted, or ``None``."""
         return run(), None
+
+    def consolidate(self, t: int, batches: Callable[[], Iterable[torch.Tensor]], *,
+                    batches_per_epoch: int, min_steps: int = 0, amp: bool = False) -> dict[str, Any]:
+        """After task ``t`` trained: make the extractor that is kept from the one that trained
+        (``consolidates = True`` kinds only; the strategy calls it before the head's after-task
+        stage and the memory update).
+
+        Args:
+            batches: ``batches()`` yields one epoch of trunk outputs (the task's training
+                images and the memory, shuffled, training transforms) on the model's device.
+            batches_per_epoch: how many batches ``batches()`` yields.
+            min_steps: optimizer steps at least (``train.min_steps_per_task``).
+            amp: bfloat16 autocast on CUDA.
+
+        Returns:
+            what to log (e.g. ``{"steps": ..., "loss": ...}``).
+        """
+        raise NotImplementedError(f"extractor {self.kind!r} does not consolidate")  # pragma: no cover
 
     # --- state (defaults: the modules in ``self.extractors``) ---------------------------------
     def parameters_of(self, t: int) -> list[nn.Parameter]:

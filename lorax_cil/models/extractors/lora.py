@@ -26,7 +26,18 @@ from lorax_cil.models.lora import (
     lora_layers,
 )
 
-__all__ = ["AdapterExtractor", "LoraExtractor"]
+__all__ = ["AdapterExtractor", "LoraExtractor", "wrap_tail"]
+
+
+def wrap_tail(tail: Tail, spec: LoraSpec) -> tuple[list[str], list[MultiLoRALayer]]:
+    """Wrap the layers of ``tail`` that ``spec`` targets in Multi-LoRA wrappers (the backbone
+    family's target presets apply); returns the wrapped names and the wrappers."""
+    bb = tail.backbone
+    presets = bb.lora_target_presets() if hasattr(bb, "lora_target_presets") else {}
+    extra = tail.neck_modules()  # probed before wrapping: the neck may hold targets too
+    targets = inject_lora(bb.model, spec, preset_regexes=presets,
+                          block_names=bb.spec.block_names[tail.start :], extra_names=extra)
+    return targets, lora_layers(bb.model)
 
 
 class AdapterExtractor(Extractor):
@@ -95,12 +106,7 @@ class LoraExtractor(AdapterExtractor):
 
     def __init__(self, tail: Tail, spec: Any = None) -> None:
         super().__init__(tail, spec)
-        bb = tail.backbone
-        presets = bb.lora_target_presets() if hasattr(bb, "lora_target_presets") else {}
-        extra = tail.neck_modules()  # probed before wrapping: the neck may hold targets too
-        self.targets = inject_lora(bb.model, spec, preset_regexes=presets,
-                                   block_names=bb.spec.block_names[tail.start :], extra_names=extra)
-        self.layers = lora_layers(bb.model)
+        self.targets, self.layers = wrap_tail(tail, spec)
 
     def new_adapter(self) -> int:
         return add_lora_adapter(self.root, self.spec)

@@ -156,6 +156,12 @@ class SideExtractor(ModulePerTask):
         return self.tail.backbone.num_blocks - self.tail.start
 
     @property
+    def side_spec(self) -> SideSpec:
+        """The side networks' options (``spec`` here; a kind that holds more options in its
+        spec returns its side part)."""
+        return self.spec
+
+    @property
     def shared_passes(self) -> int:
         """How many times the frozen tail ran (tests, benchmarks)."""
         return self._shared.passes
@@ -174,13 +180,13 @@ class SideExtractor(ModulePerTask):
         D = bb.feature_dim
         if any(len(s) != 3 or s != shapes[0] or s[-1] != D for s in shapes):
             raise ValueError(
-                f"extractor 'side' needs a backbone whose blocks keep one (batch, tokens, {D}) "
+                f"extractor {self.kind!r} needs a backbone whose blocks keep one (batch, tokens, {D}) "
                 f"token layout (a Vision Transformer); backbone {bb.spec.name!r} gives block "
                 f"outputs of shapes {sorted(set(shapes))}")
 
     # --- growth --------------------------------------------------------------------------------
     def new_module(self) -> nn.Module:
-        return SideNet(dim=self.tail.backbone.feature_dim, k=self.k, spec=self.spec)
+        return SideNet(dim=self.tail.backbone.feature_dim, k=self.k, spec=self.side_spec)
 
     # --- the shared frozen pass ----------------------------------------------------------------
     def shared(self, h: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -202,7 +208,7 @@ class SideExtractor(ModulePerTask):
         if not tasks:
             return []
         frozen, taps = self.shared(h)
-        s = self.spec
+        s = self.side_spec
         # side networks without dropout run together: one matmul per layer for all of them
         # (many small per-task matmuls cost far more than their FLOPs on a CPU)
         drops = {t: s.dropout if train and self.training and not self.extractors[t].frozen else 0.0
@@ -224,7 +230,7 @@ class SideExtractor(ModulePerTask):
         as batched matmuls over tasks; equal to :meth:`SideNet.forward` per task up to float
         rounding."""
         nets = [self.extractors[t] for t in tasks]
-        T, w = len(nets), self.spec.width
+        T, w = len(nets), self.side_spec.width
         B, N, D = taps[0].shape
         W = self._stacked(nets)
         s = None

@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT))
 
 from lorax_cil.training.config import READOUTS, RESCORE_READOUTS  # noqa: E402  (torch-free)
 
-#: method name -> (strategy, adapt_blocks[, model overrides]); ``None`` = every block (for
-#: ``lorax``, which has no ``adapt_blocks`` default; ``lorax-ca`` would replace ``None`` by its
-#: default of 4); ``lorax-side`` takes ``model.lora_r`` as its side width; ``lorax-distill``
+#: method name -> (strategy, adapt_blocks[, model overrides[, train overrides]]); ``None`` =
+#: every block (for ``lorax``, which has no ``adapt_blocks`` default; ``lorax-ca`` would replace
+#: ``None`` by its default of 4); ``lorax-side`` takes ``model.lora_r`` as its side width; ``lorax-distill``
 #: trains ``model.lora_r`` LoRA teachers and keeps ``model.side_width`` students
 METHODS: dict[str, tuple] = {
     "lorax": ("lorax", None),
@@ -46,8 +46,10 @@ METHODS: dict[str, tuple] = {
     "lorax-side-w32": ("lorax-side", None, {"lora_r": 32, "lora_alpha": 32.0}),
     "lorax-side-w64": ("lorax-side", None, {"lora_r": 64, "lora_alpha": 64.0}),
     "lorax-side-w128": ("lorax-side", None, {"lora_r": 128, "lora_alpha": 128.0}),
-    # full-depth LoRA (the ``lorax`` row's adapters) distilled into width-64 side networks
+    # full-depth LoRA (the ``lorax`` row's adapters) distilled into width-64 side networks,
+    # 30 epochs of distillation (the default) or 10
     "lorax-distill": ("lorax-distill", None, {"side_width": 64}),
+    "lorax-distill-e10": ("lorax-distill", None, {"side_width": 64}, {"distill_epochs": 10}),
 }
 FIELDS = ("scenario", "backbone", "size", "per_class", "epochs", "method", "strategy", "k", "seed",
           "aa", "bwt", "train_seconds")
@@ -59,6 +61,7 @@ def run_one(args: argparse.Namespace, data: Path, method: str, seed: int) -> dic
     from lorax_cil.training.runner import Run
 
     strategy, k, *extra = METHODS[method]
+    extra_train = extra[1] if len(extra) > 1 else {}
     model = {"backbone": args.backbone, "pretrained": True, "img_size": args.size,
              "lora_r": args.rank, "lora_alpha": float(args.rank), "lora_dropout": 0.0,
              "adapt_blocks": k, **(extra[0] if extra else {})}
@@ -70,7 +73,8 @@ def run_one(args: argparse.Namespace, data: Path, method: str, seed: int) -> dic
                   "min_lr": args.lr / 100, "memory_size": args.memory, "seed": seed,
                   "device": "cpu", "checkpoint_every_task": False, "min_steps_per_task": 0,
                   # pinned: 0 is the official head (the lorax default on a ViT is 100 since)
-                  "readout": args.readout, "head_balanced_steps": args.balanced_steps},
+                  "readout": args.readout, "head_balanced_steps": args.balanced_steps,
+                  **extra_train},
     }, source="class-attention accuracy benchmark")
     out = Path(args.out) / "runs" / f"{method}-s{seed}"
     run = Run(cfg, run_dir=out, progress=lambda msg: print(f"[{method} seed {seed}] {msg}", flush=True))

@@ -16,11 +16,11 @@ def data_root(tmp_path_factory):
 
 
 def test_efficientnet_path_gives_the_same_table_shape(data_root, tmp_path):
-    """Every strategy but the ViT-only ones (l2p, lorax-mole, lorax-ca, lorax-side) on the pretrained
-    EfficientNet-Lite0."""
+    """Every strategy but the ViT-only ones (l2p, lorax-mole, lorax-ca, lorax-side, lorax-distill)
+    on the pretrained EfficientNet-Lite0."""
     from lorax_cil.training.registry import list_strategies
 
-    vit_only = {"l2p", "lorax-mole", "lorax-ca", "lorax-side"}
+    vit_only = {"l2p", "lorax-mole", "lorax-ca", "lorax-side", "lorax-distill"}
     names = [s for s in list_strategies() if s not in vit_only]
     cfg = base_config(data_root, backbone="efficientnet-lite0", pretrained=True)
     result = run_comparison(cfg, strategies=names, seeds=[0], out=tmp_path, timing_images=4)

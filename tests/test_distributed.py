@@ -256,12 +256,12 @@ def test_torchrun_refusals_name_every_strategy_that_can_train_distributed():
     _check_distributed(["lorax-ca", "finetune"])  # every one of them is accepted
 
 
-@pytest.mark.parametrize("strategy", ["lorax-ca", "lorax-side"])
+@pytest.mark.parametrize("strategy", ["lorax-ca", "lorax-side", "lorax-distill"])
 def test_shared_pass_strategies_train_under_torchrun_as_in_one_process(synth_root, tmp_path, strategy):
-    """The kinds whose tasks read one shared frozen pass (class-attention tokens, side networks)
-    train under torchrun: after 2 tasks every stored tensor matches a one-process run (the sums
-    of the gradient all-reduce in another order), and the second task's module did train (its
-    zero-initialised output is no longer zero)."""
+    """The kinds whose tasks read one shared frozen pass (class-attention tokens, side networks,
+    side networks distilled from LoRA teachers) train under torchrun: after 2 tasks every stored
+    tensor matches a one-process run (the sums of the gradient all-reduce in another order), and
+    the second task's module did train (its zero-initialised output is no longer zero)."""
     from safetensors.torch import load_file
 
     from lorax_cil.cli import main
@@ -274,7 +274,7 @@ def test_shared_pass_strategies_train_under_torchrun_as_in_one_process(synth_roo
     assert a.keys() == b.keys()
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=2e-3), key
-    zero_init = {"lorax-ca": ".B", "lorax-side": "up.weight"}[strategy]
+    zero_init = {"lorax-ca": ".B", "lorax-side": "up.weight", "lorax-distill": "up.weight"}[strategy]
     trained = [k for k in a if k.startswith("extractor.1.") and k.endswith(zero_init)]
     assert trained and all(float(a[k].abs().max()) > 0 for k in trained)
     steps = [json.loads(line) for line in (ddp / "steps.jsonl").read_text().splitlines()]

@@ -281,6 +281,9 @@ def test_speed_benchmark_smoke(tmp_path):
     distilled = [r for r in rows if r["method"] == "lorax-distill-w64"]
     assert [float(r["floor_ratio"]) for r in distilled] == floors
     assert all(r["train_ratio"] for r in distilled) == all(r["train_ratio"] for r in side)
+    # and measures its distillation step too; no other method has one
+    assert all(r["distill_ratio"] for r in distilled) == all(r["train_ratio"] for r in side)
+    assert not any(r["distill_ratio"] for r in rows if r["method"] != "lorax-distill-w64")
     for r in rows:
         for key in ("infer_ms_per_image", "infer_ratio"):
             v = float(r[key])

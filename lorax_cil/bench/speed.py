@@ -96,7 +96,8 @@ METHODS = ("plain", "reference", "lorax", *[f"lorax-deep-k{k}" for k in DEEP_KS]
 SHARED_INFER_BOUND, SHARED_TRAIN_BOUND, SHARED_MEMORY_BOUND = 1.5, 1.5, 1.3
 FIELDS = ("config", "method", "T", "k", "batch", "infer_ms_per_image", "infer_images_per_s",
           "infer_ratio", "floor_ratio", "floor_measured_ratio", "train_ms_per_image",
-          "train_ratio", "train_peak_rss_mb", "train_peak_rss_growth_mb", "threads", "device")
+          "train_ratio", "train_peak_rss_mb", "train_peak_rss_growth_mb", "threads", "device",
+          "distill_ratio")
 #: within 15 % of the floor; training at most 1.7x plain fine-tuning; memory 1.5x of T = 1.
 INFER_SLACK, TRAIN_BOUND, MEMORY_BOUND = 1.15, 1.7, 1.5
 
@@ -429,13 +430,23 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
             profiles["train"] = _profile(step)
         return t_s / p_s
 
+    def distill_ratio() -> float:
+        """One distillation step of the newest student (trunk, frozen pass, teacher without
+        autograd, student with it), in plain fine-tuning steps once divided below."""
+        net.eval()
+        t = net.num_tasks - 1
+        opt = net.ext.distill_optimizer(t)
+        d_s, p_s = pair(lambda: net.ext.distill_step(t, net.trunk(x), opt, amp=amp))
+        return d_s / p_s
+
     for T in tasks:
         _grow(net, T)
         net.to(device)
-        train_rel = None
+        train_rel = distill_rel = None
         if net.extractor == "distilled-side":  # the teacher's step, then inference as after it
             if train:
                 train_rel = train_ratio()
+                distill_rel = distill_ratio()
             _distilled(net, T - 1)
         net.eval()
         if method == "reference":
@@ -466,7 +477,7 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
         peak = (_peak_rss_mb(), _peak_rss_mb() - base_rss)
         rows.append(_row(cfg, method, T, net.ext.k if method in SHARED_PASS_VARIANTS else k, infer_s, plain_s,
                          train_rel, plain_train_s, peak, device,
-                         floor=floor, floor_measured=floor_measured))
+                         floor=floor, floor_measured=floor_measured, distill_rel=distill_rel))
     return {"rows": rows, "profiles": profiles}
 
 
@@ -482,9 +493,11 @@ def _profile(fn: Callable[[], Any], top: int = 12) -> str:
 
 def _row(cfg: BenchConfig, method: str, T: int, k: int | None, infer_s: float, plain_s: float,
          train_rel: float | None, plain_train_rel: float | None, peak_mb: tuple[float, float],
-         device: Any, *, floor: float, floor_measured: float | None) -> dict[str, Any]:
-    """One CSV row; ``train_rel`` and ``plain_train_rel`` are in units of the plain pass timed
-    alongside them, so the training time per image is ``train_rel * plain_s / batch``."""
+         device: Any, *, floor: float, floor_measured: float | None,
+         distill_rel: float | None = None) -> dict[str, Any]:
+    """One CSV row; ``train_rel``, ``plain_train_rel`` and ``distill_rel`` (a distillation step,
+    ``lorax-distill-w64``) are in units of the plain pass timed alongside them, so the training
+    time per image is ``train_rel * plain_s / batch``."""
     import torch
 
     b = cfg.batch
@@ -498,6 +511,7 @@ def _row(cfg: BenchConfig, method: str, T: int, k: int | None, infer_s: float, p
         "train_ratio": "" if train_rel is None or not plain_train_rel else train_rel / plain_train_rel,
         "train_peak_rss_mb": peak_mb[0], "train_peak_rss_growth_mb": peak_mb[1],
         "threads": torch.get_num_threads(), "device": str(device),
+        "distill_ratio": "" if distill_rel is None or not plain_train_rel else distill_rel / plain_train_rel,
     }
 
 
@@ -643,6 +657,9 @@ def check_targets(rows: list[dict[str, Any]], cfg: BenchConfig) -> list[Check]:
         if r["train_ratio"] != "":
             checks.append(Check(f"{m} training step T={T} x plain fine-tuning step",
                                 float(r["train_ratio"]), SHARED_TRAIN_BOUND, m, cfg.name))
+        if r.get("distill_ratio", "") != "":
+            checks.append(Check(f"{m} distillation step T={T} x plain fine-tuning step",
+                                float(r["distill_ratio"]), SHARED_TRAIN_BOUND, m, cfg.name))
     T1 = min(int(r["T"]) for r in rows)
     for m in SHARED_PASS_VARIANTS:
         lo, hi = at.get((m, T1)), at.get((m, T))
@@ -688,15 +705,16 @@ def shared_pass_markdown(rows: list[dict[str, Any]]) -> str:
         return ("Not measured in this run: `python benchmarks/speed.py --configs vit-b16 dinov2-vits14 "
                 "--methods lorax-ca-k4 lorax-ca-all lorax-side-w64 lorax-distill-w64` adds the rows.")
     lines = ["| config | method | k | T | inference x plain | FLOP model x plain | measured / model "
-             "| training x plain FT step | peak RSS / smallest T |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| training x plain FT step | distillation x plain FT step | peak RSS / smallest T |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for (c, m) in dict.fromkeys((r["config"], r["method"]) for r in sel):
         rs = sorted((r for r in sel if r["config"] == c and r["method"] == m), key=lambda r: int(r["T"]))
         base = float(rs[0]["train_peak_rss_mb"])
         for r in rs:
             inf, model = float(r["infer_ratio"]), float(r["floor_ratio"])
             lines.append(f"| {c} | {m} | {r['k']} | {r['T']} | {inf:.2f} | {model:.3f} | {inf / model:.2f} "
-                         f"| {_fmt(r['train_ratio'])} | {float(r['train_peak_rss_mb']) / base:.2f} |")
+                         f"| {_fmt(r['train_ratio'])} | {_fmt(r.get('distill_ratio', ''))} "
+                         f"| {float(r['train_peak_rss_mb']) / base:.2f} |")
     return "\n".join(lines)
 
 
@@ -963,6 +981,10 @@ convolutions channels-last, faster on CPU at real image sizes and equal up to fl
   on ViT-B/16 with `w = 64` (measured: the `lorax-side-w64` rows above, when this run has them).
   Its accuracy against full depth depends on the training length
   ([class-attention.md](class-attention.md#per-token-side-networks-lorax-side)).
+- For full depth's accuracy at that inference cost, `lorax-distill` trains each task as
+  full-depth LoRA and keeps a width-64 side network distilled from it (the `lorax-side`
+  network; training takes longer, the distillation epochs run the frozen backbone and the
+  teacher: [class-attention.md](class-attention.md#side-networks-distilled-from-full-depth-lora-lorax-distill)).
 - Memory grows with T by the adapters, the head and the cached folded weights of the adapted
   layers (one weight copy per adapted layer and task, about 110 MB per task for full-depth
   ViT-B/16 attention). All layers together cache at most 512 MB (`LORAX_CIL_FOLD_CACHE_MB`,

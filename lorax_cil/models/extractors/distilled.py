@@ -150,6 +150,38 @@ class DistilledSideExtractor(SideExtractor):
             self.freeze(t)
 
     # --- distillation ----------------------------------------------------------------------------
+    def distill_optimizer(self, t: int) -> torch.optim.Optimizer:
+        """Make student ``t`` trainable; its AdamW at ``spec.lr`` (weight decay 1e-6)."""
+        net = self.extractors[t]
+        for p in net.parameters():
+            p.requires_grad_(True)
+        net.frozen = False
+        return torch.optim.AdamW(net.parameters(), lr=self.spec.lr, weight_decay=1e-6)
+
+    def distill_step(self, t: int, h: torch.Tensor, opt: torch.optim.Optimizer, *,
+                     amp: bool = False) -> tuple[float, float, float]:
+        """One optimizer step of student ``t`` towards teacher ``t`` on trunk output ``h``:
+        the frozen pass (shared with the other students) and the teacher's run without
+        autograd, the student with it. Returns the loss and, summed over the batch, the squared
+        residual ``|f_student - f_teacher|^2`` and the teacher's squared change
+        ``|f_teacher - f_frozen|^2``."""
+        net = self.extractors[t]
+        autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=amp)
+        with torch.no_grad(), torch.autocast(**autocast):
+            frozen, taps = self.shared(h)
+            with lora_group(self.layers, [0]):
+                target = self.tail(h).float()
+        with torch.autocast(**autocast):
+            side = net([x.to(net.up.weight.dtype) for x in taps])
+        student = frozen.float() + self.side_spec.scaling * side.float()
+        loss = F.mse_loss(student, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            return (float(loss), float((student - target).pow(2).sum()),
+                    float((target - frozen.float()).pow(2).sum()))
+
     def consolidate(self, t: int, batches: Callable[[], Iterable[torch.Tensor]], *,
                     batches_per_epoch: int, min_steps: int = 0, amp: bool = False) -> dict[str, Any]:
         """Distil teacher ``t`` into student ``t`` (see the module docstring), then drop the
@@ -163,15 +195,9 @@ class DistilledSideExtractor(SideExtractor):
             raise ValueError(f"distilled-side: task {t} has no training image to distil on")
         epochs = max(self.spec.epochs, math.ceil(min_steps / batches_per_epoch))
         total = epochs * batches_per_epoch
-        net = self.extractors[t]
-        for p in net.parameters():
-            p.requires_grad_(True)
-        opt = torch.optim.AdamW(net.parameters(), lr=self.spec.lr, weight_decay=1e-6)
-        scaling = self.side_spec.scaling
-        autocast = dict(device_type="cuda", dtype=torch.bfloat16, enabled=amp)
+        opt = self.distill_optimizer(t)
         was = self.training
         self.train(False)  # the teacher without dropout: its feature is the target
-        net.frozen = False
         steps = 0
         try:
             for _ in range(epochs):
@@ -179,23 +205,10 @@ class DistilledSideExtractor(SideExtractor):
                 for h in batches():
                     for g in opt.param_groups:  # cosine decay over the whole distillation
                         g["lr"] = self.spec.lr * 0.5 * (1 + math.cos(math.pi * min(steps, total) / total))
-                    with torch.no_grad(), torch.autocast(**autocast):
-                        frozen, taps = self.shared(h)
-                        with lora_group(self.layers, [0]):
-                            target = self.tail(h).float()
-                    with torch.autocast(**autocast):
-                        side = net([x.to(net.up.weight.dtype) for x in taps])
-                    student = frozen.float() + scaling * side.float()
-                    loss = F.mse_loss(student, target)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
+                    for i, v in enumerate(self.distill_step(t, h, opt, amp=amp)):
+                        sums[i] += v
+                    sums[3] += 1
                     steps += 1
-                    with torch.no_grad():
-                        sums[0] += float(loss)
-                        sums[1] += float((student - target).pow(2).sum())
-                        sums[2] += float((target - frozen.float()).pow(2).sum())
-                        sums[3] += 1
         finally:
             self.freeze(t)
             self._drop_teacher()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,14 +19,13 @@ from test_class_attention import (
     make_run,
     x_batch,
 )
+from test_side import check_train_resume_add_predict
 
-from conftest import assert_same_training_result
 from lorax_cil.models.backbones import create_backbone
 from lorax_cil.models.expandable import ExpandableNet
 from lorax_cil.models.extractors.distilled import DistilledSideSpec
 from lorax_cil.models.extractors.side import SideSpec
 from lorax_cil.models.lora import LoraSpec
-from lorax_cil.training.runner import resume_run
 
 
 def make_spec(**kw) -> DistilledSideSpec:
@@ -161,32 +159,15 @@ def distill_config(**train):
 
 
 def test_strategy_trains_resumes_adds_a_task_and_predicts(data_root, tmp_path):  # noqa: F811
-    import lorax_cil
-
     full = make_run(data_root, tmp_path / "full", distill_config(), tasks=("a", "b"))
     assert full.net.extractor == "distilled-side" and full.net.adapt_blocks is None
     spec = full.net.ext.spec
     assert (spec.side.width, spec.epochs, spec.lr, spec.lora.r) == (8, 2, 3e-3, 4)
-    full.train()
+    check_train_resume_add_predict(data_root, tmp_path, full, distill_config)
     steps = [json.loads(line) for line in (tmp_path / "full" / "steps.jsonl").read_text().splitlines()]
-    assert [s["consolidation"]["epochs"] for s in steps] == [2, 2]
+    assert [s["consolidation"]["epochs"] for s in steps] == [2, 2, 2]  # 2 tasks, then the added one
     assert all(s["consolidation"]["steps"] >= 2 for s in steps)
     assert full.net.ext.teaching is None
-    part = make_run(data_root, tmp_path / "part", distill_config(), tasks=("a", "b"))
-    part.train(stop_after=1)
-    resumed = resume_run(tmp_path / "part")
-    resumed.train()
-    assert "extractor.1.up.weight" in assert_same_training_result(full, resumed)
-    before = full.matrices["multi_real"].matrix
-    grown = resume_run(tmp_path / "full", add_tasks=[f"d={data_root / 'd'}"])
-    grown.train()
-    after = grown.matrices["multi_real"].matrix
-    assert after.shape == (3, 3) and not np.isnan(after[2]).any()
-    np.testing.assert_array_equal(after[:2, :2], before)
-    pred = lorax_cil.load(tmp_path / "full", device="cpu")
-    paths = sorted(str(p) for p in (data_root / "b").rglob("*.png"))[:4]
-    proba = pred.predict_proba(paths)
-    assert proba.shape == (4, 6) and np.allclose(proba.sum(1), 1, atol=1e-5)
 
 
 def test_distillation_keys_are_refused_where_nothing_reads_them(data_root, tmp_path):  # noqa: F811

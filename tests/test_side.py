@@ -139,27 +139,34 @@ def side_config(**model):
 
 
 def test_strategy_trains_resumes_adds_a_task_and_predicts(data_root, tmp_path):  # noqa: F811
-    import lorax_cil
-
     full = make_run(data_root, tmp_path / "full", side_config(), tasks=("a", "b"))
     assert full.net.extractor == "side" and full.net.adapt_blocks is None
     assert full.net.ext.spec == SideSpec(width=8, alpha=8.0, dropout=0.0)
     # the lorax family's read-out on a ViT: the head, balanced after each task
     assert (full.cfg.train.readout, full.cfg.train.head_balanced_steps) == ("head", 100)
+    check_train_resume_add_predict(data_root, tmp_path, full, side_config)
+
+
+def check_train_resume_add_predict(root, tmp_path, full, make_config) -> None:
+    """Train ``full`` (2 tasks, in ``tmp_path / "full"``); a run stopped after its first task
+    and resumed ends with the same stored tensors (the second task's side network among them);
+    adding a task leaves the first rows of the matrices as they were; the run predicts."""
+    import lorax_cil
+
     full.train()
-    part = make_run(data_root, tmp_path / "part", side_config(), tasks=("a", "b"))
+    part = make_run(root, tmp_path / "part", make_config(), tasks=("a", "b"))
     part.train(stop_after=1)
     resumed = resume_run(tmp_path / "part")
     resumed.train()
     assert "extractor.1.up.weight" in assert_same_training_result(full, resumed)
     before = full.matrices["multi_real"].matrix
-    grown = resume_run(tmp_path / "full", add_tasks=[f"d={data_root / 'd'}"])
+    grown = resume_run(tmp_path / "full", add_tasks=[f"d={root / 'd'}"])
     grown.train()
     after = grown.matrices["multi_real"].matrix
     assert after.shape == (3, 3) and not np.isnan(after[2]).any()
     np.testing.assert_array_equal(after[:2, :2], before)
     pred = lorax_cil.load(tmp_path / "full", device="cpu")
-    paths = sorted(str(p) for p in (data_root / "b").rglob("*.png"))[:4]
+    paths = sorted(str(p) for p in (root / "b").rglob("*.png"))[:4]
     proba = pred.predict_proba(paths)
     assert proba.shape == (4, 6) and np.allclose(proba.sum(1), 1, atol=1e-5)
 

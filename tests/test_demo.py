@@ -102,7 +102,7 @@ def test_demo_on_the_pretrained_vit_end_to_end(tmp_path, capsys):
     rc = main(["-q", "demo", "--out", str(out), "--data-dir", str(tmp_path / "data"),
                "--backbone", "dinov2-vits14", "--size", "42", "--per-class", "4",
                "--val-per-class", "2", "--epochs", "1", "--adapt-blocks", "1",
-               "--strategies", "lorax,simplecil", "--scenario", "synth-hard"])
+               "--strategies", "lorax,lorax-distill,simplecil", "--scenario", "synth-hard"])
     printed = capsys.readouterr().out
     assert rc == 0, printed
     assert "pretrained DINOv2 ViT-S/14" in printed and "last 1 blocks adapted" in printed
@@ -110,6 +110,10 @@ def test_demo_on_the_pretrained_vit_end_to_end(tmp_path, capsys):
     # on a ViT lorax reads with its balanced linear head by default: one row
     assert "| lorax " in table and "[linear head]" not in table
     assert "| simplecil " in table and "dinov2-vits14 at 42 px" in table
+    # lorax-distill takes the demo's LoRA for its teachers and distils after every task
+    assert "| lorax-distill " in table and "consolidated: steps" in printed
+    distilled = [json.loads(line) for line in (out / "lorax-distill" / "steps.jsonl").read_text().splitlines()]
+    assert len(distilled) == 5 and all(s["consolidation"]["epochs"] >= 30 for s in distilled)
     lorax = json.loads((out / "lorax" / "summary.json").read_text())
     assert lorax["completed_tasks"] == 5 and lorax["readout"] == "head"
     config = (out / "lorax" / "config.yaml").read_text()
@@ -131,3 +135,11 @@ def test_demo_refuses_shared_pass_extractors_before_any_work(tmp_path, capsys, n
     assert not data.exists() and not out.exists()
     rc = main(["demo", "--out", str(out), "--data-dir", str(data), "--strategies", "nope"])
     assert rc == 2 and "unknown strategy 'nope'" in capsys.readouterr().err
+
+
+def test_demo_refuses_lorax_distill_on_a_cnn_before_any_work(tmp_path, capsys):
+    out, data = tmp_path / "demo", tmp_path / "data"
+    rc = main(["demo", "--out", str(out), "--data-dir", str(data), "--strategies", "lorax,lorax-distill"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--strategies lorax-distill" in err and "--backbone efficientnet-lite0 is a CNN" in err
+    assert not data.exists() and not out.exists()

@@ -139,15 +139,21 @@ def prepare_demo_data(args: argparse.Namespace) -> Path:
     return data_dir
 
 
-def demo_strategies(text: str) -> list[str]:
-    """The strategies of ``--strategies``, checked before any training: known names, and none
+def demo_strategies(text: str, backbone: str | None = None) -> list[str]:
+    """The strategies of ``--strategies``, checked before any training: known names, none
     whose adapted layers the demo's LoRA settings do not fit (``lorax-ca``'s task tokens,
-    ``lorax-side``'s side networks)."""
+    ``lorax-side``'s side networks), and none that needs a ViT when ``backbone`` is a CNN
+    (``lorax-distill``'s side networks)."""
+    from lorax_cil.models.backbones import backbone_family
     from lorax_cil.training.registry import get_strategy
 
     names = [s.strip() for s in text.split(",") if s.strip()]
     for name in names:
         kind = get_strategy(name).model.get("extractor")
+        if kind == "distilled-side" and backbone is not None and backbone_family(backbone) == "cnn":
+            raise ValueError(f"--strategies {name}: its side networks read a Vision Transformer's "
+                             f"token streams; --backbone {backbone} is a CNN (try --backbone "
+                             "dinov2-vits14)")
         what = {"class-attention": "class-attention task tokens", "side": "side networks"}
         if kind in what:
             raise ValueError(
@@ -211,7 +217,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from lorax_cil.training.runner import Run
 
     resolve_demo_args(args)
-    strategies = demo_strategies(args.strategies)  # before any data is made or trained
+    strategies = demo_strategies(args.strategies, args.backbone)  # before any data or training
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

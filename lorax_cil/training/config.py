@@ -252,9 +252,9 @@ _SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig,
 #: smallest accepted value of numeric keys (``None`` stays accepted where the key allows it).
 MINIMUMS: dict[str, float] = {
     "data.crop": 1, "data.resize": 1, "data.calib_fraction": 0, "data.blur_prob": 0,
-    "data.jpeg_prob": 0, "model.img_size": 1, "model.adapt_blocks": 1, "model.lora_r": 1, "model.side_width": 1,
-    "train.distill_epochs": 1, "train.distill_lr": 0,
-    "model.lora_dropout": 0, "train.epochs": 1, "train.batch_size": 1, "train.eval_batch_size": 1,
+    "data.jpeg_prob": 0, "model.img_size": 1, "model.adapt_blocks": 1, "model.lora_r": 1,
+    "model.side_width": 1, "model.lora_dropout": 0, "train.distill_epochs": 1, "train.distill_lr": 0,
+    "train.epochs": 1, "train.batch_size": 1, "train.eval_batch_size": 1,
     "train.memory_size": 0, "train.seed": 0, "train.num_workers": 0, "train.warmup_epochs": 0,
     "train.min_steps_per_task": 0, "train.warmup_steps": 0, "train.lr": 0, "train.lr_first": 0,
     "baselines.joint_epochs": 1,
@@ -264,8 +264,8 @@ MAXIMUMS: dict[str, float] = {"data.calib_fraction": 0.99, "data.blur_prob": 1, 
                               "model.lora_dropout": 0.99,
                               # sizes that allocate memory: far above any real use, so that a
                               # typo or an edited file cannot ask for terabytes
-                              "model.lora_r": 4096, "model.side_width": 4096, "model.img_size": 8192, "data.crop": 8192,
-                              "data.resize": 16384, "model.adapt_blocks": 1000}
+                              "model.lora_r": 4096, "model.side_width": 4096, "model.img_size": 8192,
+                              "data.crop": 8192, "data.resize": 16384, "model.adapt_blocks": 1000}
 
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 

@@ -357,7 +357,6 @@ class LoRAX(ProtocolOptimizer, SupervisedTemplate):
         self.memory.post_adapt(self, self.experience)
         super()._after_training_exp(**kwargs)
 
-
     def consolidate_extractor(self) -> dict[str, Any] | None:
         """Let an extractor kind that consolidates (:attr:`Extractor.consolidates`) turn the
         task's trained extractor into the one it keeps, on the task's training set (its images

@@ -122,7 +122,6 @@ class DistilledSideExtractor(SideExtractor):
         self._drop_teacher()  # an undistilled teacher (e.g. of a loaded run) is not kept
         super().add_task(t)
         self.freeze(t)  # the student trains only in consolidate()
-        self.extractors[t].frozen = False
         index = add_lora_adapter(self.root, self.spec.lora)
         assert index == 0, index
         self.teaching = t

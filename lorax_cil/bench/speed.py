@@ -419,6 +419,7 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
         net = _shared_pass_net(cfg, backbone, method).to(device)
     else:
         net = _lora_net(cfg, backbone, k).to(device)
+
     def train_ratio() -> float:
         net.train()
         fwd = _reference_forward(net, train=True) if method == "reference" else _net_forward(net)
@@ -432,7 +433,8 @@ def measure_method(cfg: BenchConfig, method: str, tasks: Sequence[int], *, backb
 
     def distill_ratio() -> float:
         """One distillation step of the newest student (trunk, frozen pass, teacher without
-        autograd, student with it), in plain fine-tuning steps once divided below."""
+        autograd, student with it) in plain passes; :func:`_row` turns it into plain
+        fine-tuning steps."""
         net.eval()
         t = net.num_tasks - 1
         opt = net.ext.distill_optimizer(t)

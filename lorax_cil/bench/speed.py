@@ -231,11 +231,7 @@ def _grow(net: Any, T: int) -> None:
             if net.extractor == "side":
                 net.extractors[-1].up.weight.normal_(0, 0.02)
                 continue
-            if net.extractor == "distilled-side":  # the newest task's teacher stays live
-                for layer in net.ext.layers:
-                    layer.adapters[-1].lora_B.weight.normal_(0, 0.02)
-                continue
-            for layer in net.ext.layers:
+            for layer in net.ext.layers:  # lora; distilled-side: the newest task's live teacher
                 layer.adapters[-1].lora_B.weight.normal_(0, 0.02)
 
 

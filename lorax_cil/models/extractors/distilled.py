@@ -211,7 +211,6 @@ class DistilledSideExtractor(SideExtractor):
         finally:
             self.freeze(t)
             self._drop_teacher()
-            self._stack_cache = None
             self.train(was)
         stats = {"steps": steps, "epochs": epochs, "loss": sums[0] / max(1, sums[3]),
                  "residual": sums[1] / sums[2] if sums[2] > 0 else float("nan")}
